@@ -1,0 +1,26 @@
+"""yoso: YOSO attention (Zeng et al., ICML 2021) -- LSH-sampled linear attention, one API, many backends.
+
+    import yoso
+    out = yoso.attention(q, k, v)                     # [..., Nq, D] x [..., Nk, D] x [..., Nk, Dv]
+    out = yoso.attention(q, k, v, mode="expectation") # YOSO-E, the exact expectation
+    with yoso.set_backend("reference"): ...           # pick a backend (also: YOSO_BACKEND)
+
+``yoso info`` lists the installed backends and why any cannot run; ``yoso demo`` shows YOSO-m
+converging to YOSO-E as the number of hashes grows.
+"""
+
+from ._api import attention, attention_vjp
+from ._planes import MAX_HASH_BITS, hash_planes
+from .backends import available_backends, get_backend, set_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAX_HASH_BITS",
+    "attention",
+    "attention_vjp",
+    "available_backends",
+    "get_backend",
+    "hash_planes",
+    "set_backend",
+]

@@ -1,0 +1,151 @@
+"""NumPy arrays in, NumPy arrays out; gradients through an explicit vector-Jacobian product.
+
+NumPy has no autograd, so the chain rule around the backend's YOSO core is written here: the input
+normalisations ``q/||q||``, ``k/||k||``, the optional output normalisation, the masks, and the
+reduction over broadcast leading dims.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _core
+from ._planes import draw, rng_from_seed
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """``x / ||x||`` along the last axis; zero rows stay zero."""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.where(norm > 0, x / np.where(norm > 0, norm, 1), 0)
+
+
+def unit_rows_vjp(x: np.ndarray, cotangent: np.ndarray) -> np.ndarray:
+    """VJP of :func:`unit_rows` at ``x``: ``(g - u (u·g)) / ||x||``, and 0 on zero rows."""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    safe = np.where(norm > 0, norm, 1)
+    u = x / safe
+    return np.where(norm > 0, (cotangent - u * np.sum(u * cotangent, axis=-1, keepdims=True)) / safe, 0)
+
+
+def _keep_rows(x, mask):
+    return x if mask is None else np.where(mask[..., None], x, 0)
+
+
+def _unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum ``grad`` (shaped like the broadcast result) back to an input of ``shape``."""
+    extra = grad.ndim - len(shape)
+    grad = grad.sum(axis=tuple(range(extra))) if extra else grad
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(axis=axes, keepdims=True) if axes else grad
+
+
+class NumpyGlue:
+    name = "numpy"
+
+    @staticmethod
+    def owns(x) -> bool:
+        return isinstance(x, np.ndarray)
+
+    @staticmethod
+    def describe(x):
+        return tuple(x.shape), np.dtype(x.dtype).name, "cpu"
+
+    @staticmethod
+    def requires_grad(*arrays) -> bool:
+        return False  # gradients of NumPy calls come from attention_vjp
+
+    @staticmethod
+    def asarray(x, like=None):
+        return np.asarray(x)
+
+    @staticmethod
+    def planes_array(planes, like):
+        return np.asarray(planes)
+
+    @staticmethod
+    def flatten(x, lead, tail):
+        return np.broadcast_to(x, tuple(lead) + tuple(tail)).reshape((math.prod(lead),) + tuple(tail))
+
+    @staticmethod
+    def draw_planes(shape, *, hashing, seed, generator, like):
+        if generator is not None:
+            raise TypeError("generator= is for torch tensors; with NumPy arrays pass seed= (an int or a Generator)")
+        return draw(shape, hashing, rng_from_seed(seed))
+
+    @staticmethod
+    def check_values(rows: dict, *, planes, hashing) -> None:
+        for name, (x, mask) in rows.items():
+            bad = ~np.isfinite(x).all(axis=-1)
+            if mask is not None:
+                bad &= mask
+            if bad.any():
+                b, i = np.argwhere(bad)[0]
+                raise ValueError(
+                    f"{name} has NaN or inf in {int(bad.sum())} unmasked row(s) (first: batch {b}, row {i}); "
+                    "they would poison every hash table they touch"
+                )
+        if planes is not None:
+            if not np.isfinite(planes).all():
+                raise ValueError("planes contain NaN or inf")
+            if hashing == "hadamard" and not np.isin(planes, (-1.0, 1.0)).all():
+                raise ValueError("planes for hashing='hadamard' are ±1 diagonals; got other values")
+
+    def run(self, backend, prep, *, with_vjp: bool = False):
+        """The forward (and, with ``with_vjp``, its VJP) on a NumPy-framework backend."""
+        call = prep.call
+        dtype = np.dtype(call.dtype)
+        q = _keep_rows(prep.q, prep.query_mask)
+        k = _keep_rows(prep.k, prep.key_mask)
+        v = _keep_rows(prep.v, prep.key_mask)
+        q_unit, k_unit = unit_rows(q), unit_rows(k)
+        options = dict(hash_bits=call.hash_bits, causal=call.causal)
+        y, codes = _core.forward(
+            backend,
+            q_unit,
+            k_unit,
+            v,
+            prep.planes,
+            prep.query_mask,
+            prep.key_mask,
+            mode=call.mode,
+            hashing=call.hashing,
+            num_hashes=call.num_hashes,
+            **options,
+        )
+        out_shape = prep.lead + (call.n_query, call.value_dim)
+        out = (unit_rows(y) if prep.normalize else y).astype(dtype).reshape(out_shape)
+        if not with_vjp:
+            return out
+
+        def vjp(cotangent):
+            cotangent = np.asarray(cotangent)
+            if cotangent.shape != out_shape:
+                raise ValueError(f"the cotangent must have the output's shape {list(out_shape)}, got {list(cotangent.shape)}")
+            grad = cotangent.reshape(call.batch, call.n_query, call.value_dim).astype(y.dtype)
+            grad = _keep_rows(unit_rows_vjp(y, grad) if prep.normalize else grad, prep.query_mask)
+            dq_unit, dk_unit, dv = _core.backward(
+                backend,
+                q_unit,
+                k_unit,
+                v,
+                codes,
+                prep.query_mask,
+                prep.key_mask,
+                grad,
+                mode=call.mode,
+                backward=call.backward,
+                **options,
+            )
+            grads = (
+                _keep_rows(unit_rows_vjp(q, dq_unit), prep.query_mask),
+                _keep_rows(unit_rows_vjp(k, dk_unit), prep.key_mask),
+                _keep_rows(dv, prep.key_mask),
+            )
+            return tuple(
+                _unbroadcast(g.reshape(prep.lead + tuple(shape[-2:])), shape).astype(dtype)
+                for g, shape in zip(grads, prep.shapes)
+            )
+
+        return out, vjp

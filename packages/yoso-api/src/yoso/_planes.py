@@ -1,0 +1,81 @@
+"""Hash functions as explicit arrays: their layouts and how they are drawn.
+
+``hashing="gaussian"``: ``planes[s, b]`` is hyperplane ``b`` of hash ``s``, shape ``(m, tau, D)``;
+bit ``b`` of hash ``s`` of a vector ``x`` is ``planes[s, b] · x > 0`` and the code is
+``sum_b 2**b * bit_b``.
+
+``hashing="hadamard"``: the fast structured rotation ``u = H D3 H D2 H D1 x`` (``H`` the Hadamard
+transform of size ``D'``, the next power of two >= D, on the zero-padded ``x``; ``D1..D3`` random
+±1 diagonals). ``planes`` holds the diagonals, shape ``(R, 3, D')`` with entries ±1; one rotation
+yields ``D' // tau`` hashes (so ``tau <= D'``), hash ``s`` taking the ``tau`` consecutive signs of
+rotation ``s // (D' // tau)`` from coordinate ``(s % (D' // tau)) * tau``; ``R = ceil(m / (D' // tau))``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+MAX_HASH_BITS = 16  # 2^16 buckets per hash table; larger tables do not fit fast memory anywhere
+
+
+def padded_dim(dim: int) -> int:
+    """``D'``: the next power of two >= ``dim``."""
+    return 1 << max(0, int(dim) - 1).bit_length()
+
+
+def planes_shape(num_hashes: int, hash_bits: int, dim: int, hashing: str) -> tuple[int, ...]:
+    """The shape of one set of hash functions (without leading per-head dims)."""
+    if hashing == "gaussian":
+        return (num_hashes, hash_bits, dim)
+    d_pad = padded_dim(dim)
+    if hash_bits > d_pad:
+        raise ValueError(
+            f"hashing='hadamard' needs hash_bits <= {d_pad} (the Hadamard size for D={dim}), got hash_bits={hash_bits}"
+        )
+    per_rotation = d_pad // hash_bits
+    return (-(-num_hashes // per_rotation), 3, d_pad)
+
+
+def check_hash_args(num_hashes, hash_bits, hashing) -> None:
+    """Validate the hyperparameters that shape the hash functions."""
+    for name, value in (("num_hashes", num_hashes), ("hash_bits", hash_bits)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if num_hashes < 1:
+        raise ValueError(f"num_hashes must be >= 1, got {num_hashes}")
+    if not 1 <= hash_bits <= MAX_HASH_BITS:
+        raise ValueError(
+            f"hash_bits must be in [1, {MAX_HASH_BITS}] (tables hold 2**hash_bits buckets per hash), got {hash_bits}"
+        )
+    if hashing not in ("gaussian", "hadamard"):
+        raise ValueError(f"hashing must be 'gaussian' or 'hadamard', got {hashing!r}")
+
+
+def rng_from_seed(seed) -> np.random.Generator:
+    """``None`` (fresh entropy), a non-negative int, or a ``numpy.random.Generator`` (used as is)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise TypeError(f"seed must be None, a non-negative int or a numpy.random.Generator, got {seed!r}")
+    return np.random.default_rng(seed)
+
+
+def hash_planes(num_hashes: int, hash_bits: int, dim: int, *, hashing: str = "gaussian", seed=None) -> np.ndarray:
+    """Draw hash functions as a float64 NumPy array (layouts in this module's docstring).
+
+    ``seed``: None draws fresh ones, an int reproduces them, a ``numpy.random.Generator`` is used as is.
+    The same array passed as ``planes=`` makes every backend compute the same hash codes.
+    """
+    check_hash_args(num_hashes, hash_bits, hashing)
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    return draw(planes_shape(int(num_hashes), int(hash_bits), int(dim), hashing), hashing, rng_from_seed(seed))
+
+
+def draw(shape: tuple[int, ...], hashing: str, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian hyperplanes or ±1 diagonals of ``shape``, float64."""
+    if hashing == "gaussian":
+        return rng.standard_normal(shape)
+    return rng.integers(0, 2, size=shape).astype(np.float64) * 2 - 1

@@ -1,0 +1,254 @@
+"""torch tensors in, torch tensors out, with autograd -- once, for every backend.
+
+The YOSO core (hashing, cumulation, the gradient estimators) runs inside two ``torch.library`` custom
+ops, ``yoso::core`` and ``yoso::core_backward``, joined by ``register_autograd``; fake (meta)
+implementations make them traceable by ``torch.compile``. Everything around the core -- input and
+output normalisation, masks, broadcasting, dtype casts -- is ordinary torch code that autograd
+differentiates. Backends that compute on torch tensors (Triton, CUDA) get the tensors as they are;
+NumPy backends (the reference) get CPU NumPy copies, bfloat16 promoted to float32.
+
+Precision: the normalisations and the core's output are float32 for half-precision inputs (float64
+for float64); the result is cast back to the input dtype at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import _core, backends
+from ._planes import draw, rng_from_seed
+
+Tensor = torch.Tensor
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _unit(x: Tensor) -> Tensor:
+    """``x / ||x||`` over the last dim in the accumulation dtype; zero rows stay zero (gradient 0)."""
+    x = x.to(_accumulate_dtype(x.dtype))
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    nonzero = norm > 0
+    return torch.where(nonzero, x / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(x))
+
+
+def _keep_rows(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    return x if mask is None else torch.where(mask[..., None], x, torch.zeros_like(x))
+
+
+# ---- crossing into a backend's framework ------------------------------------------------------
+
+
+def _to_backend(backend, x: Optional[Tensor]):
+    if x is None or backend.framework == "torch":
+        return x
+    if backend.framework != "numpy":
+        raise TypeError(f"the {backend.name!r} backend computes on {backend.framework} arrays, not torch tensors")
+    x = x.detach()
+    if x.dtype == torch.bfloat16:  # NumPy has no bfloat16
+        x = x.float()
+    return x.cpu().numpy()
+
+
+def _from_backend(x, like: Tensor, dtype: torch.dtype) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.to(dtype)
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device=like.device, dtype=dtype)
+
+
+# ---- the custom ops -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("yoso::core", mutates_args=())
+def core(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    planes: Optional[Tensor],
+    query_mask: Optional[Tensor],
+    key_mask: Optional[Tensor],
+    backend: str,
+    mode: str,
+    hashing: str,
+    num_hashes: int,
+    hash_bits: int,
+    causal: bool,
+    backward: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """YOSO before output normalisation on unit rows: ``(Y, q_codes, k_codes)``.
+
+    ``Y`` is in the accumulation dtype; codes are int32 ``[B, m, N]`` (empty in expectation mode).
+    ``backward`` is unused here; it rides along so the autograd formula can read it from the inputs.
+    """
+    impl = backends.get(backend)
+    args = [_to_backend(impl, t) for t in (q, k, v, planes, query_mask, key_mask)]
+    y, codes = _core.forward(
+        impl, *args, mode=mode, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits, causal=causal
+    )
+    y = _from_backend(y, q, _accumulate_dtype(q.dtype))
+    if codes is None:
+        empty = torch.empty(0, dtype=torch.int32, device=q.device)
+        return y, empty, empty.clone()
+    return (y, *(_from_backend(c, q, torch.int32) for c in codes))
+
+
+@core.register_fake
+def _core_fake(q, k, v, planes, query_mask, key_mask, backend, mode, hashing, num_hashes, hash_bits, causal, backward):
+    y = q.new_empty((q.shape[0], q.shape[1], v.shape[2]), dtype=_accumulate_dtype(q.dtype))
+    if mode == "expectation":
+        return y, q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.int32)
+    return (
+        y,
+        q.new_empty((q.shape[0], num_hashes, q.shape[1]), dtype=torch.int32),
+        q.new_empty((k.shape[0], num_hashes, k.shape[1]), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("yoso::core_backward", mutates_args=())
+def core_backward(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_codes: Tensor,
+    k_codes: Tensor,
+    query_mask: Optional[Tensor],
+    key_mask: Optional[Tensor],
+    backend: str,
+    mode: str,
+    backward: str,
+    hash_bits: int,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` of :func:`core`'s ``Y`` for the output gradient ``grad``."""
+    impl = backends.get(backend)
+    q_, k_, v_, grad_, qm, km = (_to_backend(impl, t) for t in (q, k, v, grad, query_mask, key_mask))
+    codes = None if mode == "expectation" else (_to_backend(impl, q_codes), _to_backend(impl, k_codes))
+    dq, dk, dv = _core.backward(
+        impl, q_, k_, v_, codes, qm, km, grad_, mode=mode, backward=backward, hash_bits=hash_bits, causal=causal
+    )
+    return _from_backend(dq, q, q.dtype), _from_backend(dk, k, k.dtype), _from_backend(dv, v, v.dtype)
+
+
+@core_backward.register_fake
+def _core_backward_fake(grad, q, k, v, q_codes, k_codes, query_mask, key_mask, backend, mode, backward, hash_bits, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, _planes, query_mask, key_mask, backend, mode, _hashing, _m, hash_bits, causal, backward = inputs
+    _y, q_codes, k_codes = output
+    ctx.save_for_backward(q, k, v, q_codes, k_codes, query_mask, key_mask)
+    ctx.options = dict(backend=backend, mode=mode, backward=backward, hash_bits=hash_bits, causal=causal)
+
+
+def _backward(ctx, grad_y, _grad_q_codes, _grad_k_codes):
+    q, k, v, q_codes, k_codes, query_mask, key_mask = ctx.saved_tensors
+    dq, dk, dv = core_backward(grad_y.contiguous(), q, k, v, q_codes, k_codes, query_mask, key_mask, **ctx.options)
+    return (dq, dk, dv) + (None,) * 10
+
+
+torch.library.register_autograd("yoso::core", _backward, setup_context=_setup_context)
+
+
+# ---- the glue object used by yoso.attention -------------------------------------------------------
+
+
+class TorchGlue:
+    name = "torch"
+
+    @staticmethod
+    def owns(x) -> bool:
+        return isinstance(x, Tensor)
+
+    @staticmethod
+    def describe(x):
+        if isinstance(x, np.ndarray):
+            return tuple(x.shape), x.dtype.name, "cpu"
+        return tuple(x.shape), str(x.dtype).removeprefix("torch."), str(x.device)
+
+    @staticmethod
+    def requires_grad(*tensors) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+    @staticmethod
+    def asarray(x, like):
+        return x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x), device=like.device)
+
+    @staticmethod
+    def planes_array(planes, like):
+        return torch.as_tensor(planes, device=like.device).to(_accumulate_dtype(like.dtype))
+
+    @staticmethod
+    def flatten(x, lead, tail):
+        return x.expand(tuple(lead) + tuple(tail)).reshape((math.prod(lead),) + tuple(tail))
+
+    @staticmethod
+    def draw_planes(shape, *, hashing, seed, generator, like):
+        dtype = _accumulate_dtype(like.dtype)
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("pass either seed= or generator=, not both")
+            # An int seed gives the same hash functions for every framework, device and backend.
+            return torch.as_tensor(draw(shape, hashing, rng_from_seed(seed)), device=like.device).to(dtype)
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            if generator.device.type != like.device.type:
+                raise ValueError(f"generator is on {generator.device} but q, k, v are on {like.device}")
+        # torch's own RNG (or the generator): reproducible with torch.manual_seed, and replayed
+        # identically by torch.utils.checkpoint, so recomputation sees the same hash functions.
+        if hashing == "gaussian":
+            return torch.randn(shape, generator=generator, device=like.device, dtype=dtype)
+        bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
+        return (bits * 2 - 1).to(dtype)
+
+    @staticmethod
+    def check_values(rows: dict, *, planes, hashing) -> None:
+        if torch.compiler.is_compiling():
+            return  # data-dependent checks would break the graph; eager calls check
+        flags = []
+        for x, mask in rows.values():
+            bad = ~torch.isfinite(x).all(dim=-1)
+            flags.append((bad if mask is None else bad & mask).any())
+        if planes is not None:
+            flags.append(~torch.isfinite(planes).all())
+            if hashing == "hadamard":
+                flags.append(~((planes == 1) | (planes == -1)).all())
+        found = torch.stack(flags).tolist()  # one device sync for all checks
+        for name, hit in zip(rows, found):
+            if hit:
+                raise ValueError(f"{name} has NaN or inf in unmasked rows; they would poison every hash table they touch")
+        if planes is not None and found[len(rows)]:
+            raise ValueError("planes contain NaN or inf")
+        if planes is not None and hashing == "hadamard" and found[-1]:
+            raise ValueError("planes for hashing='hadamard' are ±1 diagonals; got other values")
+
+    @staticmethod
+    def run(backend, prep):
+        call = prep.call
+        q = _keep_rows(prep.q, prep.query_mask)
+        k = _keep_rows(prep.k, prep.key_mask)
+        v = _keep_rows(prep.v, prep.key_mask)
+        y, _, _ = core(
+            _unit(q).to(q.dtype),
+            _unit(k).to(k.dtype),
+            v,
+            prep.planes,
+            prep.query_mask,
+            prep.key_mask,
+            backend.name,
+            call.mode,
+            call.hashing,
+            call.num_hashes,
+            call.hash_bits,
+            call.causal,
+            call.backward,
+        )
+        out = _unit(y) if prep.normalize else y
+        return out.to(prep.q.dtype).reshape(prep.lead + (call.n_query, call.value_dim))

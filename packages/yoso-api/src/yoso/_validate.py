@@ -1,0 +1,227 @@
+"""Argument checking for ``yoso.attention``: everything is refused before any computation.
+
+The result is a :class:`Prepared` call: the arguments flattened to the canonical layout every backend
+takes (``[B, N, D]`` with the broadcast leading dims folded into ``B``) plus the :class:`Call`
+description used to pick a backend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._planes import check_hash_args, planes_shape
+from .backends import BACKWARDS, MODES, Call
+
+
+@dataclass
+class Prepared:
+    call: Call
+    lead: tuple[int, ...]  # the broadcast leading dims of the output
+    q: Any  # [B, Nq, D]
+    k: Any  # [B, Nk, D]
+    v: Any  # [B, Nk, Dv]
+    query_mask: Any  # [B, Nq] bool or None
+    key_mask: Any  # [B, Nk] bool or None
+    planes: Any  # [P, ...] with P in {1, B}, or None in expectation mode
+    normalize: bool
+    shapes: tuple[tuple[int, ...], ...]  # the original shapes of q, k, v
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _check_choice(name: str, value, options) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(repr(o) for o in options)}, got {value!r}")
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+
+
+def _broadcast_lead(shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    leads = {name: shape[:-2] for name, shape in shapes.items()}
+    try:
+        return tuple(np.broadcast_shapes(*leads.values()))
+    except ValueError:
+        described = ", ".join(f"{name} {_fmt(shape)}" for name, shape in shapes.items())
+        raise ValueError(
+            f"the leading (batch/head) dims of q, k and v must match or broadcast; got {described}"
+        ) from None
+
+
+def _check_mask(glue, name: str, mask, lead: tuple[int, ...], length: int, length_name: str, like, device: str):
+    if mask is None:
+        return None
+    if not glue.owns(mask) and not isinstance(mask, np.ndarray):
+        raise TypeError(f"{name} must be a {glue.name} or NumPy array, got {type(mask).__name__}")
+    shape, dtype, mask_device = glue.describe(mask)
+    if dtype != "bool":
+        raise TypeError(f"{name} must be a bool array (True = keep), got dtype {dtype}")
+    if glue.owns(mask) and mask_device != device:
+        raise ValueError(f"{name} is on {mask_device} but q, k, v are on {device}")
+    if len(shape) < 1 or shape[-1] != length:
+        raise ValueError(f"{name} must have shape [..., {length_name}] = [..., {length}], got {_fmt(shape)}")
+    try:
+        fits = np.broadcast_shapes(shape[:-1], lead) == lead
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} of shape {_fmt(shape)} does not broadcast to the leading dims {_fmt(lead)} + [{length}]"
+        )
+    return glue.flatten(glue.asarray(mask, like=like), lead, (length,))
+
+
+def _prepare_planes(glue, planes, lead, batch, like, *, num_hashes, hash_bits, dim, hashing, seed, generator):
+    expected = planes_shape(num_hashes, hash_bits, dim, hashing)
+    if planes is None:
+        drawn = glue.draw_planes(expected, hashing=hashing, seed=seed, generator=generator, like=like)
+        return glue.flatten(drawn, (), expected)
+    if seed is not None or generator is not None:
+        raise ValueError("pass either planes= or seed=/generator=, not both")
+    if not glue.owns(planes) and not isinstance(planes, np.ndarray):
+        raise TypeError(f"planes must be a NumPy or {glue.name} array, got {type(planes).__name__}")
+    shape, dtype, planes_device = glue.describe(planes)
+    if not dtype.startswith(("float", "bfloat")):
+        raise TypeError(f"planes must be a floating array, got dtype {dtype}")
+    if glue.owns(planes) and planes_device != glue.describe(like)[2]:
+        raise ValueError(f"planes are on {planes_device} but q, k, v are on {glue.describe(like)[2]}")
+    n = len(expected)
+    if tuple(shape[len(shape) - n :]) != expected or len(shape) < n:
+        what = "(num_hashes, hash_bits, D)" if hashing == "gaussian" else "(rotations, 3, D') of ±1 diagonals"
+        raise ValueError(
+            f"planes for hashing={hashing!r} with num_hashes={num_hashes}, hash_bits={hash_bits}, D={dim} must have "
+            f"shape [..., {', '.join(map(str, expected))}] {what}; got {_fmt(shape)}"
+        )
+    planes_lead = tuple(shape[: len(shape) - n])
+    try:
+        fits = np.broadcast_shapes(planes_lead, lead) == lead
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"planes leading dims {_fmt(planes_lead)} do not broadcast to q's leading dims {_fmt(lead)}")
+    planes = glue.planes_array(planes, like=like)
+    if not planes_lead or math.prod(planes_lead) == 1:
+        return glue.flatten(planes, (), expected)  # shared by every batch row: P = 1
+    return glue.flatten(planes, lead, expected)
+
+
+def prepare(
+    glue,
+    q,
+    k,
+    v,
+    *,
+    key_padding_mask,
+    query_mask,
+    causal,
+    num_hashes,
+    hash_bits,
+    mode,
+    hashing,
+    backward,
+    normalize,
+    planes,
+    seed,
+    generator,
+    requires_grad: bool,
+) -> Prepared:
+    # Hyperparameters first: they are cheap and explain most mistakes.
+    _check_choice("mode", mode, MODES)
+    _check_choice("backward", backward, BACKWARDS)
+    check_hash_args(num_hashes, hash_bits, hashing)
+    _check_flag("causal", causal)
+    _check_flag("normalize", normalize)
+    num_hashes, hash_bits = int(num_hashes), int(hash_bits)
+
+    shapes, dtypes, devices = {}, {}, {}
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        shapes[name], dtypes[name], devices[name] = glue.describe(x)
+        if len(shapes[name]) < 2:
+            raise ValueError(f"{name} must have at least 2 dims [..., N, D], got shape {_fmt(shapes[name])}")
+        if 0 in shapes[name]:
+            raise ValueError(f"{name} has an empty dimension (shape {_fmt(shapes[name])}); every size must be >= 1")
+        if not dtypes[name].startswith(("float", "bfloat")):
+            raise TypeError(f"{name} must be a floating-point array, got dtype {dtypes[name]}")
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"q, k and v must share one dtype, got q {dtypes['q']}, k {dtypes['k']}, v {dtypes['v']}")
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"q, k and v must be on one device, got q {devices['q']}, k {devices['k']}, v {devices['v']}")
+    (n_query, dim), (n_key, k_dim), (v_len, value_dim) = (shapes[n][-2:] for n in ("q", "k", "v"))
+    if k_dim != dim:
+        raise ValueError(f"q and k must share the last dim D; got q {_fmt(shapes['q'])}, k {_fmt(shapes['k'])}")
+    if v_len != n_key:
+        raise ValueError(
+            f"v must have as many rows as k (Nk = {n_key}); got k {_fmt(shapes['k'])}, v {_fmt(shapes['v'])}"
+        )
+    if causal and n_query != n_key:
+        raise ValueError(
+            f"causal=True needs as many queries as keys; got q {_fmt(shapes['q'])} (Nq={n_query}), "
+            f"k {_fmt(shapes['k'])} (Nk={n_key})"
+        )
+    lead = _broadcast_lead(shapes)
+    batch = math.prod(lead)
+
+    key_mask = _check_mask(glue, "key_padding_mask", key_padding_mask, lead, n_key, "Nk", q, devices["q"])
+    q_mask = _check_mask(glue, "query_mask", query_mask, lead, n_query, "Nq", q, devices["q"])
+
+    if mode == "sample":
+        canonical_planes = _prepare_planes(
+            glue,
+            planes,
+            lead,
+            batch,
+            q,
+            num_hashes=num_hashes,
+            hash_bits=hash_bits,
+            dim=dim,
+            hashing=hashing,
+            seed=seed,
+            generator=generator,
+        )
+    else:
+        # YOSO-E is the expectation over all hash functions: planes and seeds have nothing to do.
+        canonical_planes = None
+
+    q_c, k_c, v_c = (glue.flatten(x, lead, shapes[n][-2:]) for n, x in (("q", q), ("k", k), ("v", v)))
+    glue.check_values(
+        {"q": (q_c, q_mask), "k": (k_c, key_mask), "v": (v_c, key_mask)},
+        planes=canonical_planes if planes is not None else None,
+        hashing=hashing,
+    )
+    call = Call(
+        framework=glue.name,
+        device=devices["q"].split(":")[0],
+        dtype=dtypes["q"],
+        batch=batch,
+        n_query=n_query,
+        n_key=n_key,
+        dim=dim,
+        value_dim=value_dim,
+        mode=mode,
+        hashing=hashing,
+        backward=backward,
+        causal=bool(causal),
+        num_hashes=num_hashes,
+        hash_bits=hash_bits,
+        requires_grad=requires_grad,
+    )
+    return Prepared(
+        call=call,
+        lead=lead,
+        q=q_c,
+        k=k_c,
+        v=v_c,
+        query_mask=q_mask,
+        key_mask=key_mask,
+        planes=canonical_planes,
+        normalize=bool(normalize),
+        shapes=(shapes["q"], shapes["k"], shapes["v"]),
+    )

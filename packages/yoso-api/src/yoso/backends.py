@@ -1,0 +1,359 @@
+"""Backends: what one is, how they are found, and which one a call runs on.
+
+A backend is a small object (subclass :class:`Backend`) published by a package under the entry-point
+group ``yoso.backends``, e.g. in its ``pyproject.toml``::
+
+    [project.entry-points."yoso.backends"]
+    reference = "yoso_reference.backend:ReferenceBackend"
+
+Entry points are read when a backend is first needed, never at ``import yoso``; loading one that is
+broken (import error, missing driver) records the reason, which ``yoso info`` shows, and the backend
+is simply unavailable. Backends can also be registered in code with :func:`register` (tests do).
+
+Selection: :func:`set_backend` (per thread, usable as a context manager) beats the ``YOSO_BACKEND``
+environment variable, which beats automatic choice. An explicit choice is strict -- a call it cannot
+run raises an error saying why. Automatic choice takes, per call, the highest-priority available
+backend that supports it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, ClassVar
+
+ENTRY_POINT_GROUP = "yoso.backends"
+ENV_VAR = "YOSO_BACKEND"
+
+MODES = ("sample", "expectation")
+HASHINGS = ("gaussian", "hadamard")
+BACKWARDS = ("lower_bound", "exact")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class Call:
+    """Everything a backend needs to decide whether it can run a call (no array data)."""
+
+    framework: str  # "numpy", "torch" or "jax": the caller's arrays
+    device: str  # "cpu", "cuda", ... (the device type, without an index)
+    dtype: str  # "float32", "bfloat16", ...
+    batch: int  # the flattened leading dims
+    n_query: int
+    n_key: int
+    dim: int
+    value_dim: int
+    mode: str
+    hashing: str
+    backward: str
+    causal: bool
+    num_hashes: int
+    hash_bits: int
+    requires_grad: bool
+
+
+class Backend:
+    """Base class of every backend: a description plus the compute primitives the API composes.
+
+    Subclasses set the class attributes, override :meth:`availability` (cheap to call; import heavy
+    modules inside it, not at module level) and implement the primitives on their framework's arrays.
+    Canonical shapes: ``q, k [B, N, D]`` (already unit rows), ``v [B, Nk, Dv]``, masks ``[B, N]`` bool
+    or None, planes ``[P, ...]`` with ``P`` 1 or ``B``, codes ``[B, m, N]`` integers.
+    """
+
+    name: ClassVar[str] = ""
+    priority: ClassVar[int] = 0  # higher wins automatic selection
+    framework: ClassVar[str] = "numpy"  # the array type the primitives take: numpy, torch or jax
+    description: ClassVar[str] = ""
+    # What the backend can do; the base `unsupported` checks calls against these.
+    modes: ClassVar[tuple[str, ...]] = MODES
+    hashings: ClassVar[tuple[str, ...]] = HASHINGS
+    backwards: ClassVar[tuple[str, ...]] = BACKWARDS
+    dtypes: ClassVar[tuple[str, ...]] = FLOAT_DTYPES
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    frameworks: ClassVar[tuple[str, ...]] = ("numpy",)  # caller array types it serves (through the glue)
+    supports_causal: ClassVar[bool] = True
+    max_hash_bits: ClassVar[int] = 16
+    max_head_dim: ClassVar[int | None] = None
+
+    def availability(self) -> str | None:
+        """None if the backend can run here, else a one-line reason (missing package, no GPU, ...)."""
+        return None
+
+    def version(self) -> str:
+        return ""
+
+    def device_names(self) -> list[str]:
+        """Human-readable devices the backend would use here (for ``yoso info``)."""
+        return ["cpu"]
+
+    def default_device(self) -> str:
+        """The device a caller should put arrays on to use this backend (``"cpu"``, ``"cuda"``...)."""
+        return self.devices[0]
+
+    def unsupported(self, call: Call) -> str | None:
+        """None if this backend can run ``call``, else what is missing, naming the argument."""
+        checks = [
+            (call.framework in self.frameworks, f"{call.framework} arrays (it serves {', '.join(self.frameworks)})"),
+            (call.device in self.devices, f"device {call.device!r} (it runs on {', '.join(self.devices)})"),
+            (call.dtype in self.dtypes, f"dtype {call.dtype} (it supports {', '.join(self.dtypes)})"),
+            (call.mode in self.modes, f"mode={call.mode!r}"),
+            (call.mode == "expectation" or call.hashing in self.hashings, f"hashing={call.hashing!r}"),
+            (not call.requires_grad or call.backward in self.backwards, f"backward={call.backward!r}"),
+            (self.supports_causal or not call.causal, "causal=True"),
+            (
+                call.mode == "expectation" or call.hash_bits <= self.max_hash_bits,
+                f"hash_bits={call.hash_bits} (at most {self.max_hash_bits})",
+            ),
+            (
+                self.max_head_dim is None or max(call.dim, call.value_dim) <= self.max_head_dim,
+                f"head dims D={call.dim}, Dv={call.value_dim} (at most {self.max_head_dim})",
+            ),
+        ]
+        missing = [what for ok, what in checks if not ok]
+        return f"the {self.name!r} backend does not support {'; '.join(missing)}" if missing else None
+
+    def missing_features(self) -> list[str]:
+        """Features of the API this backend lacks, for ``yoso info``."""
+        missing = [f"mode={m!r}" for m in MODES if m not in self.modes]
+        missing += [f"hashing={h!r}" for h in HASHINGS if h not in self.hashings]
+        missing += [f"backward={b!r}" for b in BACKWARDS if b not in self.backwards]
+        missing += [f"dtype {d}" for d in FLOAT_DTYPES if d not in self.dtypes]
+        if not self.supports_causal:
+            missing.append("causal=True")
+        return missing
+
+    # ---- compute primitives (see DESIGN.md §1 and yoso_reference for the math) -------------------
+    def hash_codes(self, x, planes, *, hashing: str, num_hashes: int, hash_bits: int):
+        """Codes ``[B, m, N]`` of unit rows ``x [B, N, D]``."""
+        raise self._missing("hash_codes")
+
+    def cumulate(self, read_codes, write_codes, values, *, read_mask, write_mask, order: str, hash_bits: int):
+        """``(1/m) sum_s sum_w [h_s(r) = h_s(w)] write_mask_w values_w``; zero rows where ``read_mask`` is False.
+
+        ``order``: ``"none"``, ``"causal"`` (writer position <= reader's) or ``"anticausal"`` (>=).
+        """
+        raise self._missing("cumulate")
+
+    def sampled_grads(
+        self, q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, estimator, max_ratio
+    ):
+        """YOSO-m gradients ``(dq, dk)`` w.r.t. unit q and k; ``estimator`` is lower_bound or exact."""
+        raise self._missing("sampled_grads")
+
+    def expectation_forward(self, q, k, v, *, query_mask, key_mask, causal, hash_bits):
+        """YOSO-E ``[B, Nq, Dv]``."""
+        raise self._missing("expectation_forward")
+
+    def expectation_backward(self, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, gradient, max_ratio):
+        """YOSO-E gradients ``(dq, dk, dv)``; ``gradient`` is exact (clamped p') or lower_bound."""
+        raise self._missing("expectation_backward")
+
+    def _missing(self, primitive: str) -> NotImplementedError:
+        return NotImplementedError(f"the {self.name!r} backend does not implement {primitive}")
+
+    def __repr__(self) -> str:
+        return f"<yoso backend {self.name!r}>"
+
+
+# ---- discovery ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    name: str
+    source: str  # "entry point dist==version" or "registered"
+    entry_point: Any = None
+    backend: Backend | None = None
+    error: str | None = None  # why loading failed
+    loaded: bool = False
+    checked: bool = False  # availability is checked once per process and cached
+    reason: str | None = None
+
+
+_lock = threading.RLock()
+_entries: dict[str, _Entry] | None = None
+
+
+def _discover() -> dict[str, _Entry]:
+    global _entries
+    with _lock:
+        if _entries is None:
+            found: dict[str, _Entry] = {}
+            for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+                dist = getattr(ep, "dist", None)
+                source = f"{dist.name} {dist.version}" if dist is not None else ep.value
+                found.setdefault(ep.name, _Entry(ep.name, source, entry_point=ep))
+            _entries = found
+        return _entries
+
+
+def _load(entry: _Entry) -> Backend | None:
+    with _lock:
+        if not entry.loaded:
+            entry.loaded = True
+            try:
+                obj = entry.entry_point.load()
+                backend = obj() if isinstance(obj, type) else obj
+                if not isinstance(backend, Backend):
+                    raise TypeError(f"{entry.entry_point.value} is not a yoso.backends.Backend")
+                entry.backend = backend
+            except Exception as exc:  # a broken plugin must never break yoso itself
+                entry.error = f"failed to load ({type(exc).__name__}: {exc})"
+        return entry.backend
+
+
+def register(backend: Backend) -> None:
+    """Register a backend object in code (replaces any backend of the same name)."""
+    if not isinstance(backend, Backend) or not backend.name:
+        raise TypeError(f"register() takes a yoso.backends.Backend with a name, got {backend!r}")
+    with _lock:
+        _discover()[backend.name] = _Entry(backend.name, "registered", backend=backend, loaded=True)
+
+
+def unregister(name: str) -> None:
+    """Forget a backend registered with :func:`register` (or found as an entry point)."""
+    with _lock:
+        _discover().pop(name, None)
+
+
+def installed_backends() -> list[str]:
+    """Names of every backend found, usable here or not, by descending priority."""
+    return sorted(_discover(), key=lambda n: (-_priority(n), n))
+
+
+def _priority(name: str) -> int:
+    backend = _load(_discover()[name])
+    return backend.priority if backend is not None else -(10**9)
+
+
+def get(name: str) -> Backend:
+    """The backend object called ``name``; ``ValueError`` if unknown or unusable here (with the reason)."""
+    entries = _discover()
+    if name not in entries:
+        raise ValueError(f"unknown yoso backend {name!r}; installed backends: {', '.join(installed_backends()) or 'none'}")
+    backend = _load(entries[name])
+    reason = _unavailable_reason(entries[name])
+    if reason:
+        raise ValueError(f"yoso backend {name!r} cannot run here: {reason}")
+    return backend
+
+
+def _unavailable_reason(entry: _Entry) -> str | None:
+    with _lock:
+        if not entry.checked:
+            backend = _load(entry)
+            entry.reason = entry.error if backend is None else _safe_availability(backend)
+            entry.checked = True
+        return entry.reason
+
+
+def status() -> list[dict]:
+    """One dict per installed backend: name, source, priority, available, reason, framework, devices..."""
+    rows = []
+    for name in installed_backends():
+        entry = _discover()[name]
+        backend = _load(entry)
+        reason = _unavailable_reason(entry)
+        row = {"name": name, "source": entry.source, "available": reason is None, "reason": reason}
+        if backend is not None:
+            row.update(
+                priority=backend.priority,
+                framework=backend.framework,
+                serves=list(backend.frameworks),
+                version=backend.version(),
+                description=backend.description,
+                devices=backend.device_names() if reason is None else [],
+                dtypes=list(backend.dtypes),
+                missing_features=backend.missing_features(),
+            )
+        rows.append(row)
+    return rows
+
+
+def _safe_availability(backend: Backend) -> str | None:
+    try:
+        return backend.availability()
+    except Exception as exc:
+        return f"availability check failed ({type(exc).__name__}: {exc})"
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run here, highest priority first."""
+    return [name for name in installed_backends() if _unavailable_reason(_discover()[name]) is None]
+
+
+# ---- selection ----------------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+class _BackendSetting:
+    """Returned by :func:`set_backend`; restores the previous choice when used as a context manager."""
+
+    def __init__(self, previous: str | None) -> None:
+        self._previous = previous
+
+    def __enter__(self) -> _BackendSetting:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _local.choice = self._previous
+
+
+def set_backend(name: str | None) -> _BackendSetting:
+    """Choose the backend for the current thread (``None`` returns to the default).
+
+    Takes effect immediately; as a context manager (``with yoso.set_backend("reference"): ...``) the
+    previous choice comes back on exit. ``ValueError`` for a name that is not installed or cannot run here.
+    """
+    if name is not None:
+        if not isinstance(name, str):
+            raise TypeError(f"set_backend() takes a backend name (str) or None, got {type(name).__name__}")
+        get(name)  # validates, with the list of installed backends in the message
+    previous = getattr(_local, "choice", None)
+    _local.choice = name
+    return _BackendSetting(previous)
+
+
+def explicit_choice() -> str | None:
+    """The thread's choice, else ``YOSO_BACKEND``, else None (automatic)."""
+    return getattr(_local, "choice", None) or os.environ.get(ENV_VAR) or None
+
+
+def get_backend() -> str:
+    """The name of the backend calls run on by default in this thread.
+
+    An explicit choice (:func:`set_backend`, else ``YOSO_BACKEND``) if there is one, else the
+    highest-priority available backend (automatic choice may still pick another one per call when
+    that one cannot serve the arrays given).
+    """
+    choice = explicit_choice()
+    if choice is not None:
+        return choice
+    names = available_backends()
+    if not names:
+        raise RuntimeError("no yoso backend can run here; `yoso info` says why (install yoso-reference)")
+    return names[0]
+
+
+def select(call: Call) -> Backend:
+    """The backend that runs ``call``: the explicit choice (strictly) or the best that supports it."""
+    choice = explicit_choice()
+    if choice is not None:
+        backend = get(choice)
+        reason = backend.unsupported(call)
+        if reason:
+            raise ValueError(f"{reason}; choose another backend with yoso.set_backend() or {ENV_VAR}")
+        return backend
+    reasons = []
+    for name in available_backends():
+        backend = get(name)
+        reason = backend.unsupported(call)
+        if reason is None:
+            return backend
+        reasons.append(reason)
+    detail = "; ".join(reasons) if reasons else "no backend is available (`yoso info` says why)"
+    raise ValueError(f"no yoso backend can run this call: {detail}")
