@@ -21,9 +21,8 @@ def _glue_for(q, k, v):
         elif type(x).__module__.startswith("jax") or type(x).__name__ in ("ArrayImpl", "DynamicJaxprTracer"):
             kinds.add("jax")
         else:
-            raise TypeError(
-                f"q, k and v must be NumPy arrays, torch tensors or JAX arrays; got {type(x).__module__}.{type(x).__name__}"
-            )
+            kind = f"{type(x).__module__}.{type(x).__name__}"
+            raise TypeError(f"q, k and v must be NumPy arrays, torch tensors or JAX arrays; got {kind}")
     if len(kinds) > 1:
         names = ", ".join(f"{n} {type(x).__module__}.{type(x).__name__}" for n, x in zip("qkv", (q, k, v)))
         raise TypeError(f"q, k and v must be arrays of one framework; got {names}")

@@ -122,7 +122,9 @@ class NumpyGlue:
         def vjp(cotangent):
             cotangent = np.asarray(cotangent)
             if cotangent.shape != out_shape:
-                raise ValueError(f"the cotangent must have the output's shape {list(out_shape)}, got {list(cotangent.shape)}")
+                raise ValueError(
+                    f"the cotangent must have the output's shape {list(out_shape)}, got {list(cotangent.shape)}"
+                )
             grad = cotangent.reshape(call.batch, call.n_query, call.value_dim).astype(y.dtype)
             grad = _keep_rows(unit_rows_vjp(y, grad) if prep.normalize else grad, prep.query_mask)
             dq_unit, dk_unit, dv = _core.backward(

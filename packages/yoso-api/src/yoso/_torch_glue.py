@@ -14,7 +14,6 @@ for float64); the result is cast back to the input dtype at the end.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -37,14 +36,14 @@ def _unit(x: Tensor) -> Tensor:
     return torch.where(nonzero, x / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(x))
 
 
-def _keep_rows(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+def _keep_rows(x: Tensor, mask: Tensor | None) -> Tensor:
     return x if mask is None else torch.where(mask[..., None], x, torch.zeros_like(x))
 
 
 # ---- crossing into a backend's framework ------------------------------------------------------
 
 
-def _to_backend(backend, x: Optional[Tensor]):
+def _to_backend(backend, x: Tensor | None):
     if x is None or backend.framework == "torch":
         return x
     if backend.framework != "numpy":
@@ -69,9 +68,9 @@ def core(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    planes: Optional[Tensor],
-    query_mask: Optional[Tensor],
-    key_mask: Optional[Tensor],
+    planes: Tensor | None,
+    query_mask: Tensor | None,
+    key_mask: Tensor | None,
     backend: str,
     mode: str,
     hashing: str,
@@ -117,8 +116,8 @@ def core_backward(
     v: Tensor,
     q_codes: Tensor,
     k_codes: Tensor,
-    query_mask: Optional[Tensor],
-    key_mask: Optional[Tensor],
+    query_mask: Tensor | None,
+    key_mask: Tensor | None,
     backend: str,
     mode: str,
     backward: str,
@@ -136,7 +135,9 @@ def core_backward(
 
 
 @core_backward.register_fake
-def _core_backward_fake(grad, q, k, v, q_codes, k_codes, query_mask, key_mask, backend, mode, backward, hash_bits, causal):
+def _core_backward_fake(
+    grad, q, k, v, q_codes, k_codes, query_mask, key_mask, backend, mode, backward, hash_bits, causal
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -223,7 +224,9 @@ class TorchGlue:
         found = torch.stack(flags).tolist()  # one device sync for all checks
         for name, hit in zip(rows, found):
             if hit:
-                raise ValueError(f"{name} has NaN or inf in unmasked rows; they would poison every hash table they touch")
+                raise ValueError(
+                    f"{name} has NaN or inf in unmasked rows; they would poison every hash table they touch"
+                )
         if planes is not None and found[len(rows)]:
             raise ValueError("planes contain NaN or inf")
         if planes is not None and hashing == "hadamard" and found[-1]:

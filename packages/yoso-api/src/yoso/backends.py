@@ -179,6 +179,8 @@ _entries: dict[str, _Entry] | None = None
 
 def _discover() -> dict[str, _Entry]:
     global _entries
+    if _entries is not None:  # lock-free once found (and traceable by torch.compile)
+        return _entries
     with _lock:
         if _entries is None:
             found: dict[str, _Entry] = {}
@@ -191,6 +193,8 @@ def _discover() -> dict[str, _Entry]:
 
 
 def _load(entry: _Entry) -> Backend | None:
+    if entry.loaded:
+        return entry.backend
     with _lock:
         if not entry.loaded:
             entry.loaded = True
@@ -233,7 +237,9 @@ def get(name: str) -> Backend:
     """The backend object called ``name``; ``ValueError`` if unknown or unusable here (with the reason)."""
     entries = _discover()
     if name not in entries:
-        raise ValueError(f"unknown yoso backend {name!r}; installed backends: {', '.join(installed_backends()) or 'none'}")
+        raise ValueError(
+            f"unknown yoso backend {name!r}; installed backends: {', '.join(installed_backends()) or 'none'}"
+        )
     backend = _load(entries[name])
     reason = _unavailable_reason(entries[name])
     if reason:
@@ -242,6 +248,8 @@ def get(name: str) -> Backend:
 
 
 def _unavailable_reason(entry: _Entry) -> str | None:
+    if entry.checked:
+        return entry.reason
     with _lock:
         if not entry.checked:
             backend = _load(entry)

@@ -31,7 +31,13 @@ class ReferenceBackend(Backend):
 
     def cumulate(self, read_codes, write_codes, values, *, read_mask, write_mask, order, hash_bits):
         return cumulate(
-            read_codes, write_codes, values, read_mask=read_mask, write_mask=write_mask, order=order, hash_bits=hash_bits
+            read_codes,
+            write_codes,
+            values,
+            read_mask=read_mask,
+            write_mask=write_mask,
+            order=order,
+            hash_bits=hash_bits,
         )
 
     def sampled_grads(
@@ -53,7 +59,9 @@ class ReferenceBackend(Backend):
         )
 
     def expectation_forward(self, q, k, v, *, query_mask, key_mask, causal, hash_bits):
-        return expectation_forward(q, k, v, query_mask=query_mask, key_mask=key_mask, causal=causal, hash_bits=hash_bits)
+        return expectation_forward(
+            q, k, v, query_mask=query_mask, key_mask=key_mask, causal=causal, hash_bits=hash_bits
+        )
 
     def expectation_backward(self, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, gradient, max_ratio):
         return expectation_backward(

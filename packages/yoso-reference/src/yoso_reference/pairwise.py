@@ -166,9 +166,11 @@ def sampled_grads(
       Unbiased for :func:`expectation_backward` with ``gradient="exact"``, since ``E[S_ij] = p_ij``.
     """
     if estimator == "lower_bound":
+
         def weight(rows, x):
             return 0.5 * hash_bits * collision_matrix(q_codes[:, :, rows], k_codes)
     elif estimator == "exact":
+
         def weight(rows, x):
             return collision_matrix(q_codes[:, :, rows], k_codes) * importance_ratio(x, hash_bits, max_ratio)
     else:

@@ -1,0 +1,180 @@
+"""The API around the math: backend discovery and selection, and the ``yoso`` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import yoso
+from yoso import backends, cli
+
+
+class RecordingBackend(backends.Backend):
+    """A mock backend: delegates to the reference and records which primitives ran."""
+
+    name = "mock"
+    priority = 1000
+    frameworks = ("numpy",)
+    dtypes = ("float32",)  # deliberately narrow: float64 calls must not reach it automatically
+    description = "test double"
+
+    def __init__(self):
+        self.calls = []
+        self._ref = backends.get("reference")
+
+    def __getattribute__(self, attr):
+        primitives = ("hash_codes", "cumulate", "sampled_grads", "expectation_forward", "expectation_backward")
+        if attr in primitives:
+            self.calls.append(attr)
+            return getattr(self._ref, attr)
+        return super().__getattribute__(attr)
+
+
+@pytest.fixture
+def mock():
+    backend = RecordingBackend()
+    backends.register(backend)
+    yield backend
+    backends.unregister("mock")
+
+
+def _qkv(dtype="float32"):
+    rng = np.random.default_rng(0)
+    return tuple(rng.standard_normal((2, 9, 4)).astype(dtype) for _ in range(3))
+
+
+def test_reference_is_installed_and_available():
+    assert "reference" in backends.installed_backends()
+    assert "reference" in yoso.available_backends()
+
+
+def test_set_backend_is_a_thread_local_context_manager(mock):
+    assert backends.explicit_choice() is None
+    with yoso.set_backend("reference"):
+        assert yoso.get_backend() == "reference"
+        seen = {}
+        worker = threading.Thread(target=lambda: seen.setdefault("name", backends.explicit_choice()))
+        worker.start()
+        worker.join()
+        assert seen["name"] is None, "another thread must not see this thread's choice"
+        with yoso.set_backend("mock"):
+            assert yoso.get_backend() == "mock"
+        assert yoso.get_backend() == "reference"
+    assert backends.explicit_choice() is None
+
+
+def test_set_backend_without_with_and_reset():
+    yoso.set_backend("reference")
+    try:
+        assert yoso.get_backend() == "reference"
+    finally:
+        yoso.set_backend(None)
+    assert backends.explicit_choice() is None
+
+
+def test_unknown_backend_lists_installed():
+    with pytest.raises(ValueError, match=r"unknown yoso backend 'nope'.*installed backends: .*reference"):
+        yoso.set_backend("nope")
+    with pytest.raises(TypeError, match="backend name"):
+        yoso.set_backend(3)
+
+
+def test_env_var_selects_and_is_validated(monkeypatch, mock):
+    monkeypatch.setenv("YOSO_BACKEND", "mock")
+    assert yoso.get_backend() == "mock"
+    yoso.attention(*_qkv(), seed=0)
+    assert "cumulate" in mock.calls
+    monkeypatch.setenv("YOSO_BACKEND", "nope")
+    with pytest.raises(ValueError, match="installed backends"):
+        yoso.attention(*_qkv(), seed=0)
+
+
+def test_explicit_choice_is_strict(mock):
+    with yoso.set_backend("mock"):
+        with pytest.raises(ValueError, match=r"'mock' backend does not support dtype float64"):
+            yoso.attention(*_qkv("float64"), seed=0)
+
+
+def test_automatic_choice_takes_the_best_backend_that_supports_the_call(mock):
+    yoso.attention(*_qkv("float64"), seed=0)
+    assert mock.calls == [], "float64 is beyond the mock: automatic choice must fall back to the reference"
+    yoso.attention(*_qkv("float32"), seed=0)
+    assert mock.calls[:2] == ["hash_codes", "hash_codes"] and "cumulate" in mock.calls
+    out, vjp = yoso.attention_vjp(*_qkv("float32"), seed=0)
+    vjp(np.ones_like(out))
+    assert "sampled_grads" in mock.calls
+
+
+class _BrokenEntryPoint:
+    name = "broken"
+    value = "broken_module:Backend"
+    dist = None
+
+    def load(self):
+        raise ImportError("no module named broken_module")
+
+
+def test_broken_backend_is_reported_not_raised(monkeypatch):
+    entries = dict(backends._discover())
+    entries["broken"] = backends._Entry("broken", "test", entry_point=_BrokenEntryPoint())
+    monkeypatch.setattr(backends, "_entries", entries)
+    assert "broken" not in yoso.available_backends()
+    row = next(r for r in backends.status() if r["name"] == "broken")
+    assert not row["available"] and "no module named broken_module" in row["reason"]
+    with pytest.raises(ValueError, match="cannot run here.*broken_module"):
+        yoso.set_backend("broken")
+    yoso.attention(*_qkv(), seed=0)  # everything else keeps working
+
+
+def test_import_yoso_loads_no_backend():
+    code = "import sys, yoso; print([m for m in sys.modules if m.startswith(('yoso_', 'torch', 'jax'))])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_info_lists_backends_and_reasons(capsys, monkeypatch):
+    entries = dict(backends._discover())
+    entries["broken"] = backends._Entry("broken", "test", entry_point=_BrokenEntryPoint())
+    monkeypatch.setattr(backends, "_entries", entries)
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "reference" in text and "available" in text
+    assert "broken" in text and "UNAVAILABLE" in text and "broken_module" in text
+    assert cli.main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {row["name"] for row in data["backends"]} >= {"reference", "broken"}
+    assert data["cpu"] and "numpy" in data["packages"]
+
+
+def test_demo_runs_and_writes_outputs(tmp_path, capsys):
+    assert cli.main(["demo", "--n", "128", "--dim", "16", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "N-YOSO-128" in text and "softmax" in text
+    results = json.loads((tmp_path / "demo.json").read_text())
+    angles = [row["angle_to_yoso_e_deg"] for row in results["rows"]]
+    assert angles[-1] < angles[0], "more hashes must approximate YOSO-E better"
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_cli_reports_bad_arguments(capsys):
+    assert cli.main(["demo", "--backend", "nope", "--out", "/tmp/never"]) == 2
+    assert "unknown yoso backend" in capsys.readouterr().err
+
+
+def test_hash_planes_layouts():
+    g = yoso.hash_planes(5, 3, 10, seed=1)
+    assert g.shape == (5, 3, 10) and g.dtype == np.float64
+    np.testing.assert_array_equal(g, yoso.hash_planes(5, 3, 10, seed=1))
+    h = yoso.hash_planes(6, 3, 10, hashing="hadamard", seed=1)
+    assert h.shape == (2, 3, 16) and set(np.unique(h)) == {-1.0, 1.0}  # D'=16: 5 hashes per rotation, 6 need 2
+    with pytest.raises(ValueError, match="hash_bits <= 4"):
+        yoso.hash_planes(4, 8, 3, hashing="hadamard")
+    with pytest.raises(ValueError, match="num_hashes must be >= 1"):
+        yoso.hash_planes(0, 3, 10)
+    with pytest.raises(TypeError, match="seed"):
+        yoso.hash_planes(4, 3, 10, seed=1.5)

@@ -1,0 +1,138 @@
+"""torch specifics: custom ops, torch.compile, checkpointing, generators, dtypes, layouts, devices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import yoso  # noqa: E402
+from harness import assert_close, to_numpy  # noqa: E402
+
+
+def _qkv(target, shape=(2, 3, 17, 8), dtype=torch.float32, grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=dtype).to(target.device).requires_grad_(grad) for _ in range(3)]
+
+
+def test_opcheck_core_ops(torch_target):
+    """torch.library.opcheck: schema, fake tensors and autograd registration of yoso::core."""
+    from yoso import _torch_glue
+
+    q, k, v = (torch.nn.functional.normalize(x, dim=-1) for x in _qkv(torch_target, (2, 11, 8)))
+    planes = torch.as_tensor(yoso.hash_planes(4, 3, 8, seed=0)[None], dtype=torch.float32, device=q.device)
+    mask = torch.ones(2, 11, dtype=torch.bool, device=q.device)
+    for mode in ("sample", "expectation"):
+        args = (
+            q.requires_grad_(),
+            k.requires_grad_(),
+            v.requires_grad_(),
+            planes if mode == "sample" else None,
+            mask,
+            mask,
+            torch_target.name,
+            mode,
+            "gaussian",
+            4,
+            3,
+            False,
+            "lower_bound",
+        )
+        torch.library.opcheck(
+            _torch_glue.core, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
+        )
+
+
+def test_compiles(torch_target):
+    q, k, v = _qkv(torch_target, grad=True)
+    planes = torch.as_tensor(yoso.hash_planes(8, 4, 8, seed=1), device=q.device)
+
+    def layer(q, k, v):
+        return yoso.attention(q, k, v, num_hashes=8, hash_bits=4, planes=planes).square().sum()
+
+    with yoso.set_backend(torch_target.name):
+        eager = layer(q, k, v)
+        grads = torch.autograd.grad(eager, (q, k, v))
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(q, k, v)
+        compiled_grads = torch.autograd.grad(compiled, (q, k, v))
+    assert torch.allclose(eager, compiled)
+    for a, b in zip(grads, compiled_grads):
+        assert torch.allclose(a, b)
+
+
+def test_checkpoint_recomputes_the_same_hashes(torch_target):
+    """seed=None draws from torch's RNG, which checkpointing replays: recomputed = original gradients."""
+    q, k, v = _qkv(torch_target, grad=True)
+
+    def f(q, k, v):
+        return yoso.attention(q, k, v, num_hashes=8, hash_bits=4)
+
+    with yoso.set_backend(torch_target.name):
+        torch.manual_seed(5)
+        plain = torch.autograd.grad(f(q, k, v).square().sum(), (q, k, v))
+        torch.manual_seed(5)
+        out = torch.utils.checkpoint.checkpoint(f, q, k, v, use_reentrant=False)
+        checkpointed = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for a, b in zip(plain, checkpointed):
+        assert torch.equal(a, b)
+
+
+def test_generator_reproduces(torch_target):
+    q, k, v = _qkv(torch_target)
+    with yoso.set_backend(torch_target.name):
+        runs = [yoso.attention(q, k, v, generator=torch.Generator(q.device).manual_seed(3)) for _ in range(2)]
+        assert torch.equal(*runs)
+        with pytest.raises(TypeError, match="torch.Generator"):
+            yoso.attention(q, k, v, generator=3)
+        with pytest.raises(ValueError, match="either seed= or generator="):
+            yoso.attention(q, k, v, seed=1, generator=torch.Generator(q.device))
+
+
+def test_seed_is_framework_independent(torch_target):
+    """An int seed gives the same hash functions as NumPy's: the torch result equals the NumPy one."""
+    q, k, v = _qkv(torch_target, dtype=torch.float64)
+    with yoso.set_backend("reference"):
+        want = yoso.attention(*(to_numpy(x) for x in (q, k, v)), seed=11, num_hashes=8, hash_bits=4)
+    if "float64" not in torch_target.backend.dtypes:
+        q, k, v = (x.float() for x in (q, k, v))
+    with yoso.set_backend(torch_target.name):
+        got = yoso.attention(q, k, v, seed=11, num_hashes=8, hash_bits=4)
+    assert_close(to_numpy(got), want, torch_target.dtype, "seed across frameworks")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(torch_target, dtype):
+    """Half inputs: output and gradients in the input dtype; error within 2x that of the reference
+    run on the same half-precision inputs (DESIGN.md §3). Expectation mode: no hash ties to flip."""
+    if str(dtype).removeprefix("torch.") not in torch_target.backend.dtypes:
+        pytest.skip(f"{torch_target.name} does not support {dtype}")
+    q, k, v = _qkv(torch_target, (2, 33, 16), dtype=torch.float32)
+    qh, kh, vh = (x.to(dtype).requires_grad_() for x in (q, k, v))
+    with yoso.set_backend(torch_target.name):
+        out = yoso.attention(qh, kh, vh, mode="expectation", hash_bits=4)
+        out.float().square().sum().backward()
+    assert out.dtype == dtype and all(x.grad.dtype == dtype for x in (qh, kh, vh))
+    exact = yoso.attention(*(to_numpy(x) for x in (q, k, v)), mode="expectation", hash_bits=4)
+    with yoso.set_backend("reference"):
+        rounded = yoso.attention(*(to_numpy(x.to(dtype)) for x in (q, k, v)), mode="expectation", hash_bits=4)
+    ref_err = np.linalg.norm(to_numpy(torch.as_tensor(rounded).to(dtype)) - exact)
+    err = np.linalg.norm(to_numpy(out) - exact)
+    assert err <= 2 * ref_err + 1e-6, f"{dtype}: error {err:.3g} vs reference-at-precision {ref_err:.3g}"
+
+
+def test_non_contiguous_inputs(torch_target):
+    """[B, N, H, D] memory viewed as [B, H, N, D] (a transpose, as after a fused projection)."""
+    q, k, v = (x.transpose(1, 2) for x in _qkv(torch_target, (2, 17, 3, 8)))
+    assert not q.is_contiguous()
+    with yoso.set_backend(torch_target.name):
+        a = yoso.attention(q, k, v, seed=2, num_hashes=8, hash_bits=4)
+        b = yoso.attention(*(x.contiguous() for x in (q, k, v)), seed=2, num_hashes=8, hash_bits=4)
+    assert torch.equal(a, b)
+
+
+def test_devices_must_match(torch_target):
+    q, k, v = _qkv(torch_target)
+    with pytest.raises(ValueError, match="must be on one device"):
+        yoso.attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="key_padding_mask is on meta"):
+        yoso.attention(q, k, v, key_padding_mask=torch.ones(2, 3, 17, dtype=torch.bool, device="meta"))

@@ -1,0 +1,51 @@
+"""Moving NumPy data to a backend's framework and back, for the demo, the benchmarks and tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def framework_for(backend) -> str:
+    """The caller-side array type that reaches ``backend`` most directly."""
+    return backend.framework if backend.framework in backend.frameworks else backend.frameworks[0]
+
+
+def to_framework(x: np.ndarray, framework: str, device: str = "cpu", dtype: str | None = None):
+    """``x`` as a ``framework`` array on ``device`` (cast to ``dtype`` if given)."""
+    if framework == "numpy":
+        return x if dtype is None else x.astype(dtype)
+    if framework == "torch":
+        import torch
+
+        t = torch.as_tensor(x, device=device)
+        return t if dtype is None else t.to(getattr(torch, dtype))
+    if framework == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        a = jax.device_put(jnp.asarray(x), jax.devices(device.split(":")[0])[0])
+        return a if dtype is None else a.astype(dtype)
+    raise ValueError(f"unknown framework {framework!r}")
+
+
+def to_numpy(x) -> np.ndarray:
+    """Any framework's array as a NumPy array (float64 for floating arrays)."""
+    if isinstance(x, np.ndarray):
+        out = x
+    elif type(x).__module__.startswith("torch"):
+        out = x.detach().cpu()
+        out = (out.double() if out.is_floating_point() else out).numpy()
+    else:
+        out = np.asarray(x)
+    return out.astype(np.float64) if np.issubdtype(out.dtype, np.floating) else out
+
+
+def synchronize(x) -> None:
+    """Wait until the device has produced ``x`` (for timing)."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+    elif hasattr(x, "block_until_ready"):
+        x.block_until_ready()

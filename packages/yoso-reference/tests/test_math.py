@@ -1,0 +1,72 @@
+"""Self-checks of the oracle's own math (the conformance suite checks backends against it)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import yoso_reference as ref
+from yoso_reference import pairwise
+
+
+def test_sylvester_hadamard_is_orthogonal():
+    for n in (1, 2, 8, 64):
+        h = ref.sylvester_hadamard(n)
+        np.testing.assert_array_equal(h @ h.T, n * np.eye(n))
+
+
+def test_hadamard_rotation_preserves_norm_up_to_scale():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 12))
+    diagonals = rng.choice([-1.0, 1.0], size=(1, 3, 3, 16))
+    u = ref.hadamard_rotate(x, diagonals)  # three unnormalised H of size 16: scale 16^(3/2)
+    expected = np.broadcast_to(16**1.5 * np.linalg.norm(x, axis=-1)[..., None], u.shape[:-1])
+    np.testing.assert_allclose(np.linalg.norm(u, axis=-1), expected)
+
+
+def test_derivative_matches_finite_differences():
+    x = np.linspace(-0.95, 0.95, 39)
+    h = 1e-6
+    for tau in (1, 3, 8):
+        numeric = (ref.collision_probability(x + h, tau) - ref.collision_probability(x - h, tau)) / (2 * h)
+        np.testing.assert_allclose(ref.collision_derivative(x, tau, np.inf), numeric, rtol=1e-6, atol=1e-12)
+
+
+def test_importance_ratio_is_clamped_and_finite():
+    x = np.array([-1.0, -0.999999, 0.0, 0.999999, 1.0])
+    w = ref.importance_ratio(x, 8, 80.0)
+    assert np.isfinite(w).all() and w.max() == 80.0
+    assert np.isfinite(ref.collision_derivative(x, 8, 80.0)).all()
+    assert ref.collision_derivative(np.array([-1.0]), 8, 80.0)[0] == 0.0
+
+
+def test_triple_collision_probability_by_simulation():
+    """P[h(a)=h(b)=h(c)] against the frequency over 200k Gaussian hashes (5 sigma)."""
+    rng = np.random.default_rng(1)
+    vectors = ref.unit_rows(rng.standard_normal((1, 3, 5)))
+    planes = rng.standard_normal((1, 200_000, 2, 5))
+    codes = ref.gaussian_codes(vectors, planes)[0]  # [m, 3]
+    freq = np.mean((codes[:, 0] == codes[:, 1]) & (codes[:, 1] == codes[:, 2]))
+    a, b, c = vectors[0]
+    p = ref.triple_collision_probability(a @ b, a @ c, b @ c, 2)
+    assert abs(freq - p) < 5 * np.sqrt(p * (1 - p) / 200_000)
+
+
+def test_chunking_does_not_change_results(monkeypatch):
+    rng = np.random.default_rng(2)
+    q, k = ref.unit_rows(rng.standard_normal((2, 37, 6))), ref.unit_rows(rng.standard_normal((2, 37, 6)))
+    v, g = rng.standard_normal((2, 37, 3)), rng.standard_normal((2, 37, 3))
+    mask = rng.random((2, 37)) < 0.8
+    kw = dict(key_mask=mask, query_mask=mask, causal=True, hash_bits=4)
+    whole = ref.expectation_forward(q, k, v, **kw), ref.expectation_backward(q, k, v, g, max_ratio=40.0, **kw)
+    monkeypatch.setattr(pairwise, "CHUNK_ELEMENTS", 2 * 37 * 5)  # chunks of 5 query rows
+    chunked = ref.expectation_forward(q, k, v, **kw), ref.expectation_backward(q, k, v, g, max_ratio=40.0, **kw)
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-12)
+    for a, b in zip(chunked[1], whole[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_unit_rows_and_vjp_on_zero_rows():
+    x = np.array([[3.0, 4.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(ref.unit_rows(x), [[0.6, 0.8], [0.0, 0.0]])
+    g = ref.unit_rows_vjp(x, np.ones_like(x))
+    assert np.isfinite(g).all() and (g[1] == 0).all()
