@@ -55,8 +55,8 @@ def unavailable_reason() -> str | None:
     except ImportError:
         return "torch is not installed (yoso-cuda computes on torch CUDA tensors)"
     try:
-        from cuda.bindings import driver  # noqa: F401
-        from cuda.bindings import nvrtc  # noqa: F401
+        import cuda.bindings.driver  # noqa: F401
+        import cuda.bindings.nvrtc  # noqa: F401
     except ImportError as exc:
         return f"cuda-bindings is not installed ({exc}); pip install cuda-bindings nvidia-cuda-nvrtc"
     try:

@@ -38,7 +38,8 @@ class CudaBackend(Backend):
     def unsupported(self, call: Call) -> str | None:
         reason = super().unsupported(call)
         if reason is None and call.batch > _ops.MAX_GRID_YZ:
-            reason = f"the 'cuda' backend does not support batch={call.batch} (at most {_ops.MAX_GRID_YZ} flattened leading rows)"
+            limit = _ops.MAX_GRID_YZ
+            reason = f"the 'cuda' backend does not support batch={call.batch} (at most {limit} flattened leading rows)"
         return reason
 
     def missing_features(self) -> list[str]:
