@@ -36,9 +36,10 @@ def compile_uncached(program: Program, arch: int, ptx: bool = False) -> _nvrtc.B
     return _nvrtc.compile_program(program.path, program.names, arch, headers=headers, ptx=ptx)
 
 
-def binary(name: str, arch: int, *, ptx: bool = False, directory: Path | None = None) -> _nvrtc.Binary:
-    """The compiled program ``name`` (a key of ``PROGRAMS``) for ``sm_<arch>`` (or PTX), cached on disk."""
-    program = PROGRAMS[name]
+def binary(name: str | Program, arch: int, *, ptx: bool = False, directory: Path | None = None) -> _nvrtc.Binary:
+    """The compiled program ``name`` (a key of ``PROGRAMS``, or a Program) for ``sm_<arch>`` (or PTX),
+    from the disk cache (``directory``, default ``_cache.cache_dir()``) or compiled and stored there."""
+    program = PROGRAMS[name] if isinstance(name, str) else name
     key = key_for(program, arch, ptx)
     with _lock:  # one compile per program per process; other processes are handled by atomic renames
         cached = _cache.load(key, directory)

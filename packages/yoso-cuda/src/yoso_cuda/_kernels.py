@@ -31,10 +31,11 @@ TILES = ((32, 32), (16, 16))
 class Program:
     file: str
     names: tuple[str, ...]
+    directory: Path = KERNEL_DIR  # tests compile programs of their own
 
     @property
     def path(self) -> Path:
-        return KERNEL_DIR / self.file
+        return self.directory / self.file
 
 
 def _programs() -> dict[str, Program]:

@@ -54,19 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     jobs = sorted(((n, a) for a in archs for n in names), key=lambda job: (cost.get(job[0], 0), job[1]))
     failures = 0
     start = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(_build_one, n, a, args.populate_cache) for n, a in jobs]
-        for future in futures:
-            name, arch, ok, log, seconds, size = future.result()
-            file = PROGRAMS[name].file
-            if ok:
-                count = len(PROGRAMS[name].names)
-                print(f"  ok   sm_{arch}  {file:<18} {count:3d} kernels  {size / 1024:7.0f} KiB  {seconds:5.1f} s")
-                if log:
-                    print("\n".join("       " + line for line in log.splitlines()))
-            else:
-                failures += 1
-                print(f"  FAIL sm_{arch}  {file}\n{log}")
+    if args.jobs == 1:  # in this process (also what tests use)
+        results = [_build_one(n, a, args.populate_cache) for n, a in jobs]
+    else:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(_build_one, *zip(*jobs), [args.populate_cache] * len(jobs)))
+    for name, arch, ok, log, seconds, size in results:
+        file = PROGRAMS[name].file
+        if ok:
+            count = len(PROGRAMS[name].names)
+            print(f"  ok   sm_{arch}  {file:<18} {count:3d} kernels  {size / 1024:7.0f} KiB  {seconds:5.1f} s")
+            if log:
+                print("\n".join("       " + line for line in log.splitlines()))
+        else:
+            failures += 1
+            print(f"  FAIL sm_{arch}  {file}\n{log}")
     status = "FAILED" if failures else "all compiled"
     print(f"{status}: {len(jobs) - failures}/{len(jobs)} programs in {time.perf_counter() - start:.1f} s")
     return 1 if failures else 0
