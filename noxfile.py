@@ -11,6 +11,8 @@ build). Override with YOSO_TORCH_SPEC, e.g. YOSO_TORCH_SPEC="torch==2.14.1".
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 import nox
 
@@ -21,10 +23,32 @@ TORCH = os.environ.get("YOSO_TORCH_SPEC", "torch==2.13.0")
 API = "packages/yoso-api"
 REFERENCE = "packages/yoso-reference"
 
+
+def _no_gpu_reason() -> str | None:
+    """None when nvidia-smi lists a GPU, else why the GPU conformance run is left out."""
+    if os.environ.get("YOSO_CUDA_CONFORMANCE") in ("0", "1"):
+        return None if os.environ["YOSO_CUDA_CONFORMANCE"] == "1" else "YOSO_CUDA_CONFORMANCE=0"
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "no nvidia-smi on this machine"
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, check=False).stdout
+    return None if "GPU " in listed else "nvidia-smi lists no GPU"
+
+
 # Per backend: what to install besides the API and the reference (the oracle every backend is
-# compared with), and which tests to run besides the conformance suite.
+# compared with), which tests to run besides the conformance suite, commands to run first ("checks"),
+# and "needs" -- a function saying why the conformance suite cannot run on this machine (None: it can).
 BACKENDS = {
     "reference": {"install": [], "tests": [f"{REFERENCE}/tests"]},
+    # Without a GPU: the NVRTC build check of every kernel and the no-GPU tests. With one (nvidia-smi
+    # lists a GPU, or YOSO_CUDA_CONFORMANCE=1), the conformance suite too, with --require-backend; the
+    # session's torch must then be a CUDA build (YOSO_TORCH_SPEC; the default pin is a CPU wheel).
+    "cuda": {
+        "install": ["-e", "packages/yoso-cuda"],
+        "tests": ["packages/yoso-cuda/tests"],
+        "checks": [["python", "-m", "yoso_cuda.build", "--arch", "sm_80", "--arch", "sm_90"]],
+        "needs": _no_gpu_reason,
+    },
 }
 
 
@@ -41,7 +65,14 @@ def tests(session: nox.Session, backend: str) -> None:
     spec = BACKENDS[backend]
     session.install(TORCH, "pytest", "-e", REFERENCE, "-e", f"{API}[plot]", *spec["install"])
     session.run("yoso", "info")
+    for command in spec.get("checks", []):
+        session.run(*command)
     env = {"YOSO_TEST_BACKENDS": backend, "YOSO_TEST_REQUIRE": "1"}
+    reason = spec["needs"]() if "needs" in spec else None
+    if reason is not None:
+        session.log(f"conformance suite for {backend!r} not run: {reason} (it runs where a GPU is present)")
+        session.run("pytest", *spec["tests"], *session.posargs, env=env)
+        return
     session.run("pytest", "conformance", *spec["tests"], *session.posargs, env=env)
 
 

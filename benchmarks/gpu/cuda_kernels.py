@@ -1,0 +1,112 @@
+"""Run every kernel family of the cuda backend once on small shapes and compare with yoso_reference.
+
+The driver for compute-sanitizer (memcheck, racecheck) in ``cuda.sh``: small enough to finish under
+the sanitizers, yet covering every code path -- each dtype, Gaussian tau pads 4..16, Hadamard slot
+counts 1..8, cumulation in one or several hash groups with 1, 2, 4 channels per block and all three
+orders over several chunks, both pairwise tile sizes, both gradient estimators, masks, causal.
+Exit status 1 if any result is off (float32 inputs: relative error 2e-5; half inputs: 2e-2).
+
+    python benchmarks/gpu/cuda_kernels.py
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from yoso_cuda.backend import CudaBackend
+
+import yoso
+import yoso_reference as ref
+
+cuda = CudaBackend()
+rng = np.random.default_rng(0)
+failures = []
+
+
+def dev(x, dtype=torch.float32):
+    return torch.as_tensor(np.ascontiguousarray(x)).to("cuda", dtype)
+
+
+def host(x, dtype):
+    """What the kernel saw: x rounded to dtype, back in float64."""
+    return dev(x, dtype).double().cpu().numpy()
+
+
+def report(name, got, want, tol):
+    got = got.double().cpu().numpy() if isinstance(got, torch.Tensor) else got
+    err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+    ok = err <= tol and np.isfinite(got).all()
+    print(f"{'ok  ' if ok else 'FAIL'} {name:<60} rel err {err:.2e}")
+    if not ok:
+        failures.append(name)
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOL = {"float32": 2e-5, "float16": 2e-2, "bfloat16": 2e-2}
+
+for dname, dtype in DTYPES.items():
+    # Hashing: codes compared exactly (tie-free enough at these sizes that a mismatch rate > 1% fails).
+    hash_cases = [("gaussian", 33, 3), ("gaussian", 64, 8), ("gaussian", 60, 11), ("gaussian", 256, 16)]
+    hash_cases += [("hadamard", 16, 4), ("hadamard", 64, 8), ("hadamard", 100, 5), ("hadamard", 256, 8)]
+    for hashing, dim, tau in hash_cases:
+        x = ref.unit_rows(rng.standard_normal((2, 45, dim)))
+        planes = yoso.hash_planes(12, tau, dim, hashing=hashing, seed=1)[None]
+        got = cuda.hash_codes(dev(x, dtype), dev(planes), hashing=hashing, num_hashes=12, hash_bits=tau)
+        want = ref.hash_codes(host(x, dtype), planes, hashing=hashing, num_hashes=12, hash_bits=tau)
+        mismatch = float((got.cpu().numpy() != want).mean())
+        ok = mismatch <= 0.01
+        print(f"{'ok  ' if ok else 'FAIL'} hash {hashing} {dname} D={dim} tau={tau:<40} mismatches {mismatch:.3%}")
+        if not ok:
+            failures.append(f"hash {hashing} {dname} D={dim}")
+
+    # Cumulation: (m, tau, C) chosen to reach CS = 4, 2, 1 and the split-group path.
+    for m, tau, channels in [(4, 3, 17), (32, 8, 64), (8, 12, 5), (3, 1, 1)]:
+        for order in ("none", "causal", "anticausal"):
+            n = 70
+            qc, kc = rng.integers(0, 2**tau, (2, m, n)), rng.integers(0, 2**tau, (2, m, n))
+            v = rng.standard_normal((2, n, channels))
+            qm, km = rng.random((2, n)) < 0.8, rng.random((2, n)) < 0.8
+            codes = dev(qc, torch.int32), dev(kc, torch.int32)
+            got = cuda.cumulate(*codes, dev(v, dtype), read_mask=dev(qm, torch.bool), write_mask=dev(km, torch.bool),
+                                order=order, hash_bits=tau)  # fmt: skip
+            want = ref.cumulate(qc, kc, host(v, dtype), read_mask=qm, write_mask=km, order=order, hash_bits=tau)
+            report(f"cumulate {dname} m={m} tau={tau} C={channels} {order}", got, want, 2e-5)
+
+    # Pairwise kernels: tile 32 (D + Dv <= 256) and tile 16.
+    for dim, dv in [(20, 12), (64, 64), (256, 200)]:
+        for causal in (False, True):
+            n = 50
+            q, k = ref.unit_rows(rng.standard_normal((2, n, dim))), ref.unit_rows(rng.standard_normal((2, n, dim)))
+            v, g = rng.standard_normal((2, n, dv)), rng.standard_normal((2, n, dv))
+            qm, km = rng.random((2, n)) < 0.8, rng.random((2, n)) < 0.8
+            masks = dict(query_mask=dev(qm, torch.bool), key_mask=dev(km, torch.bool))
+            rq, rk, rv = (host(a, dtype) for a in (q, k, v))
+            y = cuda.expectation_forward(
+                dev(q, dtype), dev(k, dtype), dev(v, dtype), **masks, causal=causal, hash_bits=6
+            )
+            want = ref.expectation_forward(rq, rk, rv, query_mask=qm, key_mask=km, causal=causal, hash_bits=6)
+            report(f"expectation forward {dname} D={dim} Dv={dv} causal={causal}", y, want, 2e-5)
+            for gradient in ("exact", "lower_bound"):
+                qkv = dev(q, dtype), dev(k, dtype), dev(v, dtype)
+                got = cuda.expectation_backward(*qkv, dev(g), **masks, causal=causal, hash_bits=6, gradient=gradient,
+                                                max_ratio=60.0)  # fmt: skip
+                want = ref.expectation_backward(rq, rk, rv, g, query_mask=qm, key_mask=km, causal=causal, hash_bits=6,
+                                                gradient=gradient, max_ratio=60.0)  # fmt: skip
+                for name, a, b in zip(("dq", "dk", "dv"), got, want):
+                    report(f"expectation {gradient} {name} {dname} D={dim} Dv={dv} causal={causal}", a, b, 2e-5)
+                tau, m = 3, 4
+                qc, kc = rng.integers(0, 2**tau, (2, m, n)), rng.integers(0, 2**tau, (2, m, n))
+                est = "exact" if gradient == "exact" else "lower_bound"
+                got = cuda.sampled_grads(dev(qc, torch.int32), dev(kc, torch.int32), dev(q, dtype), dev(k, dtype),
+                                         dev(v, dtype), dev(g), **masks, causal=causal, hash_bits=tau, estimator=est,
+                                         max_ratio=30.0)  # fmt: skip
+                want = ref.sampled_grads(qc, kc, rq, rk, rv, g, query_mask=qm, key_mask=km, causal=causal,
+                                         hash_bits=tau, estimator=est, max_ratio=30.0)  # fmt: skip
+                for name, a, b in zip(("dq", "dk"), got, want):
+                    report(f"sampled {est} {name} {dname} D={dim} Dv={dv} causal={causal}", a, b, 2e-5)
+
+torch.cuda.synchronize()
+print(f"{len(failures)} failed" if failures else "all kernels agree with yoso_reference")
+sys.exit(1 if failures else 0)
