@@ -61,7 +61,10 @@ def test_compiles(torch_target):
 
 
 def test_checkpoint_recomputes_the_same_hashes(torch_target):
-    """seed=None draws from torch's RNG, which checkpointing replays: recomputed = original gradients."""
+    """seed=None draws from torch's RNG, which checkpointing replays: recomputed = original gradients.
+
+    Other hash functions would change the gradients completely; agreement to float tolerance (not
+    bitwise: a GPU backward may accumulate in a run-dependent order) shows the replay."""
     q, k, v = _qkv(torch_target, grad=True)
 
     def f(q, k, v):
@@ -73,8 +76,8 @@ def test_checkpoint_recomputes_the_same_hashes(torch_target):
         torch.manual_seed(5)
         out = torch.utils.checkpoint.checkpoint(f, q, k, v, use_reentrant=False)
         checkpointed = torch.autograd.grad(out.square().sum(), (q, k, v))
-    for a, b in zip(plain, checkpointed):
-        assert torch.equal(a, b)
+    for name, a, b in zip("qkv", plain, checkpointed):
+        assert_close(to_numpy(b), to_numpy(a), torch_target.dtype, f"d{name} after recompute")
 
 
 def test_generator_reproduces(torch_target):
