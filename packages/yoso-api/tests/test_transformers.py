@@ -487,3 +487,22 @@ def test_enable_refuses_models_without_an_attention_interface():
         yoso_hf.enable(model)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         yoso_hf.enable(torch.nn.Linear(2, 2))
+
+
+def test_register_needs_an_attention_interface(monkeypatch):
+    import types
+
+    old = types.SimpleNamespace(__version__="4.40.0")
+    monkeypatch.setattr(yoso_hf, "_import_transformers", lambda: old)
+    with pytest.raises(ImportError, match=r"transformers 4.40.0 has no AttentionInterface"):
+        yoso_hf.register("yoso-old")
+
+
+def test_dropout_applies_to_the_output_in_training_only(registered):
+    q = torch.randn(2, 2, 16, 8, generator=torch.Generator().manual_seed(8))
+    forward = transformers.AttentionInterface()["yoso"]
+    module = torch.nn.Module()
+    dropped, _ = forward(module.train(), q, q, q, None, dropout=0.5)
+    assert 0.3 < float((dropped == 0).float().mean()) < 0.7
+    kept, _ = forward(module.eval(), q, q, q, None, dropout=0.5)
+    assert not (kept == 0).any()
