@@ -1,6 +1,6 @@
-"""Sessions: lint, tests (one per backend, each in its own environment), demo.
+"""Sessions: lint, tests (one per backend, each in its own environment), integrations, demo.
 
-    python -m nox -s lint tests     # what CI runs
+    python -m nox                   # what CI runs: lint, tests, integrations
     python -m nox -s demo           # yoso demo on the NumPy reference
     python -m nox -s "tests(backend='reference')"
 
@@ -16,12 +16,14 @@ import subprocess
 
 import nox
 
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "tests", "integrations"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH = os.environ.get("YOSO_TORCH_SPEC", "torch==2.13.0")
 API = "packages/yoso-api"
 REFERENCE = "packages/yoso-reference"
+# The Hugging Face integrations are tested against this version, installed in the integrations session only.
+TRANSFORMERS = os.environ.get("YOSO_TRANSFORMERS_SPEC", "transformers==5.23.0")
 
 
 def _no_gpu_reason() -> str | None:
@@ -74,6 +76,15 @@ def tests(session: nox.Session, backend: str) -> None:
         session.run("pytest", *spec["tests"], *session.posargs, env=env)
         return
     session.run("pytest", "conformance", *spec["tests"], *session.posargs, env=env)
+
+
+@nox.session
+def integrations(session: nox.Session) -> None:
+    """yoso.nn, yoso.integrations.transformers (tiny random models, no downloads) and a smoke run of
+    examples/listops.py, on whichever backend serves CPU torch tensors."""
+    session.install(TORCH, TRANSFORMERS, "pytest", "-e", REFERENCE, "-e", API)
+    env = {"YOSO_TEST_REQUIRE_TRANSFORMERS": "1", "HF_HUB_OFFLINE": "1"}
+    session.run("pytest", f"{API}/tests", *session.posargs, env=env)
 
 
 @nox.session

@@ -5,6 +5,9 @@
     out = yoso.attention(q, k, v, mode="expectation") # YOSO-E, the exact expectation
     with yoso.set_backend("reference"): ...           # pick a backend (also: YOSO_BACKEND)
 
+``yoso.nn.YosoSelfAttention`` is a torch layer and ``yoso.integrations.transformers`` plugs YOSO into Hugging
+Face models; both load on first access, so ``import yoso`` imports neither torch nor transformers.
+
 ``yoso info`` lists the installed backends and why any cannot run; ``yoso demo`` shows YOSO-m
 converging to YOSO-E as the number of hashes grows.
 """
@@ -14,6 +17,18 @@ from ._planes import MAX_HASH_BITS, hash_planes
 from .backends import available_backends, get_backend, set_backend
 
 __version__ = "0.1.0"
+
+_LAZY_SUBMODULES = ("integrations", "nn")
+
+
+def __getattr__(name: str):
+    # yoso.nn / yoso.integrations import torch (and transformers): load them only when asked for.
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "MAX_HASH_BITS",

@@ -1,0 +1,349 @@
+"""Kernels for transformers' own ``YosoModel`` (``transformers.models.yoso.modeling_yoso``), through yoso.
+
+That model's sampled path (``use_expectation=False``) calls three functions on a module-level object
+``lsh_cumulation``, which upstream is filled only by CUDA code fetched from the Hub at run time -- so on a
+CPU (or without the download) it raises ``AttributeError: 'NoneType' object has no attribute 'fast_hash'``.
+:func:`patch_yoso_model` installs :class:`YosoKernels` there. Conventions, as modeling_yoso calls them and
+as the original CUDA kernels define them (``B`` = batch x heads):
+
+* masks are int32 ``[B, N]`` (non-zero = real token), hash codes int32 ``[B, N, m]``;
+* ``fast_hash(query_mask, query, key_mask, key, num_hash, hash_code_len, use_cuda, version)`` ->
+  ``(query_codes, key_codes)``: m codes of tau = hash_code_len bits from a structured Hadamard rotation,
+  drawn per batch row;
+* ``lsh_cumulation(query_mask, query_codes, key_mask, key_codes, value, capacity, use_cuda, version)`` ->
+  ``out_i = (1/m) sum_s sum_j [code_s(q_i) == code_s(k_j)] key_mask_j value_j`` (0 for masked queries);
+* ``lsh_weighted_cumulation(query_mask, query_codes, query_weight, key_mask, key_codes, key_weight, value,
+  capacity, use_cuda, version)`` -> the same with each colliding pair weighted by
+  ``query_weight_i . key_weight_j`` (the model's lower-bound gradients).
+
+``use_cuda`` and ``version`` are accepted and ignored: yoso's backend selection follows the tensors' device.
+
+How it stays on the public API: :func:`yoso.attention` hashes vectors itself and has no entry point for
+given codes, so the cumulations *encode* the codes as vectors whose hashes are those codes: with
+``D = m*tau`` and the hyperplanes ``planes[s, b] = e_(s*tau + b)`` (the identity), the vector with
+coordinate ``s*tau + b`` equal to ``+1`` if bit ``b`` of code ``s`` is set and ``-1`` otherwise hashes to
+exactly those codes. ``yoso.attention(..., planes=identity, normalize=False)`` is then exactly
+``lsh_cumulation``; a weighted cumulation is one call on the values ``key_weight_j (x) value_j`` followed
+by contracting with ``query_weight_i``. Hash *codes* themselves are not a public yoso output, so
+``fast_hash`` computes them in plain torch with the documented layout of ``hashing="hadamard"`` (three
+±1 diagonals and Sylvester-Hadamard transforms per rotation; ``yoso.hash_planes`` docs), and the tests
+check them against ``yoso.attention`` given the same diagonals.
+
+Two upstream bugs (transformers 5.23.0):
+
+* ``hashing()`` (the ``use_fast_hash=False`` path) returns the *key* codes twice (``query_hash`` is
+  overwritten), so queries are never hashed. ``patch_yoso_model(fix_hashing=True)`` (the default) replaces
+  it with SimHash of both.
+* Padding: ``YosoSelfAttention`` turns the 0/1 ``attention_mask`` into ``int(1.0 + mask / 10000.0)``, which
+  is 1 for both 0 and 1, so every token is "real" and padded tokens change the outputs of real ones (in
+  the sampled and the expectation path alike). The patch **cannot** fix this: the masks are already all
+  ones when they reach ``lsh_cumulation``, and the padded tokens' values are real data. The kernels honour
+  whatever mask they are given (tested). Workarounds: batches of equal-length sequences, or a BERT-family
+  model with ``attn_implementation="yoso"`` (:func:`yoso.integrations.transformers.register`), whose
+  padding is exact.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+
+from .._api import attention
+
+# The calls modeling_yoso makes on its module-level `lsh_cumulation` object, with their positional
+# argument counts: what the kernels below implement. A module that calls anything else is refused.
+EXPECTED_CALLS = {"fast_hash": 8, "lsh_cumulation": 8, "lsh_weighted_cumulation": 10}
+_MAX_WEIGHTED_COLUMNS = 1024  # value columns per yoso.attention call in lsh_weighted_cumulation
+
+
+# ---- hash codes (plain torch; the layout of yoso's hashing="hadamard") --------------------------------
+
+
+def _hadamard_transform(x):
+    """Unnormalised Sylvester-Hadamard transform over the last dim (a power of two)."""
+    import torch
+
+    shape, n, h = x.shape, x.shape[-1], 1
+    while h < n:
+        x = x.reshape(*shape[:-1], n // (2 * h), 2, h)
+        x = torch.stack((x[..., 0, :] + x[..., 1, :], x[..., 0, :] - x[..., 1, :]), dim=-2)
+        h *= 2
+    return x.reshape(shape)
+
+
+def _bits_to_codes(projections, num_hash: int, hash_len: int):
+    """``[..., N, m*tau]`` projections -> int32 ``[..., N, m]`` codes (bit b of hash s: coordinate s*tau+b > 0)."""
+    import torch
+
+    bits = (projections > 0).reshape(*projections.shape[:-1], num_hash, hash_len).to(torch.int32)
+    weights = torch.pow(2, torch.arange(hash_len, device=projections.device, dtype=torch.int32))
+    return (bits * weights).sum(dim=-1, dtype=torch.int32)
+
+
+def hadamard_codes(x, diagonals, num_hash: int, hash_len: int):
+    """Codes of ``x [B, N, D]`` under ±1 ``diagonals [B, R, 3, D']`` -> int32 ``[B, N, m]``.
+
+    Rotation r maps the zero-padded x to ``H d3 H d2 H d1 x``; it gives ``D' // tau`` hashes, hash s using
+    the tau coordinates of rotation ``s // (D'//tau)`` from ``(s % (D'//tau)) * tau`` on.
+    """
+    import torch
+
+    b, n, d = x.shape
+    rotations, d_pad = diagonals.shape[1], diagonals.shape[-1]
+    u = torch.nn.functional.pad(x, (0, d_pad - d))[:, None]  # [B, 1, N, D']
+    diag = diagonals.to(x.dtype)[:, :, :, None, :]  # [B, R, 3, 1, D']
+    for step in range(3):
+        u = _hadamard_transform(u * diag[:, :, step])  # [B, R, N, D']
+    per = d_pad // hash_len
+    used = u[..., : per * hash_len].permute(0, 2, 1, 3).reshape(b, n, rotations * per * hash_len)
+    return _bits_to_codes(used[..., : num_hash * hash_len], num_hash, hash_len)
+
+
+def _padded_dim(d: int) -> int:
+    return 1 << max(0, d - 1).bit_length()
+
+
+def draw_diagonals(batch: int, dim: int, num_hash: int, hash_len: int, *, device, dtype):
+    """Random ±1 diagonals ``[batch, R, 3, D']`` from torch's RNG (so checkpointing replays them)."""
+    import torch
+
+    d_pad = _padded_dim(dim)
+    if hash_len > d_pad:
+        raise ValueError(
+            f"fast_hash needs hash_code_len <= {d_pad} (the Hadamard size for head dim {dim}), got {hash_len}"
+        )
+    rotations = -(-num_hash // (d_pad // hash_len))
+    return (torch.randint(0, 2, (batch, rotations, 3, d_pad), device=device) * 2 - 1).to(dtype)
+
+
+def gaussian_hashing(query, key, num_hash: int, hash_len: int):
+    """A fixed ``modeling_yoso.hashing``: SimHash codes of query *and* key under one draw of hyperplanes."""
+    import torch
+
+    for name, x in (("query", query), ("key", key)):
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be [batch*heads, seq_len, head_dim], got {list(x.shape)}")
+    planes = torch.randn(query.shape[0], query.shape[2], num_hash * hash_len, device=query.device, dtype=query.dtype)
+    return (
+        _bits_to_codes(torch.matmul(query, planes), num_hash, hash_len),
+        _bits_to_codes(torch.matmul(key, planes), num_hash, hash_len),
+    )
+
+
+# ---- the kernels object ------------------------------------------------------------------------------
+
+
+def _hash_bits(capacity) -> int:
+    bits = int(capacity).bit_length() - 1
+    if capacity < 2 or 1 << bits != capacity:
+        raise ValueError(f"hashtable_capacity must be 2**hash_code_len (a power of two >= 2), got {capacity}")
+    return bits
+
+
+def _check_codes(name, codes, mask_name, mask, capacity):
+    import torch
+
+    if codes.dim() != 3 or codes.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"{name} must be int32 [batch*heads, seq_len, num_hash], got {codes.dtype} {list(codes.shape)}"
+        )
+    if mask.shape != codes.shape[:2]:
+        raise ValueError(
+            f"{mask_name} must be [batch*heads, seq_len] = {list(codes.shape[:2])}, got {list(mask.shape)}"
+        )
+    if not torch.compiler.is_compiling() and codes.numel() and not bool(((codes >= 0) & (codes < capacity)).all()):
+        raise ValueError(f"{name} has codes outside [0, hashtable_capacity={capacity})")
+
+
+def _encode(codes, hash_len: int, dtype):
+    """int codes ``[B, N, m]`` -> ±1 vectors ``[B, N, m*tau]`` whose identity-plane hashes are the codes."""
+    import torch
+
+    bits = (codes[..., None] >> torch.arange(hash_len, device=codes.device, dtype=codes.dtype)) & 1
+    return (bits.to(dtype) * 2 - 1).reshape(*codes.shape[:-1], codes.shape[-1] * hash_len)
+
+
+class YosoKernels:
+    """What ``modeling_yoso.lsh_cumulation`` must provide, on :func:`yoso.attention` (module docstring)."""
+
+    def __init__(self, module=None, previous=None, previous_hashing=None):
+        self.module, self.previous, self.previous_hashing = module, previous, previous_hashing
+
+    def fast_hash(
+        self, query_mask, query_vector, key_mask, key_vector, num_hash, hash_code_len, use_cuda=None, version=1
+    ):
+        for name, x in (("query_vector", query_vector), ("key_vector", key_vector)):
+            if x.dim() != 3:
+                raise ValueError(f"{name} must be [batch*heads, seq_len, head_dim], got {list(x.shape)}")
+        if query_vector.shape[0] != key_vector.shape[0] or query_vector.shape[2] != key_vector.shape[2]:
+            raise ValueError(f"query_vector {list(query_vector.shape)} and key_vector {list(key_vector.shape)} differ")
+        diagonals = draw_diagonals(
+            query_vector.shape[0],
+            query_vector.shape[2],
+            int(num_hash),
+            int(hash_code_len),
+            device=query_vector.device,
+            dtype=query_vector.dtype,
+        )
+        return (
+            hadamard_codes(query_vector, diagonals, int(num_hash), int(hash_code_len)),
+            hadamard_codes(key_vector, diagonals, int(num_hash), int(hash_code_len)),
+        )
+
+    def lsh_cumulation(
+        self, query_mask, query_hash_code, key_mask, key_hash_code, value, hashtable_capacity, use_cuda=None, version=1
+    ):
+        return self._cumulate(query_mask, query_hash_code, key_mask, key_hash_code, value, hashtable_capacity)
+
+    def lsh_weighted_cumulation(
+        self,
+        query_mask,
+        query_hash_code,
+        query_weight,
+        key_mask,
+        key_hash_code,
+        key_weight,
+        value,
+        hashtable_capacity,
+        use_cuda=None,
+        version=1,
+    ):
+        import torch
+
+        if query_weight.dim() != 3 or key_weight.dim() != 3 or query_weight.shape[-1] != key_weight.shape[-1]:
+            raise ValueError(
+                f"query_weight {list(query_weight.shape)} and key_weight {list(key_weight.shape)} must be "
+                "[batch*heads, seq_len, weight_dim] with one weight_dim"
+            )
+        batch, n_key, value_dim = value.shape
+        n_query, weight_dim = query_weight.shape[1], query_weight.shape[2]
+        chunk = max(1, _MAX_WEIGHTED_COLUMNS // value_dim)
+        out = torch.zeros(batch, n_query, value_dim, device=value.device, dtype=value.dtype)
+        # sum_j c_ij (a_i . b_j) v_j = sum_w a_iw (sum_j c_ij b_jw v_j): one cumulation of b_j (x) v_j.
+        for start in range(0, weight_dim, chunk):
+            a = query_weight[..., start : start + chunk]
+            b = key_weight[..., start : start + chunk]
+            width = a.shape[-1]
+            outer = (b[..., :, None] * value[..., None, :]).reshape(batch, n_key, width * value_dim)
+            tables = self._cumulate(query_mask, query_hash_code, key_mask, key_hash_code, outer, hashtable_capacity)
+            out += torch.einsum("bnw,bnwd->bnd", a, tables.reshape(batch, n_query, width, value_dim))
+        return out
+
+    def _cumulate(self, query_mask, query_codes, key_mask, key_codes, value, capacity):
+        import torch
+
+        hash_len = _hash_bits(capacity)
+        _check_codes("query_hash_code", query_codes, "query_mask", query_mask, capacity)
+        _check_codes("key_hash_code", key_codes, "key_mask", key_mask, capacity)
+        if value.dim() != 3 or value.shape[:2] != key_codes.shape[:2]:
+            raise ValueError(f"value must be [batch*heads, num_keys, dim] = {list(key_codes.shape[:2])} + [dim]")
+        num_hash = query_codes.shape[-1]
+        if key_codes.shape[-1] != num_hash:
+            raise ValueError(f"query and key codes have {num_hash} and {key_codes.shape[-1]} hashes")
+        dtype = value.dtype
+        planes = torch.eye(num_hash * hash_len, device=value.device, dtype=dtype).reshape(
+            num_hash, hash_len, num_hash * hash_len
+        )
+        with torch.no_grad():  # modeling_yoso calls these inside its own autograd.Function
+            return attention(
+                _encode(query_codes, hash_len, dtype),
+                _encode(key_codes, hash_len, dtype),
+                value,
+                key_padding_mask=key_mask != 0,
+                query_mask=query_mask != 0,
+                num_hashes=num_hash,
+                hash_bits=hash_len,
+                mode="sample",
+                hashing="gaussian",
+                normalize=False,
+                planes=planes,
+            )
+
+    def restore(self) -> None:
+        """Put back what :func:`patch_yoso_model` replaced."""
+        if self.module is None:
+            return
+        self.module.lsh_cumulation = self.previous
+        if self.previous_hashing is not None:
+            self.module.hashing = self.previous_hashing
+
+
+def _calls_on_lsh_cumulation(module) -> dict[str, list[int]]:
+    """``{method: [positional arg counts]}`` of every ``lsh_cumulation.<method>(...)`` call in ``module``."""
+    found: dict[str, list[int]] = {}
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "lsh_cumulation"
+        ):
+            found.setdefault(node.func.attr, []).append(len(node.args) + len(node.keywords))
+    return found
+
+
+def _check_module(module, fix_hashing: bool) -> None:
+    where = getattr(module, "__name__", repr(module))
+    try:
+        import transformers
+
+        where += f" (transformers {transformers.__version__})"
+    except ImportError:  # pragma: no cover
+        pass
+    expected = ", ".join(f"lsh_cumulation.{name}() with {n} arguments" for name, n in EXPECTED_CALLS.items())
+    problems = []
+    if not hasattr(module, "lsh_cumulation"):
+        problems.append("no module-level `lsh_cumulation` object")
+    try:
+        calls = _calls_on_lsh_cumulation(module)
+    except (OSError, TypeError, SyntaxError):
+        calls = None
+        problems.append("its source cannot be read to check the calls")
+    if calls is not None:
+        for name, counts in sorted(calls.items()):
+            if name not in EXPECTED_CALLS:
+                problems.append(f"it calls lsh_cumulation.{name}(), which yoso does not provide")
+            elif any(c != EXPECTED_CALLS[name] for c in counts):
+                problems.append(f"it calls lsh_cumulation.{name}() with {sorted(set(counts))} arguments")
+        if not calls:
+            problems.append("it never calls lsh_cumulation.<kernel>()")
+    if fix_hashing:
+        hashing = getattr(module, "hashing", None)
+        if hashing is None or list(inspect.signature(hashing).parameters) != ["query", "key", "num_hash", "hash_len"]:
+            problems.append("no `hashing(query, key, num_hash, hash_len)` function (pass fix_hashing=False)")
+    if problems:
+        raise RuntimeError(
+            f"patch_yoso_model() supports transformers' YOSO module that calls {expected}; {where} differs: "
+            + "; ".join(problems)
+        )
+
+
+def patch_yoso_model(*, fix_hashing: bool = True, module=None) -> YosoKernels:
+    """Install :class:`YosoKernels` as ``modeling_yoso.lsh_cumulation`` so ``YosoModel`` runs on yoso.
+
+    Args:
+        fix_hashing: also replace ``modeling_yoso.hashing`` (the ``use_fast_hash=False`` path), which upstream
+            hashes the keys twice and never the queries (see the module docstring).
+        module: the module to patch; default ``transformers.models.yoso.modeling_yoso``.
+
+    Returns the installed kernels; ``.restore()`` undoes the patch. Raises ``RuntimeError`` naming the
+    difference if the module does not call the kernels the way this integration expects. Does not fix the
+    upstream padding bug (module docstring).
+    """
+    if module is None:
+        try:
+            from transformers.models.yoso import modeling_yoso as module
+        except ImportError as error:
+            raise ImportError(
+                "patch_yoso_model() needs transformers with its YOSO model (pip install transformers)"
+            ) from error
+    _check_module(module, fix_hashing)
+    current = module.lsh_cumulation
+    if isinstance(current, YosoKernels):  # patched before: keep what was there originally
+        current.restore()
+        current = module.lsh_cumulation
+    kernels = YosoKernels(module, current, module.hashing if fix_hashing else None)
+    module.lsh_cumulation = kernels
+    if fix_hashing:
+        module.hashing = gaussian_hashing
+    return kernels
