@@ -1,7 +1,8 @@
-"""Sessions: lint, tests (one per backend, each in its own environment), demo.
+"""Sessions: lint, tests (one per backend, each in its own environment), demo, bench.
 
     python -m nox -s lint tests     # what CI runs
     python -m nox -s demo           # yoso demo on the NumPy reference
+    python -m nox -s bench -- --quick --out DIR   # yoso bench (posargs go to it; default: full CPU grid)
     python -m nox -s "tests(backend='reference')"
 
 torch is pinned (its CPU wheel is on this machine's disk; an unpinned torch pulls a multi-GB CUDA
@@ -24,7 +25,8 @@ REFERENCE = "packages/yoso-reference"
 # Per backend: what to install besides the API and the reference (the oracle every backend is
 # compared with), and which tests to run besides the conformance suite.
 BACKENDS = {
-    "reference": {"install": [], "tests": [f"{REFERENCE}/tests"]},
+    # yoso-api's own tests (yoso bench) need only the reference, so they run once, here.
+    "reference": {"install": [], "tests": [f"{REFERENCE}/tests", f"{API}/tests"]},
 }
 
 
@@ -50,3 +52,12 @@ def demo(session: nox.Session) -> None:
     session.install("-e", REFERENCE, "-e", f"{API}[plot]")
     session.run("yoso", "info")
     session.run("yoso", "demo", "--backend", "reference", *(session.posargs or ["--out", "yoso-demo"]))
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """yoso bench over every backend in BACKENDS that can run here; ``nox -s bench -- --quick --out DIR``."""
+    backends = [arg for spec in BACKENDS.values() for arg in spec["install"]]
+    session.install(TORCH, "-e", REFERENCE, "-e", f"{API}[plot]", *backends)
+    session.run("yoso", "info")
+    session.run("yoso", "bench", *(session.posargs or ["--out", "bench-out"]))
