@@ -171,6 +171,15 @@ def _set_n_axis(ax, ns) -> None:
     ax.set_xlabel("sequence length N")
 
 
+def _readable_log_ticks(axis) -> None:
+    """1-2-5 ticks labelled as plain numbers: readable where the data spans less than a decade."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _style(method: dict, dtype: str, dtypes, backends) -> dict:
     """SDPA black; one colour per backend, solid for YOSO-m and dashed for YOSO-E; squares for later dtypes."""
     if method["kind"] == "sdpa":
@@ -209,6 +218,7 @@ def _series_plot(ax, data, pass_, value, ylabel, with_slope=False):
             ax.plot([r["n"] for r in rows], [value(r) for r in rows], label=label, **_style(m, dtype, dtypes, backends))
             ns.update(r["n"] for r in rows)
     ax.set_yscale("log")
+    _readable_log_ticks(ax.yaxis)
     ax.set_ylabel(ylabel)
     _set_n_axis(ax, sorted(ns) or data["config"]["ns"])
     ax.grid(True, which="both", alpha=0.3)
@@ -267,9 +277,11 @@ def plot_all(data: dict, out) -> list[str]:
                 if soft:
                     ax.plot(*zip(*soft), "k--", label="N-YOSO-E vs softmax")
                 _set_n_axis(ax, fid["ns"])
+                top = max([a for _, a in soft] + [r["angle_deg"] for r in rows], default=90)
+                ax.set_ylim(0, min(95, 1.4 * top))  # headroom for the legend above the lines
                 ax.set(ylabel="mean angle [degrees]", title=f"{kind} inputs ({backend})")
                 ax.grid(True, alpha=0.3)
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=7, loc="upper center", ncol=3)
         c = data["config"]
         fig.suptitle(
             f"yoso bench: error vs N -- D={c['dim']} tau={c['hash_bits']}, {fid['samples']} samples per point -- "

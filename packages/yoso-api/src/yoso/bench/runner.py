@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import sys
 import time
 
@@ -169,6 +170,8 @@ def measure_point(config, method, pass_, dtype, n, series: _Series, meters: dict
         peak_bytes=peaks[0] if peaks else None,
         input_bytes=workload.input_bytes,
     )
+    if hasattr(os, "getloadavg"):  # on a shared machine, what else was running shows here
+        row["load_1min"] = os.getloadavg()[0]
     if meter.reason:
         row["memory_note"] = meter.reason
     if workload.note:
@@ -349,6 +352,8 @@ def run(config, echo=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data["figures"] = []
     data["runtime_s"] = time.perf_counter() - started
+    if hasattr(os, "getloadavg"):  # other jobs on the machine show here
+        data["machine"]["load_average_end"] = list(os.getloadavg())
     json_path = out / "bench.json"
     json_path.write_text(report.to_json(data))
     for line in report.table(data):
