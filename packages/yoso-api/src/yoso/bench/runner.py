@@ -3,12 +3,13 @@
 Points run in order of increasing N, every method at one N before the next N (so SDPA and YOSO see
 the same machine state). Before each point the time of one call and its peak memory are predicted
 from the same series (method, pass, dtype) at the smaller N already measured: the local log-log
-slope of the last two points (clamped to [1, 2.5] for time, [1, 2] for memory), or 2 from a single
-point. A point predicted to take longer than ``max_call_s`` per call, or to need more memory than
-is available, is skipped with that reason, and so is every larger N of its series. Out-of-memory
-errors are caught and recorded the same way; an unsupported configuration (e.g. a dtype a backend
-lacks) is recorded as skipped with the backend's message; any other exception as an error. The run
-goes on in every case.
+slope of the last two points (clamped to [1, 2.5] for time -- [2, 2.5] for the quadratic SDPA and
+YOSO-E --, [1, 2] for memory), or 2 from a single point. A point predicted to take longer than
+``max_call_s`` per call, or to need more memory than is available, is skipped with that reason, and
+so is every larger N of its series. This is a prediction, not a timeout: a call that turns out
+slower (a busy machine) still runs to its end. Out-of-memory errors are caught and recorded the
+same way; an unsupported configuration (e.g. a dtype a backend lacks) is recorded as skipped with
+the backend's message; any other exception as an error. The run goes on in every case.
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ def measure_point(config, method, pass_, dtype, n, series: _Series, meters: dict
     if series.stopped:
         return {**row, "status": "skipped", "reason": series.stopped}
 
-    predicted_ms, from_n = _extrapolate(series.rows, "ms", n, 1.0, 2.5)
+    # Exact attention (SDPA, YOSO-E) cannot grow slower than N^2, whatever small N suggested.
+    min_slope = 2.0 if method.kind in (workloads.SDPA, "yoso-e") else 1.0
+    predicted_ms, from_n = _extrapolate(series.rows, "ms", n, min_slope, 2.5)
     if predicted_ms is not None and predicted_ms / 1e3 > config.max_call_s:
         reason = (
             f"predicted {_seconds(predicted_ms / 1e3)} per call (extrapolated from N={from_n}) exceeds the "
@@ -296,6 +299,9 @@ def run(config, echo=print) -> dict:
         "inputs": "q, k, v [B, H, N, D] i.i.d. standard Gaussian (cotangent likewise), cast to the dtype",
         "hash_functions": "Gaussian hyperplanes drawn once per point (seed) and passed as planes=, not timed",
     }
+    data["warnings"] = _busy_warning()
+    for warning in data["warnings"]:
+        print(f"yoso bench: warning: {warning}", file=sys.stderr)
     cpu_meter = meter_for("cpu", "numpy") if config.device == "cpu" else None
     data["methodology"] = {
         "timing": (
@@ -315,9 +321,10 @@ def run(config, echo=print) -> dict:
         "forward+backward (backward = 2.5x forward), divided by the median time",
         "ratio_to_sdpa": "the method's median time / SDPA's at the same pass, dtype and N (< 1: faster than SDPA)",
         "slope": "least-squares slope of log(ms) vs log(N) over every measured N (tail_slope: the largest 3 N)",
-        "skips": "a point predicted (from smaller N of its series, local log-log slope) to exceed max_call_s "
-        "per call or the available memory is skipped with the reason, and every larger N of its series; "
-        "out-of-memory errors are caught and recorded likewise",
+        "skips": "a point predicted (from the smaller N of its series: the local log-log slope, at least 2 for "
+        "SDPA and YOSO-E) to exceed max_call_s per call or the available memory is skipped with the reason, and "
+        "every larger N of its series; a prediction, not a timeout (a call slower than predicted runs to its "
+        "end); out-of-memory errors are caught and recorded likewise",
     }
     data["sdpa"] = workloads.SDPA
     data["methods"] = [
@@ -368,6 +375,19 @@ def run(config, echo=print) -> dict:
     written = ", ".join(str(out / f) for f in ["bench.json", *data["figures"]])
     echo(f"wrote {written} in {data['runtime_s']:.0f} s")
     return data
+
+
+def _busy_warning() -> list[str]:
+    """A warning when other work already keeps the CPUs busy (timings will be noisy)."""
+    if not hasattr(os, "getloadavg"):
+        return []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if load <= 0.75 * cores:
+        return []
+    return [
+        f"the machine is busy before the run starts (load average {load:.1f} on {cores} cores): timings will be noisy"
+    ]
 
 
 def _fidelity(config, points, progress) -> dict:
