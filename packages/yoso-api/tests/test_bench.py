@@ -237,6 +237,8 @@ def test_validate_names_what_is_wrong():
         report.validate({})
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "results").glob("*/bench.json")), ids=str)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "benchmarks" / "results").glob("*/bench.json")), ids=lambda p: p.parent.name
+)
 def test_committed_results_follow_the_schema(path):
     report.validate(json.loads(path.read_text()))
