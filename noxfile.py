@@ -1,7 +1,8 @@
-"""Sessions: lint, tests (one per backend, each in its own environment), integrations, demo.
+"""Sessions: lint, tests (one per backend, each in its own environment), integrations, demo, bench.
 
     python -m nox                   # what CI runs: lint, tests, integrations
     python -m nox -s demo           # yoso demo on the NumPy reference
+    python -m nox -s bench -- --quick --out DIR   # yoso bench (posargs go to it; default: full CPU grid)
     python -m nox -s "tests(backend='reference')"
 
 torch is pinned (its CPU wheel is on this machine's disk; an unpinned torch pulls a multi-GB CUDA
@@ -80,9 +81,9 @@ def tests(session: nox.Session, backend: str) -> None:
 
 @nox.session
 def integrations(session: nox.Session) -> None:
-    """yoso.nn, yoso.integrations.transformers (tiny random models, no downloads) and a smoke run of
-    examples/listops.py, on whichever backend serves CPU torch tensors."""
-    session.install(TORCH, TRANSFORMERS, "pytest", "-e", REFERENCE, "-e", API)
+    """yoso-api's own tests: yoso.nn, yoso.integrations.transformers (tiny random models, no downloads),
+    a smoke run of examples/listops.py, and yoso bench on a tiny grid -- on the reference backend."""
+    session.install(TORCH, TRANSFORMERS, "pytest", "-e", REFERENCE, "-e", f"{API}[plot]")
     env = {"YOSO_TEST_REQUIRE_TRANSFORMERS": "1", "HF_HUB_OFFLINE": "1"}
     session.run("pytest", f"{API}/tests", *session.posargs, env=env)
 
@@ -92,3 +93,12 @@ def demo(session: nox.Session) -> None:
     session.install("-e", REFERENCE, "-e", f"{API}[plot]")
     session.run("yoso", "info")
     session.run("yoso", "demo", "--backend", "reference", *(session.posargs or ["--out", "yoso-demo"]))
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """yoso bench over every backend in BACKENDS that can run here; ``nox -s bench -- --quick --out DIR``."""
+    backends = [arg for spec in BACKENDS.values() for arg in spec["install"]]
+    session.install(TORCH, "-e", REFERENCE, "-e", f"{API}[plot]", *backends)
+    session.run("yoso", "info")
+    session.run("yoso", "bench", *(session.posargs or ["--out", "bench-out"]))

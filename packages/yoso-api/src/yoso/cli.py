@@ -1,4 +1,4 @@
-"""The ``yoso`` command: ``yoso info`` and ``yoso demo``."""
+"""The ``yoso`` command: ``yoso info``, ``yoso demo`` and ``yoso bench``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import platform
 import sys
 
-from . import __version__, backends
+from . import __version__, backends, bench
 
 
 def _package_version(name: str) -> str | None:
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--repeats", type=int, default=3, help="timed repeats per method (median)")
     p_demo.add_argument("--out", default="yoso-demo", help="output folder for demo.png and demo.json")
     p_demo.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    p_bench = sub.add_parser(
+        "bench", help="time and memory vs N against torch SDPA and YOSO-E, and error vs N: JSON and figures"
+    )
+    bench.add_arguments(p_bench)
     args = parser.parse_args(argv)
 
     try:
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 out_dir=args.out,
                 plot=not args.no_plot,
             )
+        elif args.command == "bench":
+            bench.main(args, sys.argv[1:] if argv is None else argv)
     except (ValueError, TypeError, RuntimeError) as exc:
         print(f"yoso {args.command}: error: {exc}", file=sys.stderr)
         return 2

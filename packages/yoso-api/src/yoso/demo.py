@@ -40,8 +40,13 @@ def clustered_sample(n: int, dim: int, *, clusters: int = 16, spread: float = 0.
 
 
 def mean_angle_degrees(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean angle between corresponding rows of ``a`` and ``b``, in degrees."""
-    cos = np.sum(a * b, axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    """Mean angle between corresponding rows of ``a`` and ``b``, in degrees.
+
+    A zero row has no direction: it counts as 90 degrees (N-YOSO-m gives one when a query collides
+    with no key in any of its m hashes, which flat attention and small m make common).
+    """
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    cos = np.sum(a * b, axis=-1) / np.where(norms > 0, norms, 1)
     return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))).mean())
 
 
