@@ -21,10 +21,20 @@ TORCH = os.environ.get("YOSO_TORCH_SPEC", "torch==2.13.0")
 API = "packages/yoso-api"
 REFERENCE = "packages/yoso-reference"
 
+TRITON = "triton==3.7.1"  # the release torch 2.13 is built against
+
 # Per backend: what to install besides the API and the reference (the oracle every backend is
-# compared with), and which tests to run besides the conformance suite.
+# compared with), which tests to run besides the conformance suite, and environment variables for
+# `yoso info` and the tests.
 BACKENDS = {
-    "reference": {"install": [], "tests": [f"{REFERENCE}/tests"]},
+    "reference": {"install": [], "tests": [f"{REFERENCE}/tests"], "env": {}},
+    # No GPU in CI: Triton's interpreter runs the kernels on CPU tensors. It issues many tiny NumPy
+    # products, which multithreaded BLAS makes ~100x slower on a busy machine.
+    "triton": {
+        "install": [TRITON, "-e", "packages/yoso-triton"],
+        "tests": ["packages/yoso-triton/tests"],
+        "env": {"TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+    },
 }
 
 
@@ -40,8 +50,8 @@ def lint(session: nox.Session) -> None:
 def tests(session: nox.Session, backend: str) -> None:
     spec = BACKENDS[backend]
     session.install(TORCH, "pytest", "-e", REFERENCE, "-e", f"{API}[plot]", *spec["install"])
-    session.run("yoso", "info")
-    env = {"YOSO_TEST_BACKENDS": backend, "YOSO_TEST_REQUIRE": "1"}
+    session.run("yoso", "info", env=spec["env"])
+    env = {"YOSO_TEST_BACKENDS": backend, "YOSO_TEST_REQUIRE": "1", **spec["env"]}
     session.run("pytest", "conformance", *spec["tests"], *session.posargs, env=env)
 
 
