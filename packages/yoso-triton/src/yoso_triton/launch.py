@@ -383,7 +383,10 @@ def sampled_grads(q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, caus
     if INTERPRETER_BLOCKS:
         bb, br, bw = min(_pow2(batch << hash_bits), 1024), 256, 256
     else:
-        bb, br, bw = 1, 32 if max(dp, dvp) > 128 else 64, 32 if max(dp, dvp) > 128 else 64
+        br = bw = 32 if max(dp, dvp) > 128 else 64
+        # Enough buckets per program to fill a tile: ~N / 2**tau tokens per bucket and row.
+        per_bucket = max(1, max(n_q, n_k) >> hash_bits)
+        bb = min(64, 1 << max(0, int(math.log2(max(1, br // per_bucket)))))
     for s0 in range(0, m, group):
         hashes = slice(s0, min(m, s0 + group))
         sq, sk = Sorted(q_codes, hashes, hash_bits), Sorted(k_codes, hashes, hash_bits)
