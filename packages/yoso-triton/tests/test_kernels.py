@@ -80,6 +80,47 @@ def tiling(request, monkeypatch, device):
     return request.param
 
 
+@pytest.fixture(params=["counting", "radix"])
+def sort(request, monkeypatch):
+    from yoso_triton import launch
+
+    monkeypatch.setattr(launch, "SORT", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reversed"])
+@pytest.mark.parametrize("batch, n, m, tau", [(3, 37, 2, 2), (2, 300, 3, 4), (1, 5, 1, 6)])
+def test_bucket_sort(backend, device, tiling, sort, rng, reverse, batch, n, m, tau):
+    """Tokens sorted by (row, bucket, position) -- stably, reversed positions for anticausal -- and each
+    reader's last visible writer, against NumPy's stable argsort and a direct count."""
+    from yoso_triton import launch
+
+    codes = rng.integers(0, 2**tau, (batch, m + 1, n))
+    reads = rng.integers(0, 2**tau, (batch, m + 1, n))
+    srt = launch.Sorted(_t(codes, device), slice(1, m + 1), tau, reverse=reverse)
+    order = np.arange(n)[::-1] if reverse else np.arange(n)
+    for j in range(m):
+        bucket = (np.arange(batch)[:, None] << tau) + codes[:, 1 + j]  # [B, N]
+        key = (bucket * n + np.argsort(order)[None, :]).ravel()  # rank of each position in sequence order
+        perm = np.argsort(key, kind="stable")
+        np.testing.assert_array_equal(_np(srt.perm[j]), perm)
+        np.testing.assert_array_equal(_np(srt.bucket[j]), bucket.ravel()[perm])
+        counts = np.bincount(bucket.ravel(), minlength=batch << tau)
+        np.testing.assert_array_equal(_np(srt.start[j]), np.concatenate([[0], np.cumsum(counts)]))
+    for kind in ("none", "anticausal" if reverse else "causal"):
+        got = _np(srt.last_visible(_t(reads, device), kind))
+        for j in range(m):
+            rbucket = ((np.arange(batch)[:, None] << tau) + reads[:, 1 + j]).ravel()
+            sorted_bucket = _np(srt.bucket[j])
+            sorted_pos = _np(srt.perm[j]) % n
+            for t in range(batch * n):
+                ok = sorted_bucket == rbucket[t]
+                if kind != "none":
+                    ok &= sorted_pos >= t % n if reverse else sorted_pos <= t % n
+                want = np.flatnonzero(ok).max() if ok.any() else -1
+                assert got[j, t] == want
+
+
 # ---- exactness in both tilings --------------------------------------------------------------------
 
 CUMULATE_CASES = [
@@ -92,7 +133,7 @@ CUMULATE_CASES = [
 
 @pytest.mark.parametrize("case", CUMULATE_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("order", ["none", "causal", "anticausal"])
-def test_cumulate_tilings(backend, device, tiling, rng, case, order):
+def test_cumulate_tilings(backend, device, tiling, sort, rng, case, order):
     batch, n, channels, m, tau = case
     pb = _problem(rng, batch, n, n, 4, channels, m, tau)
     got = backend.cumulate(
@@ -119,7 +160,7 @@ def test_cumulate_tilings(backend, device, tiling, rng, case, order):
 
 @pytest.mark.parametrize("estimator", ["lower_bound", "exact"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_sampled_grads_tilings(backend, device, tiling, rng, estimator, causal):
+def test_sampled_grads_tilings(backend, device, tiling, sort, rng, estimator, causal):
     batch, n, dim, dv, m, tau = 2, 90, 20, 7, 3, 2  # buckets of ~22 tokens; D, Dv not powers of two
     pb = _problem(rng, batch, n, n, dim, dv, m, tau)
     args = [_t(pb[name], device) for name in ("q_codes", "k_codes", "q", "k", "v", "grad")]

@@ -5,9 +5,9 @@ run Triton on (CUDA, or the CPU under ``TRITON_INTERPRET=1``), supported dtypes,
 and hash tables that fit. Shapes follow ``yoso.backends.Backend``: ``q, k [B, N, D]``, ``v [B, Nk, Dv]``,
 masks ``[B, N]`` bool or None, planes ``[P, ...]`` with ``P`` 1 or ``B``, codes ``[B, m, N]``.
 
-Bucket sorting (the index work behind the cumulation and the sampled gradients) uses torch's own sort
-and binary search -- a segmented radix sort and a vectorised search on the GPU -- on int64 keys
-``(b * 2**tau + code) * N + position``; all arithmetic on values happens in the Triton kernels.
+Bucket sorting (the index work behind the cumulation and the sampled gradients) is a Triton counting
+sort (``kernels/sorting.py``); for very many buckets (large 2**tau) torch's radix sort on int64 keys
+``(b * 2**tau + code) * N + position`` takes over (see ``SORT``).
 """
 
 from __future__ import annotations
@@ -89,10 +89,12 @@ def check_head_dims(**dims) -> None:
 
 
 def table_bytes(batch: int, hash_bits: int, n_tokens: int, channels: int) -> int:
-    """Scratch bytes one hash needs: bucket offsets, sort keys and tables or prefix sums (float32)."""
+    """Scratch bytes one hash needs: bucket offsets and histograms, sort indices (or radix keys) and
+    tables or prefix sums (float32)."""
     buckets = batch << hash_bits
     rows = buckets if (1 << hash_bits) <= n_tokens else batch * n_tokens
-    return 8 * (buckets + 1) + 24 * batch * n_tokens + 4 * rows * channels
+    histograms = 4 * buckets * triton.cdiv(n_tokens, 128) if (1 << hash_bits) <= 1024 else 0
+    return 8 * (buckets + 1) + histograms + 24 * batch * n_tokens + 4 * rows * channels
 
 
 def check_tables_fit(batch: int, hash_bits: int, n_tokens: int, channels: int) -> None:
@@ -224,46 +226,125 @@ def _hadamard(x, planes, codes, m, tau):
 # ---- bucket sorting -------------------------------------------------------------------------------
 
 
+# Which sort forms the buckets: "counting" (the Triton kernels of kernels/sorting.py), "radix" (torch's
+# sort on int64 keys), or "auto": counting while the per-block histograms stay small (2**tau bins per
+# block of tokens), radix for very many buckets.
+SORT = "auto"
+
+
+def _sort_block() -> int:
+    return 1024 if INTERPRETER_BLOCKS else 128
+
+
+def counting_sort(hash_bits: int) -> bool:
+    if SORT != "auto":
+        return SORT == "counting"
+    return (1 << hash_bits) <= 8 * _sort_block()
+
+
 class Sorted:
-    """Tokens of one hash group sorted by (bucket, position): the index arrays the kernels read."""
+    """Tokens of one hash group sorted by (bucket, position): the index arrays the kernels read.
+
+    ``perm [g, B*N]`` (flat token ``b * N + n`` in sorted order), ``bucket [g, B*N]`` (their bucket
+    ids ``b * 2**tau + code``) and ``start [g, B * 2**tau + 1]`` (each bucket's first sorted index).
+    ``reverse`` sorts positions in reverse sequence order (the anticausal prefix sums run from the end).
+    """
 
     def __init__(self, codes, hashes: slice, hash_bits: int, reverse: bool = False):
-        batch, _, n = codes.shape
-        device = codes.device
-        self.n = n
-        self.n_buckets = batch << hash_bits
-        bucket = codes[:, hashes].permute(1, 0, 2).to(torch.int64)  # [g, B, N]
-        bucket = bucket + (torch.arange(batch, device=device, dtype=torch.int64) << hash_bits)[None, :, None]
-        position = torch.arange(n, device=device, dtype=torch.int64)
-        if reverse:  # anticausal: sequence order reversed, so prefix sums run from the end
-            position = n - 1 - position
-        self.bucket_of_token = bucket.reshape(bucket.shape[0], -1)  # [g, B*N] in token order
-        keys = (bucket * n + position).reshape(bucket.shape[0], -1)
+        self.codes, self.hashes, self.hash_bits, self.reverse = codes, hashes, hash_bits, reverse
+        self.batch, _, self.n = codes.shape
+        self.g = hashes.stop - hashes.start
+        self.n_buckets = self.batch << hash_bits
+        self.counting = counting_sort(hash_bits)
+        if self.counting:
+            self._count()
+        else:
+            self._radix()
+
+    def _count(self):
+        batch, n, g, bins = self.batch, self.n, self.g, 1 << self.hash_bits
+        block = _sort_block()
+        if n >= block:  # long rows: blocks of one row
+            self.rows_per_block, self.row_pad, self.n_blocks = 1, block, triton.cdiv(n, block)
+        else:  # short rows: several whole rows per block (few programs), histograms of <= 8 * block bins
+            self.row_pad = _pow2(n, 1)
+            self.rows_per_block = max(1, min(block // self.row_pad, (8 * block) >> self.hash_bits))
+            self.n_blocks = 1
+        device = self.codes.device
+        hist = torch.empty((g, batch, bins, self.n_blocks), dtype=torch.int32, device=device)
+        common = (n, batch, self.n_blocks, self.hashes.start, self.codes.stride(0), self.codes.stride(1))
+        kernels.bucket_histogram_kernel[self._grid()](self.codes, hist, *common, **self._meta())
+        flat = hist.view(g, -1)
+        self.offsets = torch.cumsum(flat, dim=1, dtype=torch.int32) - flat  # exclusive: where each block's run goes
+        firsts = self.offsets.view(g, self.n_buckets, self.n_blocks)[:, :, 0]
+        total = torch.full((g, 1), batch * n, dtype=torch.int32, device=device)
+        self.start = torch.cat([firsts, total], dim=1).contiguous()
+        self.perm = torch.empty((g, batch * n), dtype=torch.int32, device=device)
+        self.bucket = torch.empty_like(self.perm)
+        kernels.bucket_scatter_kernel[self._grid()](
+            self.codes, self.offsets, self.perm, self.bucket, *common, **self._meta()
+        )
+
+    def _grid(self):
+        return (triton.cdiv(self.batch, self.rows_per_block) * self.n_blocks, self.g)
+
+    def _meta(self):
+        return dict(
+            TAU=self.hash_bits,
+            BN=self.rows_per_block * self.row_pad,
+            RB=self.rows_per_block,
+            NP=self.row_pad,
+            REVERSE=self.reverse,
+        )
+
+    def _bucket_ids(self, codes):
+        bucket = codes[:, self.hashes].permute(1, 0, 2).to(torch.int64)  # [g, B, N]
+        rows = torch.arange(self.batch, device=codes.device, dtype=torch.int64) << self.hash_bits
+        return bucket + rows[None, :, None]
+
+    def _positions(self, n):
+        position = torch.arange(n, device=self.codes.device, dtype=torch.int64)
+        return self.n - 1 - position if self.reverse else position
+
+    def _radix(self):
+        keys = (self._bucket_ids(self.codes) * self.n + self._positions(self.n)).reshape(self.g, -1)
         self.keys, perm = torch.sort(keys, dim=-1)
         self.perm = perm.to(torch.int32)
-        self.bucket = torch.div(self.keys, n, rounding_mode="floor").to(torch.int32)
-        bounds = torch.arange(self.n_buckets + 1, device=device, dtype=torch.int64) * n
-        self.start = torch.searchsorted(self.keys, bounds.expand(len(self.keys), -1).contiguous()).to(torch.int32)
-        self.position = position
+        self.bucket = torch.div(self.keys, self.n, rounding_mode="floor").to(torch.int32)
+        bounds = torch.arange(self.n_buckets + 1, device=keys.device, dtype=torch.int64) * self.n
+        self.start = torch.searchsorted(self.keys, bounds.expand(self.g, -1).contiguous()).to(torch.int32)
 
-    def last_visible(self, read_codes, hashes: slice, hash_bits: int, order: str) -> torch.Tensor:
-        """For each reader, the sorted index of the last writer of its bucket it sees (-1: none)."""
-        batch, _, n_read = read_codes.shape
-        device = read_codes.device
-        bucket = read_codes[:, hashes].permute(1, 0, 2).to(torch.int64)
-        bucket = bucket + (torch.arange(batch, device=device, dtype=torch.int64) << hash_bits)[None, :, None]
-        bucket = bucket.reshape(bucket.shape[0], -1)
+    def last_visible(self, read_codes, order: str) -> torch.Tensor:
+        """``[g, B*Nr]``: for each reader, the sorted index of the last writer of its bucket it sees
+        (all of them for ``"none"``; those at or before it in the sort's sequence order otherwise), -1: none."""
         if order == "none":
-            end = torch.gather(self.start.to(torch.int64), 1, bucket + 1)
-            begin = torch.gather(self.start.to(torch.int64), 1, bucket)
+            bucket = self._bucket_ids(read_codes).reshape(self.g, -1)
+            start = self.start.to(torch.int64)
+            end, begin = torch.gather(start, 1, bucket + 1), torch.gather(start, 1, bucket)
             return torch.where(end > begin, end - 1, -1).to(torch.int32)
-        position = torch.arange(n_read, device=device, dtype=torch.int64)
-        if order == "anticausal":
-            position = self.n - 1 - position
-        keys = (bucket.reshape(-1, batch, n_read) * self.n + position).reshape(bucket.shape)
-        idx = torch.searchsorted(self.keys, keys.contiguous(), right=True) - 1
+        if self.counting:
+            index = torch.empty((self.g, self.batch * self.n), dtype=torch.int32, device=read_codes.device)
+            kernels.bucket_reader_index_kernel[self._grid()](
+                read_codes,
+                self.codes,
+                self.offsets,
+                index,
+                self.n,
+                self.batch,
+                self.n_blocks,
+                self.hashes.start,
+                read_codes.stride(0),
+                read_codes.stride(1),
+                self.codes.stride(0),
+                self.codes.stride(1),
+                **self._meta(),
+            )
+            return index
+        bucket = self._bucket_ids(read_codes)
+        keys = (bucket * self.n + self._positions(read_codes.shape[2])).reshape(self.g, -1)
+        idx = torch.searchsorted(self.keys, keys, right=True) - 1
         found = torch.gather(self.bucket, 1, idx.clamp(min=0)).to(torch.int64)
-        return torch.where((idx >= 0) & (found == bucket), idx, -1).to(torch.int32)
+        return torch.where((idx >= 0) & (found == bucket.reshape(self.g, -1)), idx, -1).to(torch.int32)
 
 
 # ---- cumulation -----------------------------------------------------------------------------------
@@ -318,7 +399,7 @@ def cumulate(read_codes, write_codes, values, *, read_mask, write_mask, order: s
             BT=bt,
             CP=cp,
         )
-        index = read_codes if tables else srt.last_visible(read_codes, hashes, hash_bits, order)
+        index = read_codes if tables else srt.last_visible(read_codes, order)
         kernels.bucket_gather_kernel[(triton.cdiv(batch * n_read, br),)](
             src,
             read_codes,

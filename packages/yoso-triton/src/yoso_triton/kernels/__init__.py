@@ -9,11 +9,15 @@ from .buckets import bucket_gather_kernel, bucket_sums_kernel
 from .expectation import expectation_dkdv_kernel, expectation_dq_kernel, expectation_forward_kernel
 from .hashing import gaussian_codes_kernel, hadamard_codes_kernel
 from .pairs import bucket_pair_grads_kernel
+from .sorting import bucket_histogram_kernel, bucket_reader_index_kernel, bucket_scatter_kernel
 
 __all__ = [
     "INTERPRET",
     "bucket_gather_kernel",
+    "bucket_histogram_kernel",
     "bucket_pair_grads_kernel",
+    "bucket_reader_index_kernel",
+    "bucket_scatter_kernel",
     "bucket_sums_kernel",
     "expectation_dkdv_kernel",
     "expectation_dq_kernel",
