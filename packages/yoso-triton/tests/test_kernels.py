@@ -238,6 +238,51 @@ def test_hash_codes(backend, device, tiling, rng, case, dtype):
     assert not wrong.any(), f"{int(wrong.sum())} of {wrong.size} codes differ away from ties"
 
 
+def test_largest_head_dims(backend, device, tiling, rng):
+    """D = Dv = 256, the bound, through every primitive (Nq != Nk where allowed)."""
+    dim, m, tau = 256, 3, 4
+    pb = _problem(rng, 1, 20, 17, dim, dim, m, tau)
+    t = {name: _t(pb[name], device) for name in pb}
+    exp = {name: (_rounded(pb[name], torch.float32) if pb[name].dtype == np.float64 else pb[name]) for name in pb}
+    for hashing in ("gaussian", "hadamard"):
+        planes = yoso.hash_planes(m, tau, dim, hashing=hashing, seed=1)[None]
+        got = _np(backend.hash_codes(t["q"], _t(planes, device), hashing=hashing, num_hashes=m, hash_bits=tau))
+        want = ref.hash_codes(exp["q"], planes, hashing=hashing, num_hashes=m, hash_bits=tau)
+        assert not ((got != want) & ~_near_tie(exp["q"], planes, hashing, m, tau, 1e-5)).any()
+    masks = dict(query_mask=pb["query_mask"], key_mask=pb["key_mask"])
+    tmasks = dict(query_mask=t["query_mask"], key_mask=t["key_mask"])
+    cum = backend.cumulate(
+        t["q_codes"],
+        t["k_codes"],
+        t["v"],
+        read_mask=t["query_mask"],
+        write_mask=t["key_mask"],
+        order="none",
+        hash_bits=tau,
+    )
+    want = ref.cumulate(
+        pb["q_codes"],
+        pb["k_codes"],
+        exp["v"],
+        read_mask=pb["query_mask"],
+        write_mask=pb["key_mask"],
+        order="none",
+        hash_bits=tau,
+    )
+    assert rel_err(_np(cum), want) < F32_TOL
+    kw = dict(causal=False, hash_bits=tau, estimator="exact", max_ratio=max_ratio(tau))
+    got = backend.sampled_grads(*(t[n] for n in ("q_codes", "k_codes", "q", "k", "v", "grad")), **tmasks, **kw)
+    want = ref.sampled_grads(*(exp[n] for n in ("q_codes", "k_codes", "q", "k", "v", "grad")), **masks, **kw)
+    assert all(rel_err(_np(g), w) < F32_TOL for g, w in zip(got, want))
+    kw = dict(causal=False, hash_bits=tau)
+    y = backend.expectation_forward(t["q"], t["k"], t["v"], **tmasks, **kw)
+    assert rel_err(_np(y), ref.expectation_forward(exp["q"], exp["k"], exp["v"], **masks, **kw)) < F32_TOL
+    kw.update(gradient="lower_bound", max_ratio=max_ratio(tau))
+    got = backend.expectation_backward(t["q"], t["k"], t["v"], t["grad"], **tmasks, **kw)
+    want = ref.expectation_backward(exp["q"], exp["k"], exp["v"], exp["grad"], **masks, **kw)
+    assert all(rel_err(_np(g), w) < F32_TOL for g, w in zip(got, want))
+
+
 def test_hash_groups(backend, device, rng, monkeypatch):
     """Hashes processed one group at a time (accumulating launches) give the same result."""
     from yoso_triton import launch
