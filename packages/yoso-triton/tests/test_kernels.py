@@ -374,7 +374,7 @@ def test_bitwise_reproducible_and_layout_independent(backend, device, rng):
                 return t
             return t.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, column-major
 
-        qc, kc = _t(pb["q_codes"], device), _t(pb["k_codes"], device)
+        qc, kc = put(pb["q_codes"]), put(pb["k_codes"])
         q, k, v, g = (put(pb[n_]) for n_ in ("q", "k", "v", "grad"))
         masks = dict(query_mask=_t(pb["query_mask"], device), key_mask=_t(pb["key_mask"], device))
         planes = _t(yoso.hash_planes(m, tau, dim, seed=3)[None], device)

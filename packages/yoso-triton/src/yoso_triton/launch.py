@@ -120,7 +120,10 @@ def _mask_arg(mask, like):
 
 
 def _codes_int32(codes: torch.Tensor) -> torch.Tensor:
-    return codes if codes.dtype == torch.int32 else codes.to(torch.int32)
+    """Codes as int32 with unit stride along N (the kernels index tokens directly)."""
+    if codes.dtype == torch.int32 and codes.stride(-1) == 1:
+        return codes
+    return codes.to(torch.int32).contiguous()
 
 
 # ---- hashing --------------------------------------------------------------------------------------
