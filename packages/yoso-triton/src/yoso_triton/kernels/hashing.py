@@ -107,9 +107,8 @@ def _fwht(u, BT: tl.constexpr, DP: tl.constexpr, LOG_D: tl.constexpr):
     ``[DP / 2h, 2, h]`` puts the pair on the middle axis, which ``split``/``join`` take apart and put
     back as ``(a + b, a - b)``. Columns past ``2**LOG_D`` are zero and stay zero.
     """
-    for i in tl.static_range(LOG_D):
-        h: tl.constexpr = 1 << i
-        v = tl.permute(tl.reshape(u, [BT, DP // (2 * h), 2, h]), (0, 1, 3, 2))
+    for i in tl.static_range(LOG_D):  # stage h = 2**i (a constexpr cannot be re-bound per iteration)
+        v = tl.permute(tl.reshape(u, [BT, DP // (2 << i), 2, 1 << i]), (0, 1, 3, 2))
         a, b = tl.split(v)
         v = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
         u = tl.reshape(v, [BT, DP])
