@@ -38,11 +38,21 @@ def _no_gpu_reason() -> str | None:
     return None if "GPU " in listed else "nvidia-smi lists no GPU"
 
 
+TRITON = "triton==3.7.1"  # the release torch 2.13 is built against
+
 # Per backend: what to install besides the API and the reference (the oracle every backend is
-# compared with), which tests to run besides the conformance suite, commands to run first ("checks"),
-# and "needs" -- a function saying why the conformance suite cannot run on this machine (None: it can).
+# compared with), which tests to run besides the conformance suite, environment variables for
+# `yoso info` and the tests ("env"), commands to run first ("checks"), and "needs" -- a function
+# saying why the conformance suite cannot run on this machine (None: it can).
 BACKENDS = {
     "reference": {"install": [], "tests": [f"{REFERENCE}/tests"]},
+    # No GPU in CI: Triton's interpreter runs the kernels on CPU tensors. It issues many tiny NumPy
+    # products, which multithreaded BLAS makes ~100x slower on a busy machine.
+    "triton": {
+        "install": [TRITON, "-e", "packages/yoso-triton"],
+        "tests": ["packages/yoso-triton/tests"],
+        "env": {"TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+    },
     # Without a GPU: the NVRTC build check of every kernel and the no-GPU tests. With one (nvidia-smi
     # lists a GPU, or YOSO_CUDA_CONFORMANCE=1), the conformance suite too, with --require-backend; the
     # session's torch must then be a CUDA build (YOSO_TORCH_SPEC; the default pin is a CPU wheel).
@@ -67,10 +77,11 @@ def lint(session: nox.Session) -> None:
 def tests(session: nox.Session, backend: str) -> None:
     spec = BACKENDS[backend]
     session.install(TORCH, "pytest", "-e", REFERENCE, "-e", f"{API}[plot]", *spec["install"])
-    session.run("yoso", "info")
+    extra_env = spec.get("env", {})
+    session.run("yoso", "info", env=extra_env)
     for command in spec.get("checks", []):
         session.run(*command)
-    env = {"YOSO_TEST_BACKENDS": backend, "YOSO_TEST_REQUIRE": "1"}
+    env = {"YOSO_TEST_BACKENDS": backend, "YOSO_TEST_REQUIRE": "1", **extra_env}
     reason = spec["needs"]() if "needs" in spec else None
     if reason is not None:
         session.log(f"conformance suite for {backend!r} not run: {reason} (it runs where a GPU is present)")

@@ -1,0 +1,623 @@
+"""Thin wrappers that check arguments, pick block sizes, sort tokens by bucket and launch the kernels.
+
+Every check happens before any launch (DESIGN.md §3): tensors on one device, a device this process can
+run Triton on (CUDA, or the CPU under ``TRITON_INTERPRET=1``), supported dtypes, head dims up to 256,
+and hash tables that fit. Shapes follow ``yoso.backends.Backend``: ``q, k [B, N, D]``, ``v [B, Nk, Dv]``,
+masks ``[B, N]`` bool or None, planes ``[P, ...]`` with ``P`` 1 or ``B``, codes ``[B, m, N]``.
+
+Bucket sorting (the index work behind the cumulation and the sampled gradients) is a Triton counting
+sort (``kernels/sorting.py``); for very many buckets (large 2**tau) torch's radix sort on int64 keys
+``(b * 2**tau + code) * N + position`` takes over (see ``SORT``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from . import kernels
+from .kernels import INTERPRET
+
+MAX_HEAD_DIM = 256
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Scratch for one hash's bucket tables / prefix sums and sort keys; larger problems run hashes in
+# groups, and a single hash that needs more is refused before launch. YOSO_TRITON_MAX_TABLE_BYTES overrides.
+DEFAULT_MAX_TABLE_BYTES = 4 << 30
+GROUP_BYTES = 256 << 20  # scratch a hash group aims for
+
+# Block sizes: the interpreter pays per operation, not per element, so it gets few large tiles; a GPU
+# gets tiles sized for registers and shared memory. Tests switch this off to run the GPU tiling
+# (chunk carries, one bucket per program, D loops) through the interpreter.
+INTERPRETER_BLOCKS = INTERPRET
+
+
+def max_table_bytes() -> int:
+    return int(os.environ.get("YOSO_TRITON_MAX_TABLE_BYTES", DEFAULT_MAX_TABLE_BYTES))
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(max(1, int(n))))
+
+
+# ---- checks -------------------------------------------------------------------------------------
+
+
+def runnable_device_types() -> tuple[str, ...]:
+    return ("cpu",) if INTERPRET else ("cuda",)
+
+
+def check_tensors(**tensors) -> torch.device:
+    """One device for all tensors, runnable here; float tensors in a supported dtype."""
+    given = {name: t for name, t in tensors.items() if t is not None}
+    for name, t in given.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"the 'triton' backend takes torch tensors; {name} is a {type(t).__name__}")
+    devices = {name: t.device for name, t in given.items()}
+    if len(set(devices.values())) > 1:
+        described = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"the 'triton' backend needs all tensors on one device; got {described}")
+    device = next(iter(devices.values()))
+    if device.type not in runnable_device_types():
+        if device.type == "cpu":
+            raise ValueError(
+                "the 'triton' backend runs CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before yoso_triton is imported (for tests), or move the tensors to a CUDA device"
+            )
+        raise ValueError(
+            f"the 'triton' backend cannot run tensors on {device}"
+            + (
+                " under TRITON_INTERPRET=1 (the interpreter runs CPU tensors)"
+                if INTERPRET
+                else " (it runs CUDA tensors)"
+            )
+        )
+    for name, t in given.items():
+        if t.is_floating_point() and t.dtype not in DTYPES and name != "planes":
+            raise TypeError(
+                f"the 'triton' backend supports float16, bfloat16 and float32; {name} is {str(t.dtype)[6:]}"
+            )
+    return device
+
+
+def check_head_dims(**dims) -> None:
+    for name, value in dims.items():
+        if value > MAX_HEAD_DIM:
+            raise ValueError(f"the 'triton' backend supports head dims up to {MAX_HEAD_DIM}; got {name}={value}")
+
+
+def table_bytes(batch: int, hash_bits: int, n_tokens: int, channels: int) -> int:
+    """Scratch bytes one hash needs: bucket offsets and histograms, sort indices (or radix keys) and
+    tables or prefix sums (float32)."""
+    buckets = batch << hash_bits
+    rows = buckets if (1 << hash_bits) <= n_tokens else batch * n_tokens
+    histograms = 4 * buckets * triton.cdiv(n_tokens, 128) if (1 << hash_bits) <= 1024 else 0
+    return 8 * (buckets + 1) + histograms + 24 * batch * n_tokens + 4 * rows * channels
+
+
+def check_tables_fit(batch: int, hash_bits: int, n_tokens: int, channels: int) -> None:
+    need, limit = table_bytes(batch, hash_bits, n_tokens, channels), max_table_bytes()
+    if need > limit or (batch << hash_bits) >= 2**31:
+        raise ValueError(
+            f"hash_bits={hash_bits} needs {need / 2**30:.2f} GiB of bucket tables per hash for {batch} batch rows "
+            f"(2**{hash_bits} buckets each), more than the 'triton' backend allows ({limit / 2**30:.2f} GiB, "
+            "YOSO_TRITON_MAX_TABLE_BYTES); lower hash_bits or split the batch"
+        )
+
+
+def _hash_group(num_hashes: int, per_hash_bytes: int) -> int:
+    return max(1, min(num_hashes, GROUP_BYTES // max(1, per_hash_bytes)))
+
+
+def _mask_arg(mask, like):
+    """A bool mask as a uint8 view (Triton loads bytes), with its strides; a dummy when None."""
+    if mask is None:
+        return like, 0, 0, False
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
+    return m, m.stride(0), m.stride(1), True
+
+
+def _codes_int32(codes: torch.Tensor) -> torch.Tensor:
+    """Codes as int32 with unit stride along N (the kernels index tokens directly)."""
+    if codes.dtype == torch.int32 and codes.stride(-1) == 1:
+        return codes
+    return codes.to(torch.int32).contiguous()
+
+
+# ---- hashing --------------------------------------------------------------------------------------
+
+
+def hash_codes(x, planes, *, hashing: str, num_hashes: int, hash_bits: int) -> torch.Tensor:
+    check_tensors(x=x, planes=planes)
+    batch, n, dim = x.shape
+    check_head_dims(D=dim)
+    if planes.shape[0] not in (1, batch):
+        raise ValueError(f"planes must have 1 or B={batch} leading rows, got shape {list(planes.shape)}")
+    codes = torch.empty((batch, num_hashes, n), dtype=torch.int32, device=x.device)
+    if hashing == "gaussian":
+        _gaussian(x, planes, codes, num_hashes, hash_bits)
+    elif hashing == "hadamard":
+        _hadamard(x, planes, codes, num_hashes, hash_bits)
+    else:
+        raise ValueError(f"hashing must be 'gaussian' or 'hadamard', got {hashing!r}")
+    return codes
+
+
+def _gaussian(x, planes, codes, m, tau):
+    batch, n, dim = x.shape
+    groups = planes.shape[0]
+    if tuple(planes.shape[1:]) != (m, tau, dim):
+        raise ValueError(f"gaussian planes must be [P, {m}, {tau}, {dim}], got {list(planes.shape)}")
+    flat = planes.reshape(groups, m * tau, dim).to(torch.float32).contiguous()
+    # Many short rows with their own planes: per-token planes (a token tile would span several sets).
+    gather = groups > 1 and n < 16
+    split = x.dtype != torch.float32 and not gather
+    hi = flat.to(x.dtype) if split else flat
+    lo = (flat - hi.float()).to(x.dtype) if split else flat
+    # Hashes per program: HB * tau ~ 256 projection columns (fewer if there are fewer hashes).
+    hb = min(max(16, 1 << int(math.log2(max(1, 256 // tau)))), _pow2(m))
+    c = triton.next_power_of_2(hb * tau)
+    if gather:
+        bt, kd = (256 if INTERPRETER_BLOCKS else 16), _pow2(dim, 1) if dim < 16 else 16
+        grid = (triton.cdiv(batch * n, bt), triton.cdiv(m, hb))
+        per_group = batch * n
+    else:
+        per_group = n if groups > 1 else batch * n
+        bt = min(_pow2(per_group), 1024 if INTERPRETER_BLOCKS else 64)
+        kd = min(_pow2(dim), 256 if INTERPRETER_BLOCKS else 32)
+        grid = (groups * triton.cdiv(per_group, bt), triton.cdiv(m, hb))
+    kernels.gaussian_codes_kernel[grid](
+        x,
+        hi,
+        lo,
+        codes,
+        batch * n,
+        per_group,
+        n,
+        dim,
+        m,
+        *x.stride(),
+        m * tau * dim if groups > 1 else 0,
+        codes.stride(0),
+        codes.stride(1),
+        TAU=tau,
+        HB=hb,
+        C=c,
+        BT=bt,
+        KD=kd,
+        SPLIT=split,
+        GATHER=gather,
+    )
+
+
+def _hadamard(x, planes, codes, m, tau):
+    batch, n, dim = x.shape
+    groups, rotations, three, d_pad = planes.shape
+    if three != 3 or d_pad != _pow2(dim, 1):
+        raise ValueError(f"hadamard planes must be [P, R, 3, {_pow2(dim, 1)}], got {list(planes.shape)}")
+    per = d_pad // tau
+    if per < 1 or rotations * per < m:
+        raise ValueError(f"hadamard planes with {rotations} rotations of {d_pad} give fewer than m={m} hashes")
+    diag = planes.to(torch.float32).contiguous()
+    rows = batch * n * rotations
+    bt = min(_pow2(rows), 2048 if INTERPRETER_BLOCKS else 32)
+    kernels.hadamard_codes_kernel[(triton.cdiv(rows, bt),)](
+        x,
+        diag,
+        codes,
+        rows,
+        n,
+        dim,
+        m,
+        rotations,
+        per,
+        *x.stride(),
+        rotations * 3 * d_pad if groups > 1 else 0,
+        codes.stride(0),
+        codes.stride(1),
+        TAU=tau,
+        D_PAD=d_pad,
+        DP=max(16, d_pad),
+        LOG_D=int(math.log2(d_pad)),
+        JP=_pow2(per),
+        BT=bt,
+    )
+
+
+# ---- bucket sorting -------------------------------------------------------------------------------
+
+
+# Which sort forms the buckets: "counting" (the Triton kernels of kernels/sorting.py), "radix" (torch's
+# sort on int64 keys), or "auto": counting while the per-block histograms stay small (2**tau bins per
+# block of tokens), radix for very many buckets.
+SORT = "auto"
+
+
+def _sort_block() -> int:
+    return 1024 if INTERPRETER_BLOCKS else 128
+
+
+def counting_sort(hash_bits: int) -> bool:
+    if SORT != "auto":
+        return SORT == "counting"
+    return (1 << hash_bits) <= 8 * _sort_block()
+
+
+class Sorted:
+    """Tokens of one hash group sorted by (bucket, position): the index arrays the kernels read.
+
+    ``perm [g, B*N]`` (flat token ``b * N + n`` in sorted order), ``bucket [g, B*N]`` (their bucket
+    ids ``b * 2**tau + code``) and ``start [g, B * 2**tau + 1]`` (each bucket's first sorted index).
+    ``reverse`` sorts positions in reverse sequence order (the anticausal prefix sums run from the end).
+    """
+
+    def __init__(self, codes, hashes: slice, hash_bits: int, reverse: bool = False):
+        self.codes, self.hashes, self.hash_bits, self.reverse = codes, hashes, hash_bits, reverse
+        self.batch, _, self.n = codes.shape
+        self.g = hashes.stop - hashes.start
+        self.n_buckets = self.batch << hash_bits
+        self.counting = counting_sort(hash_bits)
+        if self.counting:
+            self._count()
+        else:
+            self._radix()
+
+    def _count(self):
+        batch, n, g, bins = self.batch, self.n, self.g, 1 << self.hash_bits
+        block = _sort_block()
+        if n >= block:  # long rows: blocks of one row
+            self.rows_per_block, self.row_pad, self.n_blocks = 1, block, triton.cdiv(n, block)
+        else:  # short rows: several whole rows per block (few programs), histograms of <= 8 * block bins
+            self.row_pad = _pow2(n, 1)
+            self.rows_per_block = max(1, min(block // self.row_pad, (8 * block) >> self.hash_bits))
+            self.n_blocks = 1
+        device = self.codes.device
+        hist = torch.empty((g, batch, bins, self.n_blocks), dtype=torch.int32, device=device)
+        common = (n, batch, self.n_blocks, self.hashes.start, self.codes.stride(0), self.codes.stride(1))
+        kernels.bucket_histogram_kernel[self._grid()](self.codes, hist, *common, **self._meta())
+        flat = hist.view(g, -1)
+        self.offsets = torch.cumsum(flat, dim=1, dtype=torch.int32) - flat  # exclusive: where each block's run goes
+        firsts = self.offsets.view(g, self.n_buckets, self.n_blocks)[:, :, 0]
+        total = torch.full((g, 1), batch * n, dtype=torch.int32, device=device)
+        self.start = torch.cat([firsts, total], dim=1).contiguous()
+        self.perm = torch.empty((g, batch * n), dtype=torch.int32, device=device)
+        self.bucket = torch.empty_like(self.perm)
+        kernels.bucket_scatter_kernel[self._grid()](
+            self.codes, self.offsets, self.perm, self.bucket, *common, **self._meta()
+        )
+
+    def _grid(self):
+        return (triton.cdiv(self.batch, self.rows_per_block) * self.n_blocks, self.g)
+
+    def _meta(self):
+        return dict(
+            TAU=self.hash_bits,
+            BN=self.rows_per_block * self.row_pad,
+            RB=self.rows_per_block,
+            NP=self.row_pad,
+            REVERSE=self.reverse,
+        )
+
+    def _bucket_ids(self, codes):
+        bucket = codes[:, self.hashes].permute(1, 0, 2).to(torch.int64)  # [g, B, N]
+        rows = torch.arange(self.batch, device=codes.device, dtype=torch.int64) << self.hash_bits
+        return bucket + rows[None, :, None]
+
+    def _positions(self, n):
+        position = torch.arange(n, device=self.codes.device, dtype=torch.int64)
+        return self.n - 1 - position if self.reverse else position
+
+    def _radix(self):
+        keys = (self._bucket_ids(self.codes) * self.n + self._positions(self.n)).reshape(self.g, -1)
+        self.keys, perm = torch.sort(keys, dim=-1)
+        self.perm = perm.to(torch.int32)
+        self.bucket = torch.div(self.keys, self.n, rounding_mode="floor").to(torch.int32)
+        bounds = torch.arange(self.n_buckets + 1, device=keys.device, dtype=torch.int64) * self.n
+        self.start = torch.searchsorted(self.keys, bounds.expand(self.g, -1).contiguous()).to(torch.int32)
+
+    def last_visible(self, read_codes, order: str) -> torch.Tensor:
+        """``[g, B*Nr]``: for each reader, the sorted index of the last writer of its bucket it sees
+        (all of them for ``"none"``; those at or before it in the sort's sequence order otherwise), -1: none."""
+        if order == "none":
+            bucket = self._bucket_ids(read_codes).reshape(self.g, -1)
+            start = self.start.to(torch.int64)
+            end, begin = torch.gather(start, 1, bucket + 1), torch.gather(start, 1, bucket)
+            return torch.where(end > begin, end - 1, -1).to(torch.int32)
+        if self.counting:
+            index = torch.empty((self.g, self.batch * self.n), dtype=torch.int32, device=read_codes.device)
+            kernels.bucket_reader_index_kernel[self._grid()](
+                read_codes,
+                self.codes,
+                self.offsets,
+                index,
+                self.n,
+                self.batch,
+                self.n_blocks,
+                self.hashes.start,
+                read_codes.stride(0),
+                read_codes.stride(1),
+                self.codes.stride(0),
+                self.codes.stride(1),
+                **self._meta(),
+            )
+            return index
+        bucket = self._bucket_ids(read_codes)
+        keys = (bucket * self.n + self._positions(read_codes.shape[2])).reshape(self.g, -1)
+        idx = torch.searchsorted(self.keys, keys, right=True) - 1
+        found = torch.gather(self.bucket, 1, idx.clamp(min=0)).to(torch.int64)
+        return torch.where((idx >= 0) & (found == bucket.reshape(self.g, -1)), idx, -1).to(torch.int32)
+
+
+# ---- cumulation -----------------------------------------------------------------------------------
+
+
+def cumulate(read_codes, write_codes, values, *, read_mask, write_mask, order: str, hash_bits: int):
+    check_tensors(
+        read_codes=read_codes, write_codes=write_codes, values=values, read_mask=read_mask, write_mask=write_mask
+    )
+    if order not in ("none", "causal", "anticausal"):
+        raise ValueError(f"order must be 'none', 'causal' or 'anticausal', got {order!r}")
+    batch, m, n_read = read_codes.shape
+    n_write, channels = values.shape[1], values.shape[2]
+    check_head_dims(C=channels)
+    check_tables_fit(batch, hash_bits, n_write, channels)
+    if order != "none" and n_read != n_write:
+        raise ValueError(f"order={order!r} needs as many readers as writers, got {n_read} and {n_write}")
+    read_codes, write_codes = _codes_int32(read_codes), _codes_int32(write_codes)
+    # Tables when buckets are fewer than tokens; otherwise prefix sums read at each bucket's end
+    # (their size does not grow with 2**tau).
+    tables = order == "none" and (1 << hash_bits) <= n_write
+    rows = (batch << hash_bits) if tables else batch * n_write
+    group = _hash_group(m, table_bytes(batch, hash_bits, n_write, channels))
+    out = torch.empty((batch, n_read, channels), dtype=torch.float32, device=values.device)
+    wmask, smb, smn, has_wmask = _mask_arg(write_mask, values)
+    rmask, rmb, rmn, has_rmask = _mask_arg(read_mask, values)
+    cp = _pow2(channels)
+    bb, bt = (min(_pow2(batch << hash_bits), 1024), 256) if INTERPRETER_BLOCKS else (16, 64)
+    br = min(_pow2(batch * n_read), 4096) if INTERPRETER_BLOCKS else 64
+    for s0 in range(0, m, group):
+        hashes = slice(s0, min(m, s0 + group))
+        g = hashes.stop - hashes.start
+        srt = Sorted(write_codes, hashes, hash_bits, reverse=order == "anticausal")
+        src = torch.empty((g, rows, channels), dtype=torch.float32, device=values.device)
+        kernels.bucket_sums_kernel[(triton.cdiv(srt.n_buckets, bb), g)](
+            values,
+            wmask,
+            srt.perm,
+            srt.bucket,
+            srt.start,
+            src,
+            srt.n_buckets,
+            batch * n_write,
+            n_write,
+            channels,
+            *values.stride(),
+            smb,
+            smn,
+            HAS_MASK=has_wmask,
+            PREFIX=not tables,
+            BB=bb,
+            BT=bt,
+            CP=cp,
+        )
+        index = read_codes if tables else srt.last_visible(read_codes, order)
+        kernels.bucket_gather_kernel[(triton.cdiv(batch * n_read, br),)](
+            src,
+            read_codes,
+            index,
+            rmask,
+            out,
+            batch * n_read,
+            n_read,
+            channels,
+            g,
+            s0,
+            rows,
+            hash_bits,
+            read_codes.stride(0),
+            read_codes.stride(1),
+            rmb,
+            rmn,
+            1.0 / m,
+            FROM_CODES=tables,
+            HAS_MASK=has_rmask,
+            ACCUMULATE=s0 > 0,
+            BR=br,
+            CP=cp,
+        )
+    return out
+
+
+# ---- sampled gradients ----------------------------------------------------------------------------
+
+
+def _fixed_point_scales(bound: torch.Tensor) -> torch.Tensor:
+    """Per-row power-of-two scales with ``bound * scale <= 2**61`` (int64 sums cannot overflow)."""
+    exponent = torch.floor(61.0 - torch.log2(bound.double()))
+    return torch.exp2(exponent.clamp(max=100.0)).to(torch.float32)
+
+
+def _row_norms(x, mask):
+    norms = torch.linalg.vector_norm(x.float(), dim=-1)
+    return norms if mask is None else torch.where(mask, norms, torch.zeros_like(norms))
+
+
+def sampled_grads(q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, estimator, max_ratio):
+    check_tensors(q_codes=q_codes, k_codes=k_codes, q=q, k=k, v=v, grad=grad, query_mask=query_mask, key_mask=key_mask)
+    if estimator not in ("lower_bound", "exact"):
+        raise ValueError(f"estimator must be 'lower_bound' or 'exact', got {estimator!r}")
+    batch, m, n_q = q_codes.shape
+    n_k, dim, dv = k.shape[1], q.shape[2], v.shape[2]
+    check_head_dims(D=dim, Dv=dv)
+    check_tables_fit(batch, hash_bits, max(n_q, n_k), 1)
+    q_codes, k_codes = _codes_int32(q_codes), _codes_int32(k_codes)
+    weight_max = max_ratio if estimator == "exact" else hash_bits / 2
+    g_norm, q_norm = _row_norms(grad, query_mask), _row_norms(q, query_mask)
+    v_norm, k_norm = _row_norms(v, key_mask), _row_norms(k, key_mask)
+    scale_q = _fixed_point_scales(weight_max * g_norm.amax(1) * (v_norm * k_norm).sum(1))
+    scale_k = _fixed_point_scales(weight_max * v_norm.amax(1) * (g_norm * q_norm).sum(1))
+    dq_acc = torch.zeros((batch * n_q, dim), dtype=torch.int64, device=q.device)
+    dk_acc = torch.zeros((batch * n_k, dim), dtype=torch.int64, device=q.device)
+    qmask, qmb, qmn, has_qmask = _mask_arg(query_mask, q)
+    kmask, kmb, kmn, has_kmask = _mask_arg(key_mask, k)
+    group = _hash_group(m, table_bytes(batch, hash_bits, max(n_q, n_k), 0))
+    dp, dvp = _pow2(dim), _pow2(dv)
+    if INTERPRETER_BLOCKS:
+        bb, br, bw = min(_pow2(batch << hash_bits), 1024), 256, 256
+    else:
+        br = bw = 32 if max(dp, dvp) > 128 else 64
+        # Enough buckets per program to fill a tile: ~N / 2**tau tokens per bucket and row.
+        per_bucket = max(1, max(n_q, n_k) >> hash_bits)
+        bb = min(64, 1 << max(0, int(math.log2(max(1, br // per_bucket)))))
+    for s0 in range(0, m, group):
+        hashes = slice(s0, min(m, s0 + group))
+        sq, sk = Sorted(q_codes, hashes, hash_bits), Sorted(k_codes, hashes, hash_bits)
+        kernels.bucket_pair_grads_kernel[(triton.cdiv(sq.n_buckets, bb), hashes.stop - hashes.start)](
+            q,
+            k,
+            v,
+            grad,
+            qmask,
+            kmask,
+            sq.perm,
+            sq.bucket,
+            sq.start,
+            sk.perm,
+            sk.bucket,
+            sk.start,
+            dq_acc,
+            dk_acc,
+            scale_q,
+            scale_k,
+            sq.n_buckets,
+            batch * n_q,
+            batch * n_k,
+            n_q,
+            n_k,
+            dim,
+            dv,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *grad.stride(),
+            qmb,
+            qmn,
+            kmb,
+            kmn,
+            1.0 / m,
+            float(max_ratio),
+            TAU=hash_bits,
+            EXACT=estimator == "exact",
+            CAUSAL=bool(causal),
+            HAS_QMASK=has_qmask,
+            HAS_KMASK=has_kmask,
+            BB=bb,
+            BR=br,
+            BW=bw,
+            DP=dp,
+            DVP=dvp,
+        )
+    dq = dq_acc.view(batch, n_q, dim).double() / scale_q.double()[:, None, None]
+    dk = dk_acc.view(batch, n_k, dim).double() / scale_k.double()[:, None, None]
+    return dq.to(q.dtype), dk.to(k.dtype)
+
+
+# ---- YOSO-E ---------------------------------------------------------------------------------------
+
+
+def _expectation_blocks(n_q, n_k, dim, dv):
+    if INTERPRETER_BLOCKS:
+        return min(_pow2(n_q), 128), min(_pow2(n_k), 128)
+    wide = max(dim, dv) > 128
+    return (64, 32) if wide else (64, 64)
+
+
+def _expectation_common(q, k, v, grad, query_mask, key_mask):
+    check_tensors(q=q, k=k, v=v, grad=grad, query_mask=query_mask, key_mask=key_mask)
+    check_head_dims(D=q.shape[2], Dv=v.shape[2])
+    return _mask_arg(query_mask, q), _mask_arg(key_mask, k)
+
+
+def expectation_forward(q, k, v, *, query_mask, key_mask, causal, hash_bits):
+    (qmask, qmb, qmn, has_qmask), (kmask, kmb, kmn, has_kmask) = _expectation_common(
+        q, k, v, None, query_mask, key_mask
+    )
+    batch, n_q, dim = q.shape
+    n_k, dv = k.shape[1], v.shape[2]
+    out = torch.empty((batch, n_q, dv), dtype=torch.float32, device=q.device)
+    bm, bn = _expectation_blocks(n_q, n_k, dim, dv)
+    kernels.expectation_forward_kernel[(batch * triton.cdiv(n_q, bm),)](
+        q,
+        k,
+        v,
+        qmask,
+        kmask,
+        out,
+        n_q,
+        n_k,
+        dim,
+        dv,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        qmb,
+        qmn,
+        kmb,
+        kmn,
+        TAU=hash_bits,
+        CAUSAL=bool(causal),
+        HAS_QMASK=has_qmask,
+        HAS_KMASK=has_kmask,
+        BM=bm,
+        BN=bn,
+        DP=_pow2(dim),
+        DVP=_pow2(dv),
+    )
+    return out
+
+
+def expectation_backward(q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, gradient, max_ratio):
+    if gradient not in ("exact", "lower_bound"):
+        raise ValueError(f"gradient must be 'exact' or 'lower_bound', got {gradient!r}")
+    (qmask, qmb, qmn, has_qmask), (kmask, kmb, kmn, has_kmask) = _expectation_common(
+        q, k, v, grad, query_mask, key_mask
+    )
+    batch, n_q, dim = q.shape
+    n_k, dv = k.shape[1], v.shape[2]
+    dq = torch.empty((batch, n_q, dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((batch, n_k, dim), dtype=k.dtype, device=q.device)
+    dvv = torch.empty((batch, n_k, dv), dtype=v.dtype, device=q.device)
+    bm, bn = _expectation_blocks(n_q, n_k, dim, dv)
+    common = (
+        n_q,
+        n_k,
+        dim,
+        dv,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *grad.stride(),
+        qmb,
+        qmn,
+        kmb,
+        kmn,
+        float(max_ratio),
+    )
+    meta = dict(
+        TAU=hash_bits,
+        EXACT=gradient == "exact",
+        CAUSAL=bool(causal),
+        HAS_QMASK=has_qmask,
+        HAS_KMASK=has_kmask,
+        BM=bm,
+        BN=bn,
+        DP=_pow2(dim),
+        DVP=_pow2(dv),
+    )
+    kernels.expectation_dq_kernel[(batch * triton.cdiv(n_q, bm),)](q, k, v, grad, qmask, kmask, dq, *common, **meta)
+    kernels.expectation_dkdv_kernel[(batch * triton.cdiv(n_k, bn),)](
+        q, k, v, grad, qmask, kmask, dk, dvv, *common, **meta
+    )
+    return dq, dk, dvv
