@@ -71,6 +71,13 @@ class Target:
                 out = yoso.attention(*inputs, **kwargs)
                 out.backward(torch.as_tensor(cotangent, device=out.device, dtype=out.dtype))
                 return to_numpy(out), tuple(to_numpy(x.grad) for x in inputs)
+            if self.framework == "jax":
+                import jax
+
+                inputs = [self.array(x) for x in (q, k, v)]
+                out, vjp = jax.vjp(lambda *qkv: yoso.attention(*qkv, **kwargs), *inputs)
+                grads = vjp(self.array(cotangent, str(out.dtype)))
+                return to_numpy(out), tuple(to_numpy(g) for g in grads)
         raise NotImplementedError(f"no autograd adapter for {self.framework}")
 
 
