@@ -128,10 +128,13 @@ def test_pairwise_pieces_over_many_query_chunks(monkeypatch, causal):
             )  # fmt: skip
             for name, g, w in zip(("dq", "dk", "dv"), got, want):
                 _close(g, w, f"expectation {gradient} {name}")
-        for estimator in ("exact", "lower_bound"):
+        # Both estimators over all pairs, and the lower bound's table form (used on long inputs).
+        for estimator, form in (("exact", "dense"), ("lower_bound", "dense"), ("lower_bound", "tables")):
             args = (codes["qc"], codes["kc"], a["q"], a["k"], a["v"], a["g"], masks["qm"], masks["km"])
-            if estimator == "exact":
-                got = pairwise.exact_sampled_grads(*args, causal=causal, hash_bits=tau, max_ratio=clamp)
+            if form == "dense":
+                got = pairwise.dense_sampled_grads(
+                    *args, causal=causal, hash_bits=tau, estimator=estimator, max_ratio=clamp
+                )
             else:
                 got = pairwise.lower_bound_grads(*args, cumulate=xla.cumulate, causal=causal, hash_bits=tau)
             want = ref.sampled_grads(
@@ -139,7 +142,7 @@ def test_pairwise_pieces_over_many_query_chunks(monkeypatch, causal):
                 causal=causal, hash_bits=tau, estimator=estimator, max_ratio=clamp,
             )  # fmt: skip
             for name, g, w in zip(("dq", "dk"), got, want):
-                _close(g, w, f"sampled {estimator} {name}")
+                _close(g, w, f"sampled {estimator} ({form}) {name}")
     finally:
         monkeypatch.undo()
         jax.clear_caches()

@@ -108,35 +108,15 @@ class JaxBackend(Backend):
     ):
         from . import pairwise
 
-        if estimator == "lower_bound":
-            return pairwise.lower_bound_grads(
-                q_codes,
-                k_codes,
-                q,
-                k,
-                v,
-                grad,
-                query_mask,
-                key_mask,
-                cumulate=self._level().cumulate,
-                causal=causal,
-                hash_bits=hash_bits,
-            )
-        if estimator == "exact":
-            return pairwise.exact_sampled_grads(
-                q_codes,
-                k_codes,
-                q,
-                k,
-                v,
-                grad,
-                query_mask,
-                key_mask,
-                causal=causal,
-                hash_bits=hash_bits,
-                max_ratio=float(max_ratio),
-            )
-        raise ValueError(f"estimator must be 'lower_bound' or 'exact', got {estimator!r}")
+        if estimator not in ("lower_bound", "exact"):
+            raise ValueError(f"estimator must be 'lower_bound' or 'exact', got {estimator!r}")
+        level = self._level()
+        args = (q_codes, k_codes, q, k, v, grad, query_mask, key_mask)
+        if estimator == "lower_bound" and max(q.shape[1], k.shape[1]) > level.DENSE_LOWER_BOUND_MAX_N:
+            return pairwise.lower_bound_grads(*args, cumulate=level.cumulate, causal=causal, hash_bits=hash_bits)
+        return pairwise.dense_sampled_grads(
+            *args, causal=causal, hash_bits=hash_bits, estimator=estimator, max_ratio=float(max_ratio)
+        )
 
     def expectation_forward(self, q, k, v, *, query_mask, key_mask, causal, hash_bits):
         from . import pairwise

@@ -8,7 +8,9 @@
   causal orders. Value columns are processed in blocks to bound memory.
 * The sampled true gradient (``backward="exact"``, the paper's *YOSO) weighs each colliding pair by
   the importance ratio of its cosine, so it needs the pairs: dense per chunk of queries (quadratic
-  time, memory O(chunk * Nk)).
+  time, memory O(chunk * Nk)). The lower bound has the same dense form; on CPUs it is the faster one
+  up to long inputs (the tables of outer products, Dv*D wide, do not fit in cache), so the XLA level
+  uses it below ``xla.DENSE_LOWER_BOUND_MAX_N`` tokens and the tables beyond.
 * YOSO-E forward and backward are quadratic by definition; chunked over queries the same way, so no
   N x N matrix is ever held on long inputs.
 
@@ -170,17 +172,23 @@ def expectation_backward(q, k, v, grad, query_mask, key_mask, *, causal, hash_bi
 # ---- sampled gradients ------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "hash_bits", "max_ratio"))
-def exact_sampled_grads(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *, causal, hash_bits, max_ratio):
-    """*YOSO: ``dQ = (S ⊙ W ⊙ M ⊙ G V^T) K``, ``dK`` its transpose; ``S`` the forward's collision
-    fractions, ``W`` the clamped importance ratio. Quadratic time, memory O(chunk * Nk)."""
+@functools.partial(jax.jit, static_argnames=("causal", "hash_bits", "estimator", "max_ratio"))
+def dense_sampled_grads(
+    q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *, causal, hash_bits, estimator, max_ratio
+):
+    """``dQ = (S ⊙ W ⊙ M ⊙ G V^T) K``, ``dK`` its transpose, over all pairs: ``S`` the forward's
+    collision fractions, ``W`` the clamped importance ratio (``"exact"``, *YOSO) or ``tau/2``
+    (``"lower_bound"``). Quadratic time (matmuls and one fused comparison per pair), memory O(chunk * Nk)."""
     k_codes_t = k_codes.astype(jnp.int32).transpose(0, 2, 1)  # [B, Nk, m]
     num_hashes = k_codes.shape[1]
 
     def weight(x, codes_chunk):
         # XLA fuses the comparison into the reduction: no [B, chunk, Nk, m] temporary.
         collisions = jnp.sum(codes_chunk[:, :, None, :] == k_codes_t[:, None, :, :], axis=-1, dtype=jnp.int32)
-        return collisions.astype(x.dtype) / num_hashes * importance_ratio(x, hash_bits, max_ratio)
+        fraction = collisions.astype(x.dtype) / num_hashes
+        if estimator == "exact":
+            return fraction * importance_ratio(x, hash_bits, max_ratio)
+        return fraction * (0.5 * hash_bits)
 
     dq, dk, _ = _pairwise_backward(
         q,

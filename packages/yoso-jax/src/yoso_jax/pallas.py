@@ -44,6 +44,7 @@ COLUMN_BLOCK = 64  # value columns per program
 CAUSAL_CHUNK = 32  # positions per chunk of the causal kernel
 MIN_DOT = 16  # Triton's smallest dot dimension
 
+DENSE_LOWER_BOUND_MAX_N = 0  # the lower-bound gradient always runs on this level's cumulation (tables)
 INTERPRET_ENV_VAR = "YOSO_JAX_PALLAS_INTERPRET"  # "1": interpret even on a GPU (debugging)
 
 _NO_READ, _NO_WRITE = -1, -2  # codes of padding hashes: they match no bucket and never each other
