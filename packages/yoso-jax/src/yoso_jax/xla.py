@@ -36,7 +36,7 @@ from ._common import HIGHEST, acc_dtype, keep_rows, sylvester_hadamard
 
 UNROLL_HASHES = 64
 FLAT_MAX_ELEMENTS = 1 << 22  # all hashes' work (tokens x columns x m) up to which one flat scatter is used
-CAUSAL_CHUNK = 64
+CAUSAL_CHUNK = 256  # 2 cores, B*H = 16, m = 32: 64 -> 1.27 s, 256 -> 0.91 s at N = 8k (0.17 -> 0.13 s at 1k)
 ELEMENT_BUDGET = 1 << 24  # elements of one temporary (64 MiB in float32)
 
 ORDERS = ("none", "causal", "anticausal")
