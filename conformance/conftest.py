@@ -2,6 +2,7 @@
 
     pytest conformance --backend reference --backend triton
     YOSO_TEST_BACKENDS=reference,triton pytest conformance
+    pytest conformance --dtype float32   # or YOSO_TEST_DTYPE=float32: float32 even where float64 exists
 
 Backends that cannot run here are skipped with their reason, unless ``--require-backend`` (or
 ``YOSO_TEST_REQUIRE=1``) is given: CI sets it, so a backend that fails to load is a failure, not a
@@ -25,6 +26,12 @@ from harness import Kernel, Target
 def pytest_addoption(parser):
     parser.addoption("--backend", action="append", default=None, help="backend to test (repeatable)")
     parser.addoption("--require-backend", action="store_true", help="fail instead of skipping unavailable backends")
+    parser.addoption(
+        "--dtype",
+        default=None,
+        choices=("float32", "float64"),
+        help="dtype of the exactness tests (default: the most precise the backend has; also YOSO_TEST_DTYPE)",
+    )
 
 
 def _selected(config) -> list[str]:
@@ -34,6 +41,13 @@ def _selected(config) -> list[str]:
 
 def _required(config) -> bool:
     return config.getoption("--require-backend") or os.environ.get("YOSO_TEST_REQUIRE") == "1"
+
+
+def _requested_dtype(request, backend) -> str | None:
+    dtype = request.config.getoption("--dtype") or os.environ.get("YOSO_TEST_DTYPE") or None
+    if dtype is not None and dtype not in backend.dtypes:
+        _skip_or_fail(request, backend.name, f"dtype {dtype} was requested; it supports {', '.join(backend.dtypes)}")
+    return dtype
 
 
 def _load(name: str):
@@ -91,7 +105,7 @@ def _target(request) -> Target:
     except ImportError as exc:
         pytest.skip(f"{framework} is not installed ({exc})")
     device = backend.default_device() if framework == backend.framework else "cpu"
-    return Target(backend, framework, device)
+    return Target(backend, framework, device, _requested_dtype(request, backend))
 
 
 @pytest.fixture
@@ -99,7 +113,7 @@ def kernel(request) -> Kernel:
     backend, reason = _load(request.param)
     if backend is None:
         _skip_or_fail(request, request.param, reason)
-    return Kernel(backend)
+    return Kernel(backend, _requested_dtype(request, backend))
 
 
 @pytest.fixture

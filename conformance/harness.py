@@ -20,11 +20,16 @@ from yoso._core import max_ratio
 REL_TOL = {"float64": 1e-10, "float32": 2e-5}
 
 
+def most_precise_dtype(backend) -> str:
+    return "float64" if "float64" in backend.dtypes else "float32"
+
+
 @dataclass(frozen=True)
 class Target:
     backend: object  # a yoso.backends.Backend
     framework: str  # the caller's array type
     device: str
+    requested_dtype: str | None = None  # conftest's --dtype / YOSO_TEST_DTYPE; None: the most precise
 
     @property
     def name(self) -> str:
@@ -32,8 +37,8 @@ class Target:
 
     @property
     def dtype(self) -> str:
-        """The most precise dtype the backend computes in: exactness tests use it."""
-        return "float64" if "float64" in self.backend.dtypes else "float32"
+        """The dtype exactness tests use: the most precise the backend computes in, unless requested."""
+        return self.requested_dtype or most_precise_dtype(self.backend)
 
     def array(self, x: np.ndarray, dtype: str | None = None):
         """``x`` in this target's caller framework, on its device, in ``dtype`` (default: self.dtype).
@@ -71,6 +76,13 @@ class Target:
                 out = yoso.attention(*inputs, **kwargs)
                 out.backward(torch.as_tensor(cotangent, device=out.device, dtype=out.dtype))
                 return to_numpy(out), tuple(to_numpy(x.grad) for x in inputs)
+            if self.framework == "jax":
+                import jax
+
+                inputs = [self.array(x) for x in (q, k, v)]
+                out, vjp = jax.vjp(lambda *qkv: yoso.attention(*qkv, **kwargs), *inputs)
+                grads = vjp(self.array(cotangent, str(out.dtype)))
+                return to_numpy(out), tuple(to_numpy(g) for g in grads)
         raise NotImplementedError(f"no autograd adapter for {self.framework}")
 
 
@@ -79,6 +91,7 @@ class Kernel:
     """A backend's primitives on its own framework's arrays."""
 
     backend: object
+    requested_dtype: str | None = None
 
     @property
     def name(self) -> str:
@@ -86,7 +99,7 @@ class Kernel:
 
     @property
     def dtype(self) -> str:
-        return "float64" if "float64" in self.backend.dtypes else "float32"
+        return self.requested_dtype or most_precise_dtype(self.backend)
 
     def array(self, x: np.ndarray, dtype: str | None = None):
         if x is None:

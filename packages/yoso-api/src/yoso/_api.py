@@ -35,7 +35,9 @@ def _glue_for(q, k, v):
         from ._torch_glue import TorchGlue
 
         return TorchGlue()
-    raise TypeError("JAX arrays need the JAX glue, which is not part of this release yet (install yoso-jax)")
+    from ._jax_glue import JaxGlue
+
+    return JaxGlue()
 
 
 def attention(
@@ -55,6 +57,7 @@ def attention(
     planes=None,
     seed=None,
     generator=None,
+    key=None,
 ):
     """YOSO attention: LSH-sampled (``mode="sample"``, YOSO-m) or expected (``"expectation"``, YOSO-E).
 
@@ -62,7 +65,8 @@ def attention(
         q: queries ``[..., Nq, D]``; k: keys ``[..., Nk, D]``; v: values ``[..., Nk, Dv]``. Leading dims
             (batch, heads, ...) broadcast like ``torch.matmul``; torch SDPA's ``[B, H, N, D]`` is the
             common case. NumPy arrays give NumPy results (gradients: :func:`attention_vjp`); torch
-            tensors give torch results with autograd.
+            tensors give torch results with autograd; JAX arrays give JAX results, under ``jax.jit``,
+            ``jax.vmap`` and ``jax.grad`` (the hyperparameters below must then be static Python values).
         key_padding_mask: bool ``[..., Nk]``, True = attend to this key. Masked keys (whatever they
             hold) cannot change any output. Leading dims broadcast, e.g. ``[B, 1, Nk]`` for ``[B, H, ...]``.
         query_mask: bool ``[..., Nq]``, True = keep; masked query rows are exact zeros.
@@ -82,6 +86,9 @@ def attention(
             framework and backend); NumPy callers may also pass a ``numpy.random.Generator``.
         generator: torch only, a ``torch.Generator`` to draw the hash functions from (default: torch's
             global RNG, so ``torch.manual_seed`` and gradient checkpointing replay them).
+        key: JAX only, a PRNG key (``jax.random.key(0)``) to draw the hash functions from; the way to get
+            fresh hash functions per step inside ``jax.jit`` (``seed=None`` without a key is refused
+            there, since the draw would happen once per trace).
 
     Returns:
         ``[..., Nq, Dv]`` in q's framework, device and dtype.
@@ -104,6 +111,7 @@ def attention(
         planes=planes,
         seed=seed,
         generator=generator,
+        key=key,
         requires_grad=glue.requires_grad(q, k, v),
     )
     return glue.run(backends.select(prep.call), prep)

@@ -37,6 +37,8 @@ def to_numpy(x) -> np.ndarray:
         out = (out.double() if out.is_floating_point() else out).numpy()
     else:
         out = np.asarray(x)
+        if out.dtype.name == "bfloat16":  # JAX's bfloat16 (ml_dtypes) is not a NumPy floating type
+            out = out.astype(np.float32)
     return out.astype(np.float64) if np.issubdtype(out.dtype, np.floating) else out
 
 

@@ -69,9 +69,13 @@ class NumpyGlue:
         return np.broadcast_to(x, tuple(lead) + tuple(tail)).reshape((math.prod(lead),) + tuple(tail))
 
     @staticmethod
-    def draw_planes(shape, *, hashing, seed, generator, like):
+    def draw_planes(shape, *, hashing, seed, generator, key, like):
         if generator is not None:
             raise TypeError("generator= is for torch tensors; with NumPy arrays pass seed= (an int or a Generator)")
+        if key is not None:
+            raise TypeError(
+                "key= is a JAX PRNG key, for JAX arrays; with NumPy arrays pass seed= (an int or a Generator)"
+            )
         return draw(shape, hashing, rng_from_seed(seed))
 
     @staticmethod

@@ -190,7 +190,9 @@ class TorchGlue:
         return x.expand(tuple(lead) + tuple(tail)).reshape((math.prod(lead),) + tuple(tail))
 
     @staticmethod
-    def draw_planes(shape, *, hashing, seed, generator, like):
+    def draw_planes(shape, *, hashing, seed, generator, key, like):
+        if key is not None:
+            raise TypeError("key= is a JAX PRNG key, for JAX arrays; with torch tensors pass seed= or generator=")
         dtype = _accumulate_dtype(like.dtype)
         if seed is not None:
             if generator is not None:

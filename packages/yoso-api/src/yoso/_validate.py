@@ -79,13 +79,13 @@ def _check_mask(glue, name: str, mask, lead: tuple[int, ...], length: int, lengt
     return glue.flatten(glue.asarray(mask, like=like), lead, (length,))
 
 
-def _prepare_planes(glue, planes, lead, batch, like, *, num_hashes, hash_bits, dim, hashing, seed, generator):
+def _prepare_planes(glue, planes, lead, batch, like, *, num_hashes, hash_bits, dim, hashing, seed, generator, key):
     expected = planes_shape(num_hashes, hash_bits, dim, hashing)
     if planes is None:
-        drawn = glue.draw_planes(expected, hashing=hashing, seed=seed, generator=generator, like=like)
+        drawn = glue.draw_planes(expected, hashing=hashing, seed=seed, generator=generator, key=key, like=like)
         return glue.flatten(drawn, (), expected)
-    if seed is not None or generator is not None:
-        raise ValueError("pass either planes= or seed=/generator=, not both")
+    if seed is not None or generator is not None or key is not None:
+        raise ValueError("pass either planes= or seed=/generator=/key=, not both")
     if not glue.owns(planes) and not isinstance(planes, np.ndarray):
         raise TypeError(f"planes must be a NumPy or {glue.name} array, got {type(planes).__name__}")
     shape, dtype, planes_device = glue.describe(planes)
@@ -131,8 +131,24 @@ def prepare(
     planes,
     seed,
     generator,
+    key=None,
     requires_grad: bool,
 ) -> Prepared:
+    # Frameworks that trace (JAX) need the hyperparameters as Python values; their glue says which
+    # argument arrived traced, before the generic checks below would call it merely "not an int".
+    if hasattr(glue, "check_static"):
+        glue.check_static(
+            dict(
+                num_hashes=num_hashes,
+                hash_bits=hash_bits,
+                mode=mode,
+                hashing=hashing,
+                backward=backward,
+                causal=causal,
+                normalize=normalize,
+                seed=seed,
+            )
+        )
     # Hyperparameters first: they are cheap and explain most mistakes.
     _check_choice("mode", mode, MODES)
     _check_choice("backward", backward, BACKWARDS)
@@ -185,6 +201,7 @@ def prepare(
             hashing=hashing,
             seed=seed,
             generator=generator,
+            key=key,
         )
     else:
         # YOSO-E is the expectation over all hash functions: planes and seeds have nothing to do.

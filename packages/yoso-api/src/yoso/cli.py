@@ -82,6 +82,8 @@ def _print_info(data: dict) -> None:
                 f"  {'':<10} priority {row['priority']}, computes on {row['framework']}, serves "
                 f"{', '.join(row['serves'])} arrays, dtypes {', '.join(row['dtypes'])}"
             )
+            if row["description"]:
+                print(f"  {'':<10} {row['description']}")
             if row["devices"]:
                 print(f"  {'':<10} devices: {', '.join(row['devices'])}")
             missing = row["missing_features"]

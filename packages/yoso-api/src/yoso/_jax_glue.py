@@ -1,0 +1,340 @@
+"""JAX arrays in, JAX arrays out: ``jax.jit``, ``jax.vmap`` and ``jax.grad`` -- once, for every backend.
+
+Why this lives in yoso-api, next to the NumPy and torch glue, and not in yoso-jax: the glue is the
+API's half of the contract -- argument checking, drawing hash functions, the normalisations and masks
+around the core, the chain rule -- and it must behave the same whichever backend computes. One
+package holding all framework glue is one place to read and to fix, and any future backend that
+computes on JAX arrays gets jit/vmap/grad without copying this file. yoso-api imports jax only when
+it is handed JAX arrays.
+
+How it composes with JAX:
+
+* The YOSO core (hashing, cumulation, the gradient estimators: ``yoso._core.forward/backward``) is one
+  ``jax.custom_vjp`` function, so ``jax.grad``/``jax.vjp`` use the backend's estimators (the
+  ``backward`` argument), never autodiff through hashing. Everything around it -- unit rows, masks,
+  output normalisation, broadcasting, dtype casts -- is plain ``jax.numpy`` that JAX differentiates.
+* The whole call is one ``jax.jit`` function whose static arguments are the hyperparameters; inside a
+  user's ``jax.jit`` it is inlined, eagerly it is one compiled program (no op-by-op dispatch).
+* Hyperparameters (``num_hashes``, ``hash_bits``, ``mode``, ``hashing``, ``backward``, ``causal``,
+  ``normalize``, ``seed``) must be Python values; a traced one is refused naming the argument.
+* Randomness: ``key=`` (a JAX PRNG key, traceable: fresh hash functions per step under jit),
+  ``seed=`` (NumPy draw, identical to every other framework), or ``planes=``. ``seed=None`` without a
+  key draws from NumPy's entropy when the Python code runs; under ``jax.jit``/``jax.vmap`` that would
+  be once per trace, silently reused by every call of the compiled function, so it is refused there.
+* Value checks (NaN/inf in unmasked rows, bad planes) need the values: they run when the inputs are
+  concrete (eager calls, also under an eager ``jax.grad``) and are skipped for abstract tracers (inside
+  ``jax.jit`` and ``jax.vmap``), where raising on data is impossible without breaking the trace.
+
+Precision: the normalisations and the core's output are float32 for half-precision inputs (float64 for
+float64, which needs ``jax_enable_x64``); the result is cast back to the input dtype at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _core, backends
+from ._planes import draw, rng_from_seed
+
+_PLATFORMS = {"gpu": "cuda"}  # JAX's platform names -> the device types of yoso's Call
+
+
+def _accumulate_dtype(dtype):
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def _unit(x):
+    """``x / ||x||`` over the last axis in the accumulation dtype; zero rows stay zero (gradient 0)."""
+    x = x.astype(_accumulate_dtype(x.dtype))
+    # The norm's own derivative is 0/0 at a zero row: take the square root of a safe value instead.
+    squared = jnp.sum(x * x, axis=-1, keepdims=True)
+    nonzero = squared > 0
+    return jnp.where(nonzero, x / jnp.sqrt(jnp.where(nonzero, squared, 1)), 0)
+
+
+def _keep_rows(x, mask):
+    return x if mask is None else jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
+
+
+def _concrete(x):
+    """The value of ``x`` if it is known now (a concrete array, or a tracer of an eager ``jax.grad``),
+    else None (inside ``jax.jit``/``jax.vmap``)."""
+    if isinstance(x, jax.core.Tracer):
+        to_concrete = getattr(x, "to_concrete_value", None)  # absent in other JAX versions: treat as abstract
+        return to_concrete() if to_concrete is not None else None
+    return x
+
+
+class _Flat:
+    """An array and the canonical ``[B, ...]`` shape it takes, materialised inside the jitted call.
+
+    ``prepare`` flattens every input; done eagerly, each broadcast/reshape would be a separate XLA
+    program compiled per shape (most of the cost of a first call on small inputs). Carrying the
+    layout instead lets the one jitted program do it.
+    """
+
+    __slots__ = ("array", "lead", "tail")
+
+    def __init__(self, array, lead, tail):
+        self.array, self.lead, self.tail = array, tuple(lead), tuple(tail)
+
+    @property
+    def layout(self) -> tuple:
+        return self.lead, self.tail
+
+    def resolve(self, array=None):
+        array = self.array if array is None else array
+        return _apply_layout(array, self.layout)
+
+
+def _apply_layout(array, layout):
+    lead, tail = layout
+    return jnp.broadcast_to(array, lead + tail).reshape((math.prod(lead),) + tail)
+
+
+def _arrays_and_layouts(items):
+    """``(arrays, layouts)`` of a list of :class:`_Flat` or None, for a jitted function's dynamic and static args."""
+    arrays = tuple(None if f is None else f.array for f in items)
+    layouts = tuple(None if f is None else f.layout for f in items)
+    return arrays, layouts
+
+
+def _resolve_all(arrays, layouts):
+    return [None if a is None else _apply_layout(a, layout) for a, layout in zip(arrays, layouts)]
+
+
+def _device_type(x) -> str:
+    if isinstance(x, np.ndarray):
+        return "cpu"
+    if isinstance(x, jax.core.Tracer):  # placed by the enclosing jit: the default backend
+        platform = jax.default_backend()
+    else:
+        platform = next(iter(x.devices())).platform
+    return _PLATFORMS.get(platform, platform)
+
+
+# ---- the core: one custom_vjp around yoso._core ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Config:
+    """The static part of a call: hashable, so that jax.jit caches one program per configuration."""
+
+    backend: str
+    trace_key: object  # the backend's settings read at trace time (yoso-jax: its implementation level)
+    mode: str
+    hashing: str
+    num_hashes: int
+    hash_bits: int
+    causal: bool
+    backward: str
+    normalize: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _core_vjp(q, k, v, planes, query_mask, key_mask, config):
+    """YOSO before output normalisation on unit rows ``q, k``: ``Y [B, Nq, Dv]`` in the accumulation dtype."""
+    return _core_fwd(q, k, v, planes, query_mask, key_mask, config)[0]
+
+
+def _core_fwd(q, k, v, planes, query_mask, key_mask, config):
+    backend = backends.get(config.backend)
+    y, codes = _core.forward(
+        backend,
+        q,
+        k,
+        v,
+        planes,
+        query_mask,
+        key_mask,
+        mode=config.mode,
+        hashing=config.hashing,
+        num_hashes=config.num_hashes,
+        hash_bits=config.hash_bits,
+        causal=config.causal,
+    )
+    y = y.astype(_accumulate_dtype(q.dtype))
+    return y, (q, k, v, codes, query_mask, key_mask, planes)
+
+
+def _core_bwd(config, residuals, grad):
+    q, k, v, codes, query_mask, key_mask, planes = residuals
+    dq, dk, dv = _core.backward(
+        backends.get(config.backend),
+        q,
+        k,
+        v,
+        codes,
+        query_mask,
+        key_mask,
+        grad,
+        mode=config.mode,
+        backward=config.backward,
+        hash_bits=config.hash_bits,
+        causal=config.causal,
+    )
+    # The hash codes are piecewise constant in the planes: their gradient is zero almost everywhere.
+    d_planes = None if planes is None else jnp.zeros_like(planes)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_planes, None, None
+
+
+_core_vjp.defvjp(_core_fwd, _core_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layouts", "out_shape"))
+def _attention(arrays, *, config: _Config, layouts, out_shape):
+    q, k, v, planes, query_mask, key_mask = _resolve_all(arrays, layouts)
+    q = _keep_rows(q, query_mask)
+    k = _keep_rows(k, key_mask)
+    v = _keep_rows(v, key_mask)
+    y = _core_vjp(_unit(q).astype(q.dtype), _unit(k).astype(k.dtype), v, planes, query_mask, key_mask, config)
+    out = _unit(y) if config.normalize else y
+    return out.astype(q.dtype).reshape(out_shape)
+
+
+@functools.partial(jax.jit, static_argnames=("layouts", "hashing"))
+def _bad_values(arrays, *, layouts, hashing):
+    """Flags, one program for all checks: per (rows, mask) pair "NaN/inf in an unmasked row", then
+    "planes not finite" and "Hadamard planes not ±1"."""
+    *pairs, planes = _resolve_all(arrays, layouts)
+    flags = []
+    for x, mask in zip(pairs[::2], pairs[1::2]):
+        bad = ~jnp.isfinite(x).all(axis=-1)
+        flags.append((bad if mask is None else bad & mask).any())
+    no = jnp.zeros((), dtype=bool)
+    flags.append(no if planes is None else ~jnp.isfinite(planes).all())
+    flags.append(no if planes is None or hashing != "hadamard" else ~((planes == 1) | (planes == -1)).all())
+    return jnp.stack(flags)
+
+
+# ---- the glue object used by yoso.attention -------------------------------------------------------
+
+
+class JaxGlue:
+    name = "jax"
+
+    @staticmethod
+    def owns(x) -> bool:
+        return isinstance(x, jax.Array)
+
+    @staticmethod
+    def describe(x):
+        return tuple(x.shape), np.dtype(x.dtype).name, _device_type(x)
+
+    @staticmethod
+    def requires_grad(*arrays) -> bool:
+        # A traced call may be differentiated; JAX does not say in advance.
+        return any(isinstance(x, jax.core.Tracer) for x in arrays)
+
+    @staticmethod
+    def check_static(values: dict) -> None:
+        for name, value in values.items():
+            if isinstance(value, jax.core.Tracer):
+                hint = (
+                    "; for hash functions that change per call inside jax.jit, pass key=jax.random.key(...)"
+                    if name == "seed"
+                    else ""
+                )
+                raise TypeError(
+                    f"{name} must be a static Python value, got a traced JAX value ({type(value).__name__}): "
+                    f"under jax.jit mark it static (static_argnums/static_argnames) or close over it{hint}"
+                )
+
+    @staticmethod
+    def asarray(x, like=None):
+        return jnp.asarray(x)
+
+    @staticmethod
+    def planes_array(planes, like):
+        dtype = _accumulate_dtype(like.dtype)
+        if isinstance(planes, np.ndarray):  # convert on the host: no XLA program per shape
+            return jnp.asarray(np.asarray(planes, dtype=np.dtype(dtype)))
+        return planes.astype(dtype)
+
+    @staticmethod
+    def flatten(x, lead, tail):
+        return _Flat(x, lead, tail)  # materialised inside the jitted call (see _Flat)
+
+    @staticmethod
+    def draw_planes(shape, *, hashing, seed, generator, key, like):
+        dtype = _accumulate_dtype(like.dtype)
+        if generator is not None:
+            raise TypeError("generator= is a torch.Generator, for torch tensors; with JAX arrays pass key= or seed=")
+        if key is not None:
+            if seed is not None:
+                raise ValueError("pass either seed= or key=, not both")
+            _check_key(key)
+            if hashing == "gaussian":
+                return jax.random.normal(key, shape, dtype=dtype)
+            return jax.random.rademacher(key, shape, dtype=dtype)
+        if seed is None and _concrete(like) is None:
+            raise ValueError(
+                "seed=None draws the hash functions in Python, which inside jax.jit/jax.vmap happens once per "
+                "trace and would be reused by every call of the compiled function; pass key=jax.random.key(...) "
+                "for fresh hash functions per call (or seed=/planes= for fixed ones)"
+            )
+        # An int seed gives the same hash functions for every framework, device and backend.
+        return jnp.asarray(np.asarray(draw(shape, hashing, rng_from_seed(seed)), dtype=np.dtype(dtype)))
+
+    @staticmethod
+    def check_values(rows: dict, *, planes, hashing) -> None:
+        items = [f for pair in rows.values() for f in pair] + [planes]
+        if any(f is not None and _concrete(f.array) is None for f in items):
+            return  # abstract (inside jit/vmap): data-dependent errors are impossible; eager calls check
+        arrays, layouts = _arrays_and_layouts(items)
+        found = np.asarray(jax.device_get(_bad_values(arrays, layouts=layouts, hashing=hashing)))
+        for name, hit in zip(rows, found):
+            if hit:
+                raise ValueError(
+                    f"{name} has NaN or inf in unmasked rows; they would poison every hash table they touch"
+                )
+        if found[-2]:
+            raise ValueError("planes contain NaN or inf")
+        if found[-1]:
+            raise ValueError("planes for hashing='hadamard' are ±1 diagonals; got other values")
+
+    @staticmethod
+    def run(backend, prep):
+        if backend.framework != "jax":
+            raise TypeError(
+                f"the {backend.name!r} backend computes on {backend.framework} arrays; JAX arrays need a backend "
+                "that computes on JAX arrays (install yoso-jax)"
+            )
+        call = prep.call
+        trace_key = backend.trace_key() if hasattr(backend, "trace_key") else None
+        config = _Config(
+            backend=backend.name,
+            trace_key=trace_key,
+            mode=call.mode,
+            hashing=call.hashing,
+            num_hashes=call.num_hashes,
+            hash_bits=call.hash_bits,
+            causal=call.causal,
+            backward=call.backward,
+            normalize=prep.normalize,
+        )
+        arrays, layouts = _arrays_and_layouts([prep.q, prep.k, prep.v, prep.planes, prep.query_mask, prep.key_mask])
+        return _attention(arrays, config=config, layouts=layouts, out_shape=prep.lead + (call.n_query, call.value_dim))
+
+
+def _check_key(key) -> None:
+    """A single JAX PRNG key: a typed key (``jax.random.key``) or a raw uint32 one (``jax.random.PRNGKey``)."""
+    expected = "a JAX PRNG key (jax.random.key(0) or jax.random.PRNGKey(0))"
+    if not isinstance(key, jax.Array):
+        raise TypeError(f"key must be {expected}, got {type(key).__name__}")
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(
+                f"key must be a single PRNG key, got an array of keys of shape {list(key.shape)}; "
+                "to draw per example, jax.vmap over the keys"
+            )
+        return
+    if key.dtype == jnp.uint32 and key.ndim == 1 and key.shape[0] in (2, 4):
+        return  # a raw key of the threefry (2 words) or rbg (4 words) implementation
+    raise TypeError(f"key must be {expected}, got a {np.dtype(key.dtype).name} array of shape {list(key.shape)}")

@@ -1,0 +1,250 @@
+"""The XLA implementation level: hashing and cumulation in ``jax.numpy``/``lax`` (the default level).
+
+Hashing is one matmul ``[B*N, D] x [D, m*tau]`` (or three with the Hadamard matrix per rotation) and
+a shift-and-sum of the sign bits.
+
+Cumulation (``order="none"``, the forward's hot loop) builds, per hash, the table
+``T_s = scatter_add(codes_s, values)`` of ``2^tau`` rows per batch row and gathers it back at the
+readers' codes, summing over hashes. Measured on a 2-core CPU (B*H = 8, N = 16k, m = 32, tau = 8,
+Dv = 64): scatter-add + gather takes ~75 ms when the loop over hashes is unrolled, against ~200 ms
+inside a ``lax.scan`` (a scatter in a while loop is ~2x slower, and XLA:CPU runs independent scatters
+of an unrolled loop concurrently), ~400 ms for one scatter over all hashes (the broadcast updates
+are materialised) and ~2.4 s for one-hot matmuls (2*N*2^tau*Dv flops per hash). But each unrolled
+scatter/gather pair costs ~80 ms of XLA compile time, which dominates small calls. Hence (see
+:func:`bucket_sums`): small calls (``FLAT_MAX_ELEMENTS``) use one scatter over all hashes at once;
+larger ones unroll the loop over up to ``UNROLL_HASHES`` hashes, or run it as a ``fori_loop``.
+
+Ordered cumulation (``"causal"``: writers at positions <= the reader's) scans over chunks of
+``CAUSAL_CHUNK`` positions carrying all m tables: a chunk first reads the tables (all earlier
+chunks), adds its own pairs from a dense ``[chunk, chunk]`` collision count with the causal triangle,
+then scatters its writers into the tables. ``"anticausal"`` is the causal one on reversed sequences.
+Linear in N; memory O(B*m*2^tau*C) for the tables.
+
+Very wide values (the lower-bound gradient cumulates outer products ``v_j k_j^T``, Dv*D columns)
+are processed in column chunks, so temporaries stay under ``ELEMENT_BUDGET`` elements.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._common import HIGHEST, acc_dtype, keep_rows, sylvester_hadamard
+
+UNROLL_HASHES = 64
+FLAT_MAX_ELEMENTS = 1 << 22  # all hashes' work (tokens x columns x m) up to which one flat scatter is used
+CAUSAL_CHUNK = 256  # 2 cores, B*H = 16, m = 32: 64 -> 1.27 s, 256 -> 0.91 s at N = 8k (0.17 -> 0.13 s at 1k)
+ELEMENT_BUDGET = 1 << 24  # elements of one temporary (64 MiB in float32)
+
+ORDERS = ("none", "causal", "anticausal")
+
+# The lower-bound gradient over all pairs (quadratic; matmuls) up to this many tokens, the linear
+# table form beyond. Measured (2 cores, B*H = 16, N = 1024, D = Dv = m*2 = 64): dense ~0.4 s,
+# tables 4 s (22 s causal): scatter/gather of Dv*D-wide rows into tables that do not fit in cache.
+# The estimated crossover is near 20k tokens.
+DENSE_LOWER_BOUND_MAX_N = 8192
+
+# ---- hashing ------------------------------------------------------------------------------------
+
+
+def projections(x, planes, *, hashing: str, num_hashes: int, hash_bits: int):
+    """``[B, N, m*tau]``: the numbers whose signs are the hash bits, in the accumulation dtype."""
+    dtype = acc_dtype(x.dtype)
+    x, planes = x.astype(dtype), planes.astype(dtype)
+    batch, n, dim = x.shape
+    if hashing == "gaussian":
+        p = planes.shape[0]
+        flat = planes.reshape(p, -1, dim)  # [P, m*tau, D]
+        if p == 1:  # one matmul for the whole batch
+            return jnp.einsum("bnd,kd->bnk", x, flat[0], precision=HIGHEST)
+        return jnp.einsum("bnd,bkd->bnk", x, flat, precision=HIGHEST)
+    u = hadamard_rotate(x, planes)  # [B, N, R, D']
+    per = u.shape[-1] // hash_bits
+    used = u[..., : per * hash_bits].reshape(batch, n, -1)
+    return used[..., : num_hashes * hash_bits]
+
+
+def hadamard_rotate(x, diagonals):
+    """``u = H d3 H d2 H d1 x`` per rotation: ``x [B, N, D]``, ``diagonals [P, R, 3, D']`` -> ``[B, N, R, D']``."""
+    d_pad = diagonals.shape[-1]
+    h = jnp.asarray(sylvester_hadamard(d_pad), dtype=x.dtype)
+    u = jnp.pad(x, ((0, 0), (0, 0), (0, d_pad - x.shape[-1])))[:, :, None, :]
+    diag = diagonals.astype(x.dtype)[:, None]  # [P, 1, R, 3, D']: P broadcasts against B, 1 against N
+    for step in range(3):
+        u = jnp.matmul(u * diag[..., step, :], h, precision=HIGHEST)
+    return u
+
+
+def codes_from_projections(proj, num_hashes: int, hash_bits: int):
+    """``[B, N, m*tau]`` projections -> int32 codes ``[B, m, N]`` (strictly positive -> bit 1)."""
+    batch, n, _ = proj.shape
+    bits = (proj > 0).reshape(batch, n, num_hashes, hash_bits).astype(jnp.int32)
+    codes = jnp.sum(bits << jnp.arange(hash_bits, dtype=jnp.int32), axis=-1, dtype=jnp.int32)
+    return codes.transpose(0, 2, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("hashing", "num_hashes", "hash_bits"))
+def hash_codes(x, planes, *, hashing: str, num_hashes: int, hash_bits: int):
+    """Codes ``[B, m, N]`` (int32) of the unit rows ``x [B, N, D]``."""
+    proj = projections(x, planes, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits)
+    return codes_from_projections(proj, num_hashes, hash_bits)
+
+
+# ---- cumulation ---------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("order", "hash_bits"))
+def cumulate(read_codes, write_codes, values, read_mask, write_mask, *, order: str, hash_bits: int):
+    """``(1/m) sum_s sum_w [h_s(r) = h_s(w)] write_mask_w values_w``, zero rows where ``read_mask`` is False.
+
+    Codes ``[B, m, Nr]`` / ``[B, m, Nw]``, values ``[B, Nw, C]``; returns ``[B, Nr, C]`` in the
+    accumulation dtype.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    values = keep_rows(values.astype(acc_dtype(values.dtype)), write_mask)
+    read_codes, write_codes = read_codes.astype(jnp.int32), write_codes.astype(jnp.int32)
+    num_buckets = 1 << hash_bits
+    if order == "none":
+        out = bucket_sums(read_codes, write_codes, values, num_buckets)
+    elif order == "causal":
+        out = causal_bucket_sums(read_codes, write_codes, values, num_buckets)
+    else:  # anticausal: writers at positions >= the reader's is causal on the reversed sequence
+        flipped = causal_bucket_sums(
+            jnp.flip(read_codes, -1), jnp.flip(write_codes, -1), jnp.flip(values, 1), num_buckets
+        )
+        out = jnp.flip(flipped, 1)
+    return keep_rows(out / read_codes.shape[1], read_mask)
+
+
+def in_column_chunks(fn, values, elements_per_column: int):
+    """``fn(values)`` for ``fn`` linear and columnwise in the last axis of ``values``, evaluated in
+    column chunks so that no temporary exceeds ``ELEMENT_BUDGET`` elements."""
+    columns = values.shape[-1]
+    width = max(1, min(columns, ELEMENT_BUDGET // max(1, elements_per_column)))
+    if width >= columns:
+        return fn(values)
+    chunks = -(-columns // width)
+    padded = jnp.pad(values, [(0, 0)] * (values.ndim - 1) + [(0, chunks * width - columns)])
+    stacked = jnp.moveaxis(padded.reshape(values.shape[:-1] + (chunks, width)), -2, 0)
+    out = lax.map(fn, stacked)  # [chunks, ..., width]
+    out = jnp.moveaxis(out, 0, -2)
+    return out.reshape(out.shape[:-2] + (chunks * width,))[..., :columns]
+
+
+def sum_over_hashes(one, num_hashes: int, unroll: bool):
+    """``sum_s one(s)``: a Python loop when ``unroll`` (fast to run), else a ``fori_loop`` (fast to compile)."""
+    if unroll:
+        total = one(0)
+        for s in range(1, num_hashes):
+            total = total + one(s)
+        return total
+    first = one(0)
+    return lax.fori_loop(1, num_hashes, lambda s, total: total + one(s), first)
+
+
+def fusion_fence(x):
+    """``x`` unchanged (``[R, C]``), materialised once as the result of its own fusion.
+
+    The output normalisation reads the cumulation twice (a row reduction and the division). XLA:CPU
+    then fuses the sum of per-hash gathers into both consumers and, to avoid gathering twice,
+    materialises every gather on its own: 5x slower (B*H = 8, N = 8k, m = 32: 380 ms instead of
+    75 ms). ``optimization_barrier`` is expanded before fusion on CPU and does not prevent it; a
+    scatter is never fused into its consumers, so an identity scatter (all rows, in order) does, for
+    one extra pass over the output.
+    """
+    rows = jnp.arange(x.shape[0], dtype=jnp.int32)
+    return jnp.zeros_like(x).at[rows].set(x, indices_are_sorted=True, unique_indices=True)
+
+
+def bucket_sums(read_codes, write_codes, values, num_buckets: int, strategy: str | None = None):
+    """Unordered cumulation without the 1/m: scatter-add the writers into per-hash tables, gather at the readers.
+
+    ``strategy`` (default: by size, see the module docstring): ``"flat"`` -- one scatter and one gather
+    over all hashes at once, the broadcast values materialised (small calls: cheapest to compile);
+    ``"unrolled"`` -- one scatter/gather pair per hash in a Python loop (large calls: fastest);
+    ``"loop"`` -- the same pair in a ``fori_loop`` (many hashes on large calls: bounded compile time).
+    """
+    batch, num_hashes, n_read = read_codes.shape
+    n_write = write_codes.shape[2]
+    tokens = batch * max(n_read, n_write, num_buckets)
+
+    def columns(vals):
+        width = vals.shape[-1]
+        chosen = strategy or _strategy(num_hashes, tokens * width)
+        if chosen == "flat":
+            # Each (batch row, hash) owns num_buckets rows of one flat table.
+            offsets = (jnp.arange(batch * num_hashes, dtype=jnp.int32) * num_buckets).reshape(batch, num_hashes, 1)
+            updates = jnp.broadcast_to(vals[:, None], (batch, num_hashes, n_write, width)).reshape(-1, width)
+            table = jnp.zeros((batch * num_hashes * num_buckets, width), vals.dtype)
+            table = table.at[(write_codes + offsets).reshape(-1)].add(updates, mode="promise_in_bounds")
+            read = table.at[(read_codes + offsets).reshape(-1)].get(mode="promise_in_bounds")
+            return read.reshape(batch, num_hashes, n_read, width).sum(axis=1)
+        # Each batch row owns num_buckets rows of one flat table, so one scatter serves the whole batch.
+        offsets = (jnp.arange(batch, dtype=jnp.int32) * num_buckets)[:, None]
+        flat = vals.reshape(batch * n_write, width)
+
+        def one(s):
+            rows = (lax.dynamic_index_in_dim(write_codes, s, 1, keepdims=False) + offsets).reshape(-1)
+            table = jnp.zeros((batch * num_buckets, width), vals.dtype)
+            table = table.at[rows].add(flat, mode="promise_in_bounds")
+            readers = (lax.dynamic_index_in_dim(read_codes, s, 1, keepdims=False) + offsets).reshape(-1)
+            return table.at[readers].get(mode="promise_in_bounds")
+
+        total = sum_over_hashes(one, num_hashes, unroll=chosen == "unrolled")
+        return (fusion_fence(total) if chosen == "unrolled" else total).reshape(batch, n_read, width)
+
+    return in_column_chunks(columns, values, tokens)  # the flat strategy is only chosen below the budget
+
+
+def _strategy(num_hashes: int, work_per_hash: int) -> str:
+    if work_per_hash * num_hashes <= FLAT_MAX_ELEMENTS:
+        return "flat"
+    return "unrolled" if num_hashes <= UNROLL_HASHES else "loop"
+
+
+def causal_bucket_sums(read_codes, write_codes, values, num_buckets: int):
+    """Causal cumulation without the 1/m (``Nr == Nw``): a scan over chunks carrying all m tables."""
+    batch, num_hashes, n = read_codes.shape
+    chunk = min(CAUSAL_CHUNK, n)
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    # Padding writers hold zero values; padding readers are cut off at the end.
+    rc = jnp.pad(read_codes, ((0, 0), (0, 0), (0, pad)))
+    wc = jnp.pad(write_codes, ((0, 0), (0, 0), (0, pad)))
+    rc = rc.reshape(batch, num_hashes, n_chunks, chunk).transpose(2, 0, 1, 3)  # [T, B, m, chunk]
+    wc = wc.reshape(batch, num_hashes, n_chunks, chunk).transpose(2, 0, 1, 3)
+    offsets = ((jnp.arange(batch, dtype=jnp.int32)[:, None] * num_hashes + jnp.arange(num_hashes)) * num_buckets)[
+        :, :, None
+    ]
+    below = jnp.arange(chunk)[:, None] >= jnp.arange(chunk)[None, :]
+
+    def columns(vals):
+        width = vals.shape[-1]
+        v = jnp.pad(vals, ((0, 0), (0, pad), (0, 0)))
+        v = v.reshape(batch, n_chunks, chunk, width).transpose(1, 0, 2, 3)  # [T, B, chunk, C]
+
+        def step(tables, xs):
+            r, w, vc = xs
+            earlier = tables.at[(r + offsets).reshape(-1)].get(mode="promise_in_bounds")
+            earlier = earlier.reshape(batch, num_hashes, chunk, width).sum(axis=1)
+            counts = jnp.sum(r[:, :, :, None] == w[:, :, None, :], axis=1, dtype=jnp.int32)  # [B, chunk, chunk]
+            weights = jnp.where(below, counts, 0).astype(vc.dtype)
+            within = jnp.einsum("bij,bjc->bic", weights, vc, precision=HIGHEST)
+            updates = jnp.broadcast_to(vc[:, None], (batch, num_hashes, chunk, width)).reshape(-1, width)
+            tables = tables.at[(w + offsets).reshape(-1)].add(updates, mode="promise_in_bounds")
+            return tables, earlier + within
+
+        tables = jnp.zeros((batch * num_hashes * num_buckets, width), vals.dtype)
+        if n_chunks == 1:  # no loop to compile
+            _, out = step(tables, (rc[0], wc[0], v[0]))
+            out = out[None]
+        else:
+            _, out = lax.scan(step, tables, (rc, wc, v))
+        return out.transpose(1, 0, 2, 3).reshape(batch, n_chunks * chunk, width)[:, :n]
+
+    per_column = batch * num_hashes * max(num_buckets, chunk)
+    return in_column_chunks(columns, values, per_column)

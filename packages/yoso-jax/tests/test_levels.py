@@ -1,0 +1,188 @@
+"""The implementation levels and the code paths the conformance suite's small shapes do not reach.
+
+The conformance suite runs once per level (YOSO_JAX_IMPL=xla, =pallas). Its inputs are small, so
+size-dependent choices -- the XLA cumulation's per-hash loops, column chunks, multi-chunk scans of
+YOSO-E -- are forced here by shrinking the thresholds, and compared with the oracle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+import yoso  # noqa: E402
+import yoso_jax  # noqa: E402
+import yoso_reference as ref  # noqa: E402
+from yoso import cli  # noqa: E402
+from yoso_jax import pairwise, pallas, xla  # noqa: E402
+
+X64 = bool(jax.config.jax_enable_x64)
+DTYPE = jnp.float64 if X64 else jnp.float32
+TOL = 1e-10 if X64 else 2e-5
+
+
+def _close(a, b, what=""):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, what
+    err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+    assert err <= TOL, f"{what}: relative error {err:.3g}"
+
+
+def _codes_problem(rng, batch=2, m=5, nr=70, nw=70, columns=6, tau=3):
+    return dict(
+        rc=rng.integers(0, 2**tau, (batch, m, nr)),
+        wc=rng.integers(0, 2**tau, (batch, m, nw)),
+        v=rng.standard_normal((batch, nw, columns)),
+        rm=rng.random((batch, nr)) < 0.7,
+        wm=rng.random((batch, nw)) < 0.7,
+        tau=tau,
+    )
+
+
+def _cumulate(fn, pb, order, **kw):
+    return fn(
+        jnp.asarray(pb["rc"], jnp.int32),
+        jnp.asarray(pb["wc"], jnp.int32),
+        jnp.asarray(pb["v"], DTYPE),
+        jnp.asarray(pb["rm"]),
+        jnp.asarray(pb["wm"]),
+        order=order,
+        hash_bits=pb["tau"],
+        **kw,
+    )
+
+
+def _oracle_cumulate(pb, order):
+    return ref.cumulate(
+        pb["rc"], pb["wc"], pb["v"], read_mask=pb["rm"], write_mask=pb["wm"], order=order, hash_bits=pb["tau"]
+    )
+
+
+@pytest.mark.parametrize("strategy", ["flat", "unrolled", "loop"])
+def test_every_xla_cumulation_strategy_matches_the_oracle(strategy):
+    pb = _codes_problem(np.random.default_rng(0), nr=33, nw=70)
+    got = jax.jit(lambda rc, wc, v: xla.bucket_sums(rc, wc, v, 1 << pb["tau"], strategy=strategy) / rc.shape[1])(
+        jnp.asarray(pb["rc"], jnp.int32), jnp.asarray(pb["wc"], jnp.int32), jnp.asarray(pb["v"], DTYPE)
+    )
+    want = ref.cumulate(pb["rc"], pb["wc"], pb["v"], order="none", hash_bits=pb["tau"])
+    _close(got, want, strategy)
+
+
+@pytest.mark.parametrize("order", ["none", "causal", "anticausal"])
+def test_xla_cumulation_in_column_chunks_and_many_chunks(monkeypatch, order):
+    """Tiny budgets: values split into column chunks, causal scans over several chunks."""
+    monkeypatch.setattr(xla, "ELEMENT_BUDGET", 300)
+    monkeypatch.setattr(xla, "CAUSAL_CHUNK", 16)
+    pb = _codes_problem(np.random.default_rng(1), columns=7)
+    jax.clear_caches()  # the jitted functions read the constants at trace time
+    try:
+        _close(_cumulate(xla.cumulate, pb, order), _oracle_cumulate(pb, order), order)
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+
+
+def _pair_problem(rng, batch=2, nq=37, nk=41, dim=5, dv=3, m=4, tau=3):
+    return dict(
+        q=ref.unit_rows(rng.standard_normal((batch, nq, dim))),
+        k=ref.unit_rows(rng.standard_normal((batch, nk, dim))),
+        v=rng.standard_normal((batch, nk, dv)),
+        g=rng.standard_normal((batch, nq, dv)),
+        qc=rng.integers(0, 2**tau, (batch, m, nq)),
+        kc=rng.integers(0, 2**tau, (batch, m, nk)),
+        qm=rng.random((batch, nq)) < 0.8,
+        km=rng.random((batch, nk)) < 0.8,
+        tau=tau,
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_pairwise_pieces_over_many_query_chunks(monkeypatch, causal):
+    """YOSO-E and the sampled gradients on long inputs run in query chunks (no N x N matrix):
+    force several chunks, and value-column blocks for the lower bound."""
+    monkeypatch.setattr(pairwise, "PAIRWISE_ELEMENTS", 2 * 41 * 5)
+    monkeypatch.setattr(xla, "ELEMENT_BUDGET", 2 * 41 * 5 * 2)
+    jax.clear_caches()
+    pb = _pair_problem(np.random.default_rng(2), nk=37 if causal else 41)
+    a = {n: jnp.asarray(pb[n], DTYPE) for n in ("q", "k", "v", "g")}
+    codes = {n: jnp.asarray(pb[n], jnp.int32) for n in ("qc", "kc")}
+    masks = {n: jnp.asarray(pb[n]) for n in ("qm", "km")}
+    tau, clamp = pb["tau"], 10.0 * pb["tau"]
+    try:
+        y = pairwise.expectation_forward(a["q"], a["k"], a["v"], masks["qm"], masks["km"], causal=causal, hash_bits=tau)
+        want = ref.expectation_forward(
+            pb["q"], pb["k"], pb["v"], query_mask=pb["qm"], key_mask=pb["km"], causal=causal, hash_bits=tau
+        )
+        _close(y, want, "expectation forward")
+        for gradient in ("exact", "lower_bound"):
+            got = pairwise.expectation_backward(
+                a["q"], a["k"], a["v"], a["g"], masks["qm"], masks["km"],
+                causal=causal, hash_bits=tau, gradient=gradient, max_ratio=clamp,
+            )  # fmt: skip
+            want = ref.expectation_backward(
+                pb["q"], pb["k"], pb["v"], pb["g"], query_mask=pb["qm"], key_mask=pb["km"],
+                causal=causal, hash_bits=tau, gradient=gradient, max_ratio=clamp,
+            )  # fmt: skip
+            for name, g, w in zip(("dq", "dk", "dv"), got, want):
+                _close(g, w, f"expectation {gradient} {name}")
+        # Both estimators over all pairs, and the lower bound's table form (used on long inputs).
+        for estimator, form in (("exact", "dense"), ("lower_bound", "dense"), ("lower_bound", "tables")):
+            args = (codes["qc"], codes["kc"], a["q"], a["k"], a["v"], a["g"], masks["qm"], masks["km"])
+            if form == "dense":
+                got = pairwise.dense_sampled_grads(
+                    *args, causal=causal, hash_bits=tau, estimator=estimator, max_ratio=clamp
+                )
+            else:
+                got = pairwise.lower_bound_grads(*args, cumulate=xla.cumulate, causal=causal, hash_bits=tau)
+            want = ref.sampled_grads(
+                pb["qc"], pb["kc"], pb["q"], pb["k"], pb["v"], pb["g"], query_mask=pb["qm"], key_mask=pb["km"],
+                causal=causal, hash_bits=tau, estimator=estimator, max_ratio=clamp,
+            )  # fmt: skip
+            for name, g, w in zip(("dq", "dk"), got, want):
+                _close(g, w, f"sampled {estimator} ({form}) {name}")
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+
+
+@pytest.mark.parametrize("order", ["none", "causal", "anticausal"])
+def test_pallas_cumulation_over_several_blocks(order):
+    """More tokens, buckets and columns than one block of each kernel (the suite's shapes fit in one or two)."""
+    pb = _codes_problem(np.random.default_rng(3), batch=1, m=3, nr=150, nw=150, columns=70, tau=7)
+    _close(_cumulate(pallas.cumulate, pb, order), _oracle_cumulate(pb, order), order)
+
+
+def test_levels_agree_and_switching_retraces():
+    """The same call at both levels, in one process: set_implementation changes what runs (the glue's
+    jit cache is keyed on the level), and the results agree."""
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 40, 8)), DTYPE) for _ in range(3))
+    kw = dict(num_hashes=6, hash_bits=5, seed=3, causal=True)
+    weights = jnp.asarray(rng.standard_normal((2, 40, 8)), DTYPE)  # (sum of squares of unit rows is constant)
+    loss = lambda q, k, v: jnp.sum(yoso.attention(q, k, v, **kw) * weights)  # noqa: E731
+    results = {}
+    with yoso.set_backend("jax"):
+        for level in yoso_jax.IMPLEMENTATIONS:
+            with yoso_jax.set_implementation(level):
+                assert yoso_jax.implementation() == level
+                results[level] = (yoso.attention(q, k, v, **kw), jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+    (out_x, grads_x), (out_p, grads_p) = results["xla"], results["pallas"]
+    _close(out_p, out_x, "forward")
+    for a, b in zip(grads_p, grads_x):
+        _close(a, b, "gradient")
+
+
+def test_implementation_is_validated_and_shown_by_info(monkeypatch, capsys):
+    with pytest.raises(ValueError, match="implementation must be one of xla, pallas"):
+        yoso_jax.set_implementation("cuda")
+    monkeypatch.setenv(yoso_jax.IMPL_ENV_VAR, "pallas")
+    assert yoso_jax.implementation() == "pallas"
+    assert cli.main(["info"]) == 0
+    assert "implementation level 'pallas' (choose with YOSO_JAX_IMPL=xla|pallas" in capsys.readouterr().out
+    monkeypatch.setenv(yoso_jax.IMPL_ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="YOSO_JAX_IMPL must be one of xla, pallas, got 'fast'"):
+        yoso_jax.implementation()
+    assert "YOSO_JAX_IMPL must be one of" in yoso.backends.get("jax").availability()
