@@ -26,6 +26,7 @@ API = "packages/yoso-api"
 REFERENCE = "packages/yoso-reference"
 # The Hugging Face integrations are tested against this version, installed in the integrations session only.
 TRANSFORMERS = os.environ.get("YOSO_TRANSFORMERS_SPEC", "transformers==5.23.0")
+FLAX = "flax==0.12.8"  # yoso.nnx is tested against this release (with JAX above)
 
 
 def _no_gpu_reason() -> str | None:
@@ -123,9 +124,12 @@ def tests(session: nox.Session, backend: str) -> None:
 @nox.session
 def integrations(session: nox.Session) -> None:
     """yoso-api's own tests: yoso.nn, yoso.integrations.transformers (tiny random models, no downloads),
-    a smoke run of examples/listops.py, and yoso bench on a tiny grid -- on the reference backend."""
-    session.install(TORCH, TRANSFORMERS, "pytest", "-e", REFERENCE, "-e", f"{API}[plot]")
-    env = {"YOSO_TEST_REQUIRE_TRANSFORMERS": "1", "HF_HUB_OFFLINE": "1"}
+    yoso.nnx (Flax NNX, on the jax backend), a smoke run of examples/listops.py, and yoso bench on a
+    tiny grid."""
+    session.install(
+        TORCH, TRANSFORMERS, FLAX, JAX, "pytest", "-e", REFERENCE, "-e", "packages/yoso-jax", "-e", f"{API}[plot]"
+    )
+    env = {"YOSO_TEST_REQUIRE_TRANSFORMERS": "1", "YOSO_TEST_REQUIRE_FLAX": "1", "HF_HUB_OFFLINE": "1"}
     session.run("pytest", f"{API}/tests", *session.posargs, env=env)
 
 

@@ -5,8 +5,9 @@
     out = yoso.attention(q, k, v, mode="expectation") # YOSO-E, the exact expectation
     with yoso.set_backend("reference"): ...           # pick a backend (also: YOSO_BACKEND)
 
-``yoso.nn.YosoSelfAttention`` is a torch layer and ``yoso.integrations.transformers`` plugs YOSO into Hugging
-Face models; both load on first access, so ``import yoso`` imports neither torch nor transformers.
+``yoso.nn.YosoSelfAttention`` is a torch layer, ``yoso.nnx.YosoAttention`` a Flax NNX module, and
+``yoso.integrations.transformers`` plugs YOSO into Hugging Face models; they load on first access, so
+``import yoso`` imports none of torch, flax or transformers.
 
 ``yoso info`` lists the installed backends and why any cannot run; ``yoso demo`` shows YOSO-m
 converging to YOSO-E as the number of hashes grows.
@@ -18,11 +19,11 @@ from .backends import available_backends, get_backend, set_backend
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("integrations", "nn")
+_LAZY_SUBMODULES = ("integrations", "nn", "nnx")
 
 
 def __getattr__(name: str):
-    # yoso.nn / yoso.integrations import torch (and transformers): load them only when asked for.
+    # yoso.nn / yoso.integrations import torch (and transformers), yoso.nnx flax: load them only when asked for.
     if name in _LAZY_SUBMODULES:
         import importlib
 

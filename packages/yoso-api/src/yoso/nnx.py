@@ -1,0 +1,131 @@
+"""``yoso.nnx``: a Flax NNX attention module built on :func:`yoso.attention` (and nothing below it).
+
+    from flax import nnx
+    layer = yoso.nnx.YosoAttention(num_heads=4, in_features=256, rngs=nnx.Rngs(params=0, hashing=1))
+    y = layer(x, key_padding_mask=mask)          # x [B, N, 256], mask [B, N] bool, True = real token
+
+The hash functions come from an NNX RNG stream (``"hashing"`` by default; an ``nnx.Rngs`` without that
+stream falls back to its ``default`` one), so every call draws fresh ones, ``nnx.jit`` carries the stream
+state like dropout's, and the same seeds reproduce a run. Importing this module imports flax and jax;
+``import yoso`` alone does not (``yoso.nnx`` loads on first access).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax.numpy as jnp
+from flax import nnx
+
+from ._api import attention
+from ._planes import check_hash_args
+from .backends import BACKWARDS, MODES
+
+EVAL_MODES = ("expectation", "sample")
+
+__all__ = ["EVAL_MODES", "YosoAttention"]
+
+
+class YosoAttention(nnx.Module):
+    """Multi-head attention with YOSO (LSH-sampled, linear in N) instead of softmax.
+
+    ``inputs_q [..., Nq, in_features]`` (and ``inputs_kv [..., Nk, in_features]`` for cross-attention; self-
+    attention by default) -> query/key/value projections to ``num_heads`` heads of
+    ``qkv_features // num_heads`` -> :func:`yoso.attention` -> output projection -> dropout.
+
+    Args:
+        num_heads, in_features: heads and input width; ``qkv_features`` (default ``in_features``) must be
+            divisible by ``num_heads``; ``out_features`` defaults to ``in_features``.
+        num_hashes, hash_bits, mode, hashing, backward, normalize, causal: as in :func:`yoso.attention`.
+        dropout_rate: dropout on the module's output (YOSO forms no attention matrix to drop from).
+        deterministic: like ``nnx.Dropout``'s flag; ``module.eval()`` sets it, ``module.train()`` clears it.
+            When deterministic, the module computes ``eval_mode`` and applies no dropout.
+        eval_mode: ``"expectation"`` (default): YOSO-E, the expectation of the sampled attention --
+            deterministic and the lowest-variance prediction (the paper takes it at inference "as in
+            dropout"), quadratic in N. ``"sample"``: the training estimator, linear in N, hashes still drawn
+            from the stream (so not deterministic unless the stream is re-seeded).
+        rng_collection: the RNG stream the hash functions are drawn from (default ``"hashing"``).
+        rngs: ``nnx.Rngs`` for the parameters, dropout and hashing.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        *,
+        num_hashes: int = 32,
+        hash_bits: int = 8,
+        mode: str = "sample",
+        hashing: str = "gaussian",
+        backward: str = "lower_bound",
+        normalize: bool = True,
+        causal: bool = False,
+        dropout_rate: float = 0.0,
+        use_bias: bool = True,
+        deterministic: bool = False,
+        eval_mode: str = "expectation",
+        rng_collection: str = "hashing",
+        rngs: nnx.Rngs,
+    ):
+        qkv_features = in_features if qkv_features is None else qkv_features
+        out_features = in_features if out_features is None else out_features
+        for name, value in (("num_heads", num_heads), ("in_features", in_features), ("qkv_features", qkv_features)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if qkv_features % num_heads:
+            raise ValueError(f"qkv_features={qkv_features} must be divisible by num_heads={num_heads}")
+        check_hash_args(num_hashes, hash_bits, hashing)
+        choices = (("mode", mode, MODES), ("eval_mode", eval_mode, EVAL_MODES), ("backward", backward, BACKWARDS))
+        for name, value, options in choices:
+            if value not in options:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+
+        self.num_heads = num_heads
+        self.head_dim = qkv_features // num_heads
+        self.options = dict(
+            num_hashes=num_hashes,
+            hash_bits=hash_bits,
+            hashing=hashing,
+            backward=backward,
+            normalize=normalize,
+            causal=causal,
+        )
+        self.mode, self.eval_mode, self.deterministic = mode, eval_mode, deterministic
+
+        def linear(n_in, n_out):
+            return nnx.Linear(n_in, n_out, use_bias=use_bias, rngs=rngs)
+
+        self.query = linear(in_features, qkv_features)
+        self.key = linear(in_features, qkv_features)
+        self.value = linear(in_features, qkv_features)
+        self.out = linear(qkv_features, out_features)
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        # Its own fork of the stream, as nnx.Dropout does: hashing does not shift the dropout keys.
+        self.hash_rngs = rngs[rng_collection].fork()
+
+    def _heads(self, x):
+        """``[..., N, H*Dh]`` -> ``[..., H, N, Dh]``."""
+        x = x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
+        return jnp.swapaxes(x, -3, -2)
+
+    def __call__(self, inputs_q, inputs_kv=None, *, key_padding_mask=None, deterministic: bool | None = None):
+        """``inputs_q [..., Nq, F]``, ``inputs_kv [..., Nk, F]`` (default: ``inputs_q``), ``key_padding_mask``
+        bool ``[..., Nk]`` with True = a real token -> ``[..., Nq, out_features]``."""
+        deterministic = self.deterministic if deterministic is None else deterministic
+        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        q, k, v = (
+            self._heads(self.query(inputs_q)),
+            self._heads(self.key(inputs_kv)),
+            self._heads(self.value(inputs_kv)),
+        )
+        mask = None if key_padding_mask is None else jnp.asarray(key_padding_mask)[..., None, :]  # over heads
+        mode = self.eval_mode if deterministic else self.mode
+        key = self.hash_rngs() if mode == "sample" else None
+        out = attention(q, k, v, key_padding_mask=mask, mode=mode, key=key, **self.options)
+        out = jnp.swapaxes(out, -3, -2)
+        out = out.reshape(out.shape[:-2] + (self.num_heads * self.head_dim,))
+        return self.dropout(self.out(out), deterministic=deterministic)
