@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 
-from . import backends
 from ._validate import prepare
 
 
@@ -114,7 +113,7 @@ def attention(
         key=key,
         requires_grad=glue.requires_grad(q, k, v),
     )
-    return glue.run(backends.select(prep.call), prep)
+    return glue.run(glue.select(prep.call), prep)
 
 
 def attention_vjp(q, k, v, **kwargs):
@@ -130,4 +129,4 @@ def attention_vjp(q, k, v, **kwargs):
         raise TypeError(f"attention_vjp() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
     options = {**attention.__kwdefaults__, **kwargs}
     prep = prepare(glue, q, k, v, requires_grad=True, **options)
-    return glue.run(backends.select(prep.call), prep, with_vjp=True)
+    return glue.run(glue.select(prep.call), prep, with_vjp=True)

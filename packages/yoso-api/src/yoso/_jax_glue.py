@@ -218,6 +218,7 @@ def _bad_values(arrays, *, layouts, hashing):
 
 class JaxGlue:
     name = "jax"
+    select = staticmethod(backends.select)  # which backend runs a call
 
     @staticmethod
     def owns(x) -> bool:

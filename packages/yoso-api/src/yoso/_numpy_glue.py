@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from . import _core
+from . import _core, backends
 from ._planes import draw, rng_from_seed
 
 
@@ -43,6 +43,7 @@ def _unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 class NumpyGlue:
     name = "numpy"
+    select = staticmethod(backends.select)  # which backend runs a call
 
     @staticmethod
     def owns(x) -> bool:

@@ -160,6 +160,14 @@ torch.library.register_autograd("yoso::core", _backward, setup_context=_setup_co
 # ---- the glue object used by yoso.attention -------------------------------------------------------
 
 
+@torch.compiler.assume_constant_result
+def _selected_name(*call_fields) -> str:
+    # Run eagerly even while torch.compile traces: discovering and checking backends imports modules
+    # and takes locks, which dynamo cannot trace. The choice is folded into the graph as a constant, so
+    # a compiled function keeps the backend chosen when it was traced.
+    return backends.select(backends.Call(*call_fields)).name
+
+
 class TorchGlue:
     name = "torch"
 
@@ -233,6 +241,18 @@ class TorchGlue:
             raise ValueError("planes contain NaN or inf")
         if planes is not None and hashing == "hadamard" and found[-1]:
             raise ValueError("planes for hashing='hadamard' are ±1 diagonals; got other values")
+
+    @staticmethod
+    def select(call):
+        if not torch.compiler.is_compiling():
+            return backends.select(call)
+        # The fields one by one: dynamo passes constants, not a dataclass, to the eager function.
+        c = call
+        name = _selected_name(
+            *(c.framework, c.device, c.dtype, c.batch, c.n_query, c.n_key, c.dim, c.value_dim),
+            *(c.mode, c.hashing, c.backward, c.causal, c.num_hashes, c.hash_bits, c.requires_grad),
+        )
+        return backends.get(name)
 
     @staticmethod
     def run(backend, prep):

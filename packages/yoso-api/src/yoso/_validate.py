@@ -8,6 +8,7 @@ description used to pick a backend.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +36,27 @@ def _fmt(shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
-def _check_choice(name: str, value, options) -> None:
+def check_choice(name: str, value, options) -> None:
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(repr(o) for o in options)}, got {value!r}")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_layer_args(*, width_name: str, width: int, num_heads: int, num_hashes, hash_bits, hashing, **choices):
+    """Shared checks of the model layers (yoso.nn, yoso.nnx): widths, heads, hash hyperparameters, and
+    ``choices`` given as ``name=(value, options)``."""
+    check_positive_int(width_name, width)
+    check_positive_int("num_heads", num_heads)
+    if width % num_heads:
+        raise ValueError(f"{width_name}={width} must be divisible by num_heads={num_heads}")
+    check_hash_args(num_hashes, hash_bits, hashing)
+    planes_shape(int(num_hashes), int(hash_bits), width // num_heads, hashing)  # hadamard: hash_bits <= D'
+    for name, (value, options) in choices.items():
+        check_choice(name, value, options)
 
 
 def _check_flag(name: str, value) -> None:
@@ -150,8 +169,8 @@ def prepare(
             )
         )
     # Hyperparameters first: they are cheap and explain most mistakes.
-    _check_choice("mode", mode, MODES)
-    _check_choice("backward", backward, BACKWARDS)
+    check_choice("mode", mode, MODES)
+    check_choice("backward", backward, BACKWARDS)
     check_hash_args(num_hashes, hash_bits, hashing)
     _check_flag("causal", causal)
     _check_flag("normalize", normalize)

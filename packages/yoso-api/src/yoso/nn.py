@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._api import attention
-from ._planes import check_hash_args, planes_shape
+from ._validate import check_layer_args
 from .backends import BACKWARDS, MODES
 
 EVAL_MODES = ("expectation", "sample")
@@ -83,21 +83,18 @@ class YosoSelfAttention(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        check_layer_args(
+            width_name="embed_dim",
+            width=embed_dim,
+            num_heads=num_heads,
+            num_hashes=num_hashes,
+            hash_bits=hash_bits,
+            hashing=hashing,
+            mode=(mode, MODES),
+            backward=(backward, BACKWARDS),
+            eval_mode=(eval_mode, EVAL_MODES),
+        )
         head_dim = embed_dim // num_heads
-        check_hash_args(num_hashes, hash_bits, hashing)
-        planes_shape(int(num_hashes), int(hash_bits), head_dim, hashing)  # hadamard: hash_bits <= D'
-        for name, value, options in (
-            ("mode", mode, MODES),
-            ("backward", backward, BACKWARDS),
-            ("eval_mode", eval_mode, EVAL_MODES),
-        ):
-            if value not in options:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
         if not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         if conv_window is not None and (

@@ -12,13 +12,11 @@ state like dropout's, and the same seeds reproduce a run. Importing this module 
 
 from __future__ import annotations
 
-import numbers
-
 import jax.numpy as jnp
 from flax import nnx
 
 from ._api import attention
-from ._planes import check_hash_args
+from ._validate import check_layer_args, check_positive_int
 from .backends import BACKWARDS, MODES
 
 EVAL_MODES = ("expectation", "sample")
@@ -71,16 +69,18 @@ class YosoAttention(nnx.Module):
     ):
         qkv_features = in_features if qkv_features is None else qkv_features
         out_features = in_features if out_features is None else out_features
-        for name, value in (("num_heads", num_heads), ("in_features", in_features), ("qkv_features", qkv_features)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if qkv_features % num_heads:
-            raise ValueError(f"qkv_features={qkv_features} must be divisible by num_heads={num_heads}")
-        check_hash_args(num_hashes, hash_bits, hashing)
-        choices = (("mode", mode, MODES), ("eval_mode", eval_mode, EVAL_MODES), ("backward", backward, BACKWARDS))
-        for name, value, options in choices:
-            if value not in options:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
+        check_positive_int("in_features", in_features)
+        check_layer_args(
+            width_name="qkv_features",
+            width=qkv_features,
+            num_heads=num_heads,
+            num_hashes=num_hashes,
+            hash_bits=hash_bits,
+            hashing=hashing,
+            mode=(mode, MODES),
+            backward=(backward, BACKWARDS),
+            eval_mode=(eval_mode, EVAL_MODES),
+        )
         if not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
 
