@@ -24,12 +24,18 @@ def most_precise_dtype(backend) -> str:
     return "float64" if "float64" in backend.dtypes else "float32"
 
 
-@dataclass(frozen=True)
-class Target:
-    backend: object  # a yoso.backends.Backend
-    framework: str  # the caller's array type
-    device: str
-    requested_dtype: str | None = None  # conftest's --dtype / YOSO_TEST_DTYPE; None: the most precise
+def convert(x: np.ndarray, framework: str, device: str, dtype: str, int_dtype=None):
+    """NumPy ``x`` as a ``framework`` array on ``device``: floats in ``dtype``, bools as they are,
+    integers as they are or in ``int_dtype``."""
+    if x.dtype == bool:
+        return to_framework(x, framework, device)
+    if np.issubdtype(x.dtype, np.integer):
+        return to_framework(x if int_dtype is None else x.astype(int_dtype), framework, device)
+    return to_framework(np.asarray(x, dtype=np.float64), framework, device, dtype)
+
+
+class _OnBackend:
+    """What Target and Kernel share: the backend's name and the dtype exactness tests use."""
 
     @property
     def name(self) -> str:
@@ -37,16 +43,21 @@ class Target:
 
     @property
     def dtype(self) -> str:
-        """The dtype exactness tests use: the most precise the backend computes in, unless requested."""
+        """The most precise dtype the backend computes in, unless --dtype / YOSO_TEST_DTYPE asks for one."""
         return self.requested_dtype or most_precise_dtype(self.backend)
 
-    def array(self, x: np.ndarray, dtype: str | None = None):
-        """``x`` in this target's caller framework, on its device, in ``dtype`` (default: self.dtype).
 
-        Bool and integer arrays keep their dtype."""
-        if x.dtype == bool or np.issubdtype(x.dtype, np.integer):
-            return to_framework(x, self.framework, self.device)
-        return to_framework(np.asarray(x, dtype=np.float64), self.framework, self.device, dtype or self.dtype)
+@dataclass(frozen=True)
+class Target(_OnBackend):
+    backend: object  # a yoso.backends.Backend
+    framework: str  # the caller's array type
+    device: str
+    requested_dtype: str | None = None  # conftest's --dtype / YOSO_TEST_DTYPE; None: the most precise
+
+    def array(self, x: np.ndarray, dtype: str | None = None):
+        """``x`` in this target's caller framework, on its device, in ``dtype`` (default: self.dtype);
+        bool and integer arrays keep their dtype (bad-input tests pass integer arrays on purpose)."""
+        return convert(x, self.framework, self.device, dtype or self.dtype)
 
     def attention(self, q, k, v, **kwargs) -> np.ndarray:
         """``yoso.attention`` on NumPy inputs converted to this target; the result as float64 NumPy."""
@@ -87,29 +98,17 @@ class Target:
 
 
 @dataclass(frozen=True)
-class Kernel:
+class Kernel(_OnBackend):
     """A backend's primitives on its own framework's arrays."""
 
     backend: object
     requested_dtype: str | None = None
 
-    @property
-    def name(self) -> str:
-        return self.backend.name
-
-    @property
-    def dtype(self) -> str:
-        return self.requested_dtype or most_precise_dtype(self.backend)
-
     def array(self, x: np.ndarray, dtype: str | None = None):
+        """``x`` on the backend's framework and default device; integers (hash codes) as int32."""
         if x is None:
             return None
-        device = self.backend.default_device()
-        if x.dtype == bool:
-            return to_framework(x, self.backend.framework, device)
-        if np.issubdtype(x.dtype, np.integer):
-            return to_framework(x.astype(np.int32), self.backend.framework, device)
-        return to_framework(np.asarray(x, dtype=np.float64), self.backend.framework, device, dtype or self.dtype)
+        return convert(x, self.backend.framework, self.backend.default_device(), dtype or self.dtype, np.int32)
 
 
 # ---- numbers ------------------------------------------------------------------------------------
