@@ -52,14 +52,14 @@ def _unit_vjp(x, g):
     return (g - u * np.sum(u * g, axis=-1, keepdims=True)) / norm
 
 
-@pytest.mark.parametrize("estimator", ["lower_bound", "exact"])
+@pytest.mark.parametrize("backward", ["lower_bound", "exact"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_sample_gradients_follow_the_formulas(target, rng, estimator, causal):
+def test_sample_gradients_follow_the_formulas(target, rng, backward, causal):
     """Unnormalised YOSO-m with fixed planes: dV = (S⊙M)^T G, dq̂ = (S⊙W⊙M⊙GV^T) K̂, dk̂ its transpose,
     W = tau/2 (lower bound) or the clamped importance ratio (exact); then the chain rule through q/||q||."""
     pb = _problem(rng, causal=causal)
     tau = pb["kw"]["hash_bits"]
-    out, (dq, dk, dv) = _run(target, pb, planes=pb["planes"], backward=estimator, normalize=False)
+    out, (dq, dk, dv) = _run(target, pb, planes=pb["planes"], backward=backward, normalize=False)
 
     qu, ku = unit(pb["q"]), unit(pb["k"])
     qm, km = pb["query_mask"], pb["key_mask"] if "key_mask" in pb else pb["key_padding_mask"]
@@ -69,7 +69,7 @@ def test_sample_gradients_follow_the_formulas(target, rng, estimator, causal):
     )
     weights = collisions * ref.attention_mask(*collisions.shape, qm, km, causal)
     g = np.where(qm[..., None], pb["cot"], 0)
-    pair = tau / 2 if estimator == "lower_bound" else ref.importance_ratio(qu @ ku.transpose(0, 2, 1), tau, clamp(tau))
+    pair = tau / 2 if backward == "lower_bound" else ref.importance_ratio(qu @ ku.transpose(0, 2, 1), tau, clamp(tau))
     coupling = weights * pair * (g @ pb["v"].transpose(0, 2, 1))
     assert_close(out, weights @ pb["v"], target.dtype, "forward")
     assert_close(dv, weights.transpose(0, 2, 1) @ g, target.dtype, "dv")

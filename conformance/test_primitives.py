@@ -130,9 +130,9 @@ def test_masked_writers_cannot_leak(kernel, rng):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("estimator", ["lower_bound", "exact"])
+@pytest.mark.parametrize("backward", ["lower_bound", "exact"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_sampled_grads(kernel, rng, shape, estimator, causal):
+def test_sampled_grads(kernel, rng, shape, backward, causal):
     pb = _problem(rng, shape, masked=True, causal=causal)
     nat, exp = _native(kernel, pb), _rounded(kernel, pb)
     tau = pb["hash_bits"]
@@ -147,7 +147,7 @@ def test_sampled_grads(kernel, rng, shape, estimator, causal):
         key_mask=nat["key_mask"],
         causal=causal,
         hash_bits=tau,
-        estimator=estimator,
+        backward=backward,
         max_ratio=clamp(tau),
     )
     want = ref.sampled_grads(
@@ -161,11 +161,11 @@ def test_sampled_grads(kernel, rng, shape, estimator, causal):
         key_mask=exp["key_mask"],
         causal=causal,
         hash_bits=tau,
-        estimator=estimator,
+        backward=backward,
         max_ratio=clamp(tau),
     )
     for name, g, w in zip(("dq", "dk"), got, want):
-        assert_close(to_numpy(g), w, kernel.dtype, f"{estimator} {name}")
+        assert_close(to_numpy(g), w, kernel.dtype, f"{backward} {name}")
 
 
 def test_lower_bound_matches_table_form(kernel, rng):
@@ -184,7 +184,7 @@ def test_lower_bound_matches_table_form(kernel, rng):
         key_mask=None,
         causal=False,
         hash_bits=tau,
-        estimator="lower_bound",
+        backward="lower_bound",
         max_ratio=clamp(tau),
     )
     qc, kc, v, k, g = exp["q_codes"][0], exp["k_codes"][0], exp["v"][0], exp["k"][0], exp["grad"][0]
@@ -223,9 +223,9 @@ def test_expectation_forward(kernel, rng, shape, causal):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("gradient", ["exact", "lower_bound"])
+@pytest.mark.parametrize("backward", ["exact", "lower_bound"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_expectation_backward(kernel, rng, shape, gradient, causal):
+def test_expectation_backward(kernel, rng, shape, backward, causal):
     pb = _problem(rng, shape, masked=True, causal=causal)
     nat, exp = _native(kernel, pb), _rounded(kernel, pb)
     tau = pb["hash_bits"]
@@ -238,7 +238,7 @@ def test_expectation_backward(kernel, rng, shape, gradient, causal):
         key_mask=nat["key_mask"],
         causal=causal,
         hash_bits=tau,
-        gradient=gradient,
+        backward=backward,
         max_ratio=clamp(tau),
     )
     want = ref.expectation_backward(
@@ -250,11 +250,11 @@ def test_expectation_backward(kernel, rng, shape, gradient, causal):
         key_mask=exp["key_mask"],
         causal=causal,
         hash_bits=tau,
-        gradient=gradient,
+        backward=backward,
         max_ratio=clamp(tau),
     )
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
-        assert_close(to_numpy(g), w, kernel.dtype, f"expectation {gradient} {name}")
+        assert_close(to_numpy(g), w, kernel.dtype, f"expectation {backward} {name}")
 
 
 def test_expectation_gradient_at_alignment_is_finite(kernel):
@@ -270,7 +270,7 @@ def test_expectation_gradient_at_alignment_is_finite(kernel):
         key_mask=None,
         causal=False,
         hash_bits=8,
-        gradient="exact",
+        backward="exact",
         max_ratio=clamp(8),
     )
     assert all(np.isfinite(to_numpy(g)).all() for g in got)

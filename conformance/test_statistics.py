@@ -95,9 +95,9 @@ def _assert_unbiased(samples: np.ndarray, target: np.ndarray, what: str) -> None
     assert z.max() < 5, f"{what}: mean off by {z.max():.1f} standard errors"
 
 
-@pytest.mark.parametrize("estimator", ["lower_bound", "exact"])
+@pytest.mark.parametrize("backward", ["lower_bound", "exact"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_gradient_estimators_are_unbiased(kernel, rng, estimator, causal):
+def test_gradient_estimators_are_unbiased(kernel, rng, backward, causal):
     """E[sampled dq, dk] = YOSO-E's gradient of the same kind; E[dv] = P^T G (roles-swapped cumulation)."""
     hash_bits, num_hashes = 2, 1
     nq = nk = 7
@@ -117,7 +117,7 @@ def test_gradient_estimators_are_unbiased(kernel, rng, estimator, causal):
         key_mask=batch(key_mask),
         causal=causal,
         hash_bits=hash_bits,
-        estimator=estimator,
+        backward=backward,
         max_ratio=clamp(hash_bits),
     )
     dv = kernel.backend.cumulate(
@@ -138,11 +138,11 @@ def test_gradient_estimators_are_unbiased(kernel, rng, estimator, causal):
         key_mask=key_mask[None],
         causal=causal,
         hash_bits=hash_bits,
-        gradient=estimator,
+        backward=backward,
         max_ratio=clamp(hash_bits),
     )
     for name, got, w in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
-        _assert_unbiased(to_numpy(got), w[0], f"{estimator} {name}")
+        _assert_unbiased(to_numpy(got), w[0], f"{backward} {name}")
 
 
 def test_lower_bound_is_below_the_true_derivative():

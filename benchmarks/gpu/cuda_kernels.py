@@ -88,22 +88,22 @@ for dname, dtype in DTYPES.items():
             )
             want = ref.expectation_forward(rq, rk, rv, query_mask=qm, key_mask=km, causal=causal, hash_bits=6)
             report(f"expectation forward {dname} D={dim} Dv={dv} causal={causal}", y, want, 2e-5)
-            for gradient in ("exact", "lower_bound"):
+            for backward in ("exact", "lower_bound"):
                 qkv = dev(q, dtype), dev(k, dtype), dev(v, dtype)
-                got = cuda.expectation_backward(*qkv, dev(g), **masks, causal=causal, hash_bits=6, gradient=gradient,
+                got = cuda.expectation_backward(*qkv, dev(g), **masks, causal=causal, hash_bits=6, backward=backward,
                                                 max_ratio=60.0)  # fmt: skip
                 want = ref.expectation_backward(rq, rk, rv, g, query_mask=qm, key_mask=km, causal=causal, hash_bits=6,
-                                                gradient=gradient, max_ratio=60.0)  # fmt: skip
+                                                backward=backward, max_ratio=60.0)  # fmt: skip
                 for name, a, b in zip(("dq", "dk", "dv"), got, want):
-                    report(f"expectation {gradient} {name} {dname} D={dim} Dv={dv} causal={causal}", a, b, 2e-5)
+                    report(f"expectation {backward} {name} {dname} D={dim} Dv={dv} causal={causal}", a, b, 2e-5)
                 tau, m = 3, 4
                 qc, kc = rng.integers(0, 2**tau, (2, m, n)), rng.integers(0, 2**tau, (2, m, n))
-                est = "exact" if gradient == "exact" else "lower_bound"
+                est = "exact" if backward == "exact" else "lower_bound"
                 got = cuda.sampled_grads(dev(qc, torch.int32), dev(kc, torch.int32), dev(q, dtype), dev(k, dtype),
-                                         dev(v, dtype), dev(g), **masks, causal=causal, hash_bits=tau, estimator=est,
+                                         dev(v, dtype), dev(g), **masks, causal=causal, hash_bits=tau, backward=est,
                                          max_ratio=30.0)  # fmt: skip
                 want = ref.sampled_grads(qc, kc, rq, rk, rv, g, query_mask=qm, key_mask=km, causal=causal,
-                                         hash_bits=tau, estimator=est, max_ratio=30.0)  # fmt: skip
+                                         hash_bits=tau, backward=est, max_ratio=30.0)  # fmt: skip
                 for name, a, b in zip(("dq", "dk"), got, want):
                     report(f"sampled {est} {name} {dname} D={dim} Dv={dv} causal={causal}", a, b, 2e-5)
 

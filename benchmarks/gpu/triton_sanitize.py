@@ -44,7 +44,7 @@ def main() -> None:
             qs, ks = qc[:, :, :nk], kc  # causal orders need as many readers as writers
             backend.cumulate(qs, ks, v, read_mask=qm[:, :nk], write_mask=km, order="causal", hash_bits=tau)
             backend.cumulate(ks, qs, v, read_mask=km, write_mask=qm[:, :nk], order="anticausal", hash_bits=tau)
-            for estimator in ("lower_bound", "exact"):
+            for backward in ("lower_bound", "exact"):
                 for causal in (False, True):
                     nq = nk if causal else n
                     backend.sampled_grads(
@@ -58,13 +58,13 @@ def main() -> None:
                         key_mask=km,
                         causal=causal,
                         hash_bits=tau,
-                        estimator=estimator,
+                        backward=backward,
                         max_ratio=max_ratio(tau),
                     )
         for causal in (False, True):
             nq = nk if causal else n
             backend.expectation_forward(q[:, :nq], k, v, query_mask=qm[:, :nq], key_mask=km, causal=causal, hash_bits=8)
-            for gradient in ("exact", "lower_bound"):
+            for backward in ("exact", "lower_bound"):
                 backend.expectation_backward(
                     q[:, :nq],
                     k,
@@ -74,7 +74,7 @@ def main() -> None:
                     key_mask=km,
                     causal=causal,
                     hash_bits=8,
-                    gradient=gradient,
+                    backward=backward,
                     max_ratio=max_ratio(8),
                 )
     if dev == "cuda":

@@ -42,11 +42,11 @@ def test_cpu_tensors_are_refused_by_every_primitive():
     grad = torch.randn(2, 5, 3)
     kw = dict(query_mask=None, key_mask=None, causal=False, hash_bits=3)
     with pytest.raises(ValueError, match=r"q is on cpu"):
-        cuda.sampled_grads(codes_q, codes_k, q, k, v, grad, **kw, estimator="exact", max_ratio=30.0)
+        cuda.sampled_grads(codes_q, codes_k, q, k, v, grad, **kw, backward="exact", max_ratio=30.0)
     with pytest.raises(ValueError, match=r"q is on cpu"):
         cuda.expectation_forward(q, k, v, **kw)
     with pytest.raises(ValueError, match=r"q is on cpu"):
-        cuda.expectation_backward(q, k, v, grad, **kw, gradient="exact", max_ratio=30.0)
+        cuda.expectation_backward(q, k, v, grad, **kw, backward="exact", max_ratio=30.0)
 
 
 def test_non_tensors_are_type_errors():
@@ -90,7 +90,7 @@ def test_shapes_are_named():
     with pytest.raises(ValueError, match=r"grad must have shape \[2, 5, 3\]"):
         _ops.expectation_backward(
             q, k, v, torch.zeros(2, 5, 4), query_mask=None, key_mask=None, causal=False, hash_bits=3,
-            gradient="exact", max_ratio=30.0, **CPU,
+            backward="exact", max_ratio=30.0, **CPU,
         )  # fmt: skip
     mask = torch.ones(2, 7, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"key_mask must have shape \[2, 6\], got \[2, 7\]"):
@@ -124,10 +124,10 @@ def test_sampled_grads_arguments():
     codes_q = torch.zeros(2, 4, 5, dtype=torch.int32)
     codes_k = torch.zeros(2, 4, 6, dtype=torch.int32)
     kw = dict(query_mask=None, key_mask=None, causal=False, hash_bits=3, max_ratio=30.0, **CPU)
-    with pytest.raises(ValueError, match=r"estimator must be 'lower_bound' or 'exact', got 'true'"):
-        _ops.sampled_grads(codes_q, codes_k, q, k, v, grad, estimator="true", **kw)
+    with pytest.raises(ValueError, match=r"backward must be 'lower_bound' or 'exact', got 'true'"):
+        _ops.sampled_grads(codes_q, codes_k, q, k, v, grad, backward="true", **kw)
     with pytest.raises(ValueError, match=r"q_codes must be \[B, m, Nq\]"):
-        _ops.sampled_grads(codes_k, codes_k, q, k, v, grad, estimator="exact", **kw)
+        _ops.sampled_grads(codes_k, codes_k, q, k, v, grad, backward="exact", **kw)
 
 
 def test_cumulation_tables_fit_shared_memory():

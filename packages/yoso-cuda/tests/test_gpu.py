@@ -73,29 +73,29 @@ def test_expectation_tiles(dim, dv, causal):
     )
     assert _rel(y.cpu(), want) < 2e-5
     grads = cuda.expectation_backward(
-        *args, _t(pb["g"]), **masks, causal=causal, hash_bits=pb["tau"], gradient="exact", max_ratio=60.0
+        *args, _t(pb["g"]), **masks, causal=causal, hash_bits=pb["tau"], backward="exact", max_ratio=60.0
     )
     wants = ref.expectation_backward(
         pb["q"], pb["k"], pb["v"], pb["g"], query_mask=pb["qm"], key_mask=pb["km"], causal=causal,
-        hash_bits=pb["tau"], gradient="exact", max_ratio=60.0,
+        hash_bits=pb["tau"], backward="exact", max_ratio=60.0,
     )  # fmt: skip
     for got, w in zip(grads, wants):
         assert _rel(got.cpu(), w) < 2e-5
 
 
 @pytest.mark.parametrize("dim, dv", [(64, 48), (256, 256)], ids=["tile32", "tile16"])
-@pytest.mark.parametrize("estimator", ["lower_bound", "exact"])
-def test_sampled_grads_tiles_with_crowded_buckets(dim, dv, estimator):
+@pytest.mark.parametrize("backward", ["lower_bound", "exact"])
+def test_sampled_grads_tiles_with_crowded_buckets(dim, dv, backward):
     """tau=2 puts ~75 tokens in each bucket: several tiles per bucket on both sides."""
     pb = _problem(np.random.default_rng(3), n=300, dim=dim, dv=dv, m=3, tau=2)
     dq, dk = _cuda().sampled_grads(
         _t(pb["qc"], torch.int32), _t(pb["kc"], torch.int32), *(_t(pb[x]) for x in ("q", "k", "v", "g")),
         query_mask=_t(pb["qm"], torch.bool), key_mask=_t(pb["km"], torch.bool), causal=True, hash_bits=2,
-        estimator=estimator, max_ratio=20.0,
+        backward=backward, max_ratio=20.0,
     )  # fmt: skip
     want = ref.sampled_grads(
         pb["qc"], pb["kc"], pb["q"], pb["k"], pb["v"], pb["g"], query_mask=pb["qm"], key_mask=pb["km"], causal=True,
-        hash_bits=2, estimator=estimator, max_ratio=20.0,
+        hash_bits=2, backward=backward, max_ratio=20.0,
     )  # fmt: skip
     assert _rel(dq.cpu(), want[0]) < 2e-5 and _rel(dk.cpu(), want[1]) < 2e-5
 

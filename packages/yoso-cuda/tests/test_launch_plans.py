@@ -61,19 +61,19 @@ def test_cumulate_launches(launches, order, m, tau, channels):
 
 
 @pytest.mark.parametrize("dim, dv", [(64, 64), (256, 256), (1, 1), (200, 17)])
-@pytest.mark.parametrize("estimator", ["lower_bound", "exact"])
-def test_pairwise_launches(launches, dim, dv, estimator):
+@pytest.mark.parametrize("backward", ["lower_bound", "exact"])
+def test_pairwise_launches(launches, dim, dv, backward):
     q, k, v = torch.randn(2, 30, dim), torch.randn(2, 30, dim), torch.randn(2, 30, dv)
     g = torch.randn(2, 30, dv)
     masks = dict(query_mask=None, key_mask=torch.ones(2, 30, dtype=torch.bool))
     codes = torch.randint(0, 8, (2, 5, 30), dtype=torch.int32)
-    dq, dk = _ops.sampled_grads(codes, codes, q, k, v, g, **masks, causal=True, hash_bits=3, estimator=estimator,
+    dq, dk = _ops.sampled_grads(codes, codes, q, k, v, g, **masks, causal=True, hash_bits=3, backward=backward,
                                 max_ratio=30.0, **CPU)  # fmt: skip
     assert dq.shape == q.shape and dk.shape == k.shape
     _check(launches, 5)  # one launch per hash
     launches.clear()
     y = _ops.expectation_forward(q, k, v, **masks, causal=False, hash_bits=8, **CPU)
-    grads = _ops.expectation_backward(q, k, v, g, **masks, causal=True, hash_bits=8, gradient=estimator,
+    grads = _ops.expectation_backward(q, k, v, g, **masks, causal=True, hash_bits=8, backward=backward,
                                       max_ratio=80.0, **CPU)  # fmt: skip
     assert y.shape == (2, 30, dv) and [t.shape for t in grads] == [q.shape, k.shape, v.shape]
     _check(launches, 3)

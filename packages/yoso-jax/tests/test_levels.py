@@ -117,32 +117,32 @@ def test_pairwise_pieces_over_many_query_chunks(monkeypatch, causal):
             pb["q"], pb["k"], pb["v"], query_mask=pb["qm"], key_mask=pb["km"], causal=causal, hash_bits=tau
         )
         _close(y, want, "expectation forward")
-        for gradient in ("exact", "lower_bound"):
+        for backward in ("exact", "lower_bound"):
             got = pairwise.expectation_backward(
                 a["q"], a["k"], a["v"], a["g"], masks["qm"], masks["km"],
-                causal=causal, hash_bits=tau, gradient=gradient, max_ratio=clamp,
+                causal=causal, hash_bits=tau, backward=backward, max_ratio=clamp,
             )  # fmt: skip
             want = ref.expectation_backward(
                 pb["q"], pb["k"], pb["v"], pb["g"], query_mask=pb["qm"], key_mask=pb["km"],
-                causal=causal, hash_bits=tau, gradient=gradient, max_ratio=clamp,
+                causal=causal, hash_bits=tau, backward=backward, max_ratio=clamp,
             )  # fmt: skip
             for name, g, w in zip(("dq", "dk", "dv"), got, want):
-                _close(g, w, f"expectation {gradient} {name}")
+                _close(g, w, f"expectation {backward} {name}")
         # Both estimators over all pairs, and the lower bound's table form (used on long inputs).
-        for estimator, form in (("exact", "dense"), ("lower_bound", "dense"), ("lower_bound", "tables")):
+        for backward, form in (("exact", "dense"), ("lower_bound", "dense"), ("lower_bound", "tables")):
             args = (codes["qc"], codes["kc"], a["q"], a["k"], a["v"], a["g"], masks["qm"], masks["km"])
             if form == "dense":
                 got = pairwise.dense_sampled_grads(
-                    *args, causal=causal, hash_bits=tau, estimator=estimator, max_ratio=clamp
+                    *args, causal=causal, hash_bits=tau, backward=backward, max_ratio=clamp
                 )
             else:
                 got = pairwise.lower_bound_grads(*args, cumulate=xla.cumulate, causal=causal, hash_bits=tau)
             want = ref.sampled_grads(
                 pb["qc"], pb["kc"], pb["q"], pb["k"], pb["v"], pb["g"], query_mask=pb["qm"], key_mask=pb["km"],
-                causal=causal, hash_bits=tau, estimator=estimator, max_ratio=clamp,
+                causal=causal, hash_bits=tau, backward=backward, max_ratio=clamp,
             )  # fmt: skip
             for name, g, w in zip(("dq", "dk"), got, want):
-                _close(g, w, f"sampled {estimator} ({form}) {name}")
+                _close(g, w, f"sampled {backward} ({form}) {name}")
     finally:
         monkeypatch.undo()
         jax.clear_caches()
@@ -172,7 +172,7 @@ def test_levels_agree_and_switching_retraces():
     (out_x, grads_x), (out_p, grads_p) = results["xla"], results["pallas"]
     _close(out_p, out_x, "forward")
     for a, b in zip(grads_p, grads_x):
-        _close(a, b, "gradient")
+        _close(a, b, "backward")
 
 
 def test_implementation_is_validated_and_shown_by_info(monkeypatch, capsys):

@@ -117,7 +117,7 @@ def main() -> int:
                     launch.cumulate(
                         codes, codes, v, read_mask=masks[0], write_mask=masks[1], order=order, hash_bits=tau
                     )
-            for estimator in ("lower_bound", "exact"):
+            for backward in ("lower_bound", "exact"):
                 for causal in (False, True):
                     launch.sampled_grads(
                         codes,
@@ -130,12 +130,12 @@ def main() -> int:
                         key_mask=None,
                         causal=causal,
                         hash_bits=tau,
-                        estimator=estimator,
+                        backward=backward,
                         max_ratio=max_ratio(tau),
                     )
         for causal in (False, True):
             launch.expectation_forward(q, k, v, query_mask=mask, key_mask=mask, causal=causal, hash_bits=8)
-            for gradient in ("exact", "lower_bound"):
+            for backward in ("exact", "lower_bound"):
                 launch.expectation_backward(
                     q,
                     k,
@@ -145,7 +145,7 @@ def main() -> int:
                     key_mask=mask,
                     causal=causal,
                     hash_bits=8,
-                    gradient=gradient,
+                    backward=backward,
                     max_ratio=max_ratio(8),
                 )
     kernels = sorted({key[0] for key in seen})

@@ -159,13 +159,13 @@ def test_cumulate_tilings(backend, device, tiling, sort, rng, case, order):
     assert rel_err(_np(got), want) < F32_TOL
 
 
-@pytest.mark.parametrize("estimator", ["lower_bound", "exact"])
+@pytest.mark.parametrize("backward", ["lower_bound", "exact"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_sampled_grads_tilings(backend, device, tiling, sort, rng, estimator, causal):
+def test_sampled_grads_tilings(backend, device, tiling, sort, rng, backward, causal):
     batch, n, dim, dv, m, tau = 2, 90, 20, 7, 3, 2  # buckets of ~22 tokens; D, Dv not powers of two
     pb = _problem(rng, batch, n, n, dim, dv, m, tau)
     args = [_t(pb[name], device) for name in ("q_codes", "k_codes", "q", "k", "v", "grad")]
-    kw = dict(causal=causal, hash_bits=tau, estimator=estimator, max_ratio=max_ratio(tau))
+    kw = dict(causal=causal, hash_bits=tau, backward=backward, max_ratio=max_ratio(tau))
     got = backend.sampled_grads(
         *args, query_mask=_t(pb["query_mask"], device), key_mask=_t(pb["key_mask"], device), **kw
     )
@@ -176,9 +176,9 @@ def test_sampled_grads_tilings(backend, device, tiling, sort, rng, estimator, ca
         assert rel_err(_np(g), w) < F32_TOL
 
 
-@pytest.mark.parametrize("gradient", ["exact", "lower_bound"])
+@pytest.mark.parametrize("backward", ["exact", "lower_bound"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_expectation_tilings(backend, device, tiling, rng, gradient, causal):
+def test_expectation_tilings(backend, device, tiling, rng, backward, causal):
     batch, n, dim, dv, tau = 2, 150, 24, 40, 5  # several query and key tiles in both tilings
     pb = _problem(rng, batch, n, n, dim, dv, 1, tau)
     tensors = {name: _t(pb[name], device) for name in ("q", "k", "v", "grad", "query_mask", "key_mask")}
@@ -188,10 +188,10 @@ def test_expectation_tilings(backend, device, tiling, rng, gradient, causal):
     y = backend.expectation_forward(tensors["q"], tensors["k"], tensors["v"], **tmasks)
     assert rel_err(_np(y), ref.expectation_forward(exp["q"], exp["k"], exp["v"], **masks)) < F32_TOL
     grads = backend.expectation_backward(
-        tensors["q"], tensors["k"], tensors["v"], tensors["grad"], gradient=gradient, max_ratio=max_ratio(tau), **tmasks
+        tensors["q"], tensors["k"], tensors["v"], tensors["grad"], backward=backward, max_ratio=max_ratio(tau), **tmasks
     )
     want = ref.expectation_backward(
-        exp["q"], exp["k"], exp["v"], exp["grad"], gradient=gradient, max_ratio=max_ratio(tau), **masks
+        exp["q"], exp["k"], exp["v"], exp["grad"], backward=backward, max_ratio=max_ratio(tau), **masks
     )
     for g, w in zip(grads, want):
         assert rel_err(_np(g), w) < F32_TOL
@@ -271,14 +271,14 @@ def test_largest_head_dims(backend, device, tiling, rng):
         hash_bits=tau,
     )
     assert rel_err(_np(cum), want) < F32_TOL
-    kw = dict(causal=False, hash_bits=tau, estimator="exact", max_ratio=max_ratio(tau))
+    kw = dict(causal=False, hash_bits=tau, backward="exact", max_ratio=max_ratio(tau))
     got = backend.sampled_grads(*(t[n] for n in ("q_codes", "k_codes", "q", "k", "v", "grad")), **tmasks, **kw)
     want = ref.sampled_grads(*(exp[n] for n in ("q_codes", "k_codes", "q", "k", "v", "grad")), **masks, **kw)
     assert all(rel_err(_np(g), w) < F32_TOL for g, w in zip(got, want))
     kw = dict(causal=False, hash_bits=tau)
     y = backend.expectation_forward(t["q"], t["k"], t["v"], **tmasks, **kw)
     assert rel_err(_np(y), ref.expectation_forward(exp["q"], exp["k"], exp["v"], **masks, **kw)) < F32_TOL
-    kw.update(gradient="lower_bound", max_ratio=max_ratio(tau))
+    kw.update(backward="lower_bound", max_ratio=max_ratio(tau))
     got = backend.expectation_backward(t["q"], t["k"], t["v"], t["grad"], **tmasks, **kw)
     want = ref.expectation_backward(exp["q"], exp["k"], exp["v"], exp["grad"], **masks, **kw)
     assert all(rel_err(_np(g), w) < F32_TOL for g, w in zip(got, want))
@@ -291,7 +291,7 @@ def test_hash_groups(backend, device, rng, monkeypatch):
     pb = _problem(rng, 2, 30, 30, 6, 5, 5, 3)
     args = [_t(pb[name], device) for name in ("q_codes", "k_codes", "q", "k", "v", "grad")]
     masks = dict(query_mask=_t(pb["query_mask"], device), key_mask=_t(pb["key_mask"], device))
-    kw = dict(causal=True, hash_bits=3, estimator="exact", max_ratio=max_ratio(3))
+    kw = dict(causal=True, hash_bits=3, backward="exact", max_ratio=max_ratio(3))
     cum = dict(read_mask=masks["query_mask"], write_mask=masks["key_mask"], hash_bits=3)
     whole = [backend.cumulate(args[0], args[1], args[4], order=o, **cum) for o in ("none", "causal")]
     whole += backend.sampled_grads(*args, **masks, **kw)
@@ -334,12 +334,12 @@ def test_half_precision_within_twice_the_reference_error(backend, device, rng, d
         )
         cum = dict(read_mask=masks["query_mask"], write_mask=masks["key_mask"], order=order, hash_bits=tau)
         check(f"cumulate {order}", got, lambda p, cum=cum: ref.cumulate(*codes, p["v"], **cum))
-    for estimator in ("lower_bound", "exact"):
-        kw = dict(causal=False, hash_bits=tau, estimator=estimator, max_ratio=max_ratio(tau))
+    for backward in ("lower_bound", "exact"):
+        kw = dict(causal=False, hash_bits=tau, backward=backward, max_ratio=max_ratio(tau))
         got = backend.sampled_grads(*dcodes, dev["q"], dev["k"], dev["v"], dev["grad"], **dmasks, **kw)
         assert all(g.dtype == dtype for g in got)
         check(
-            f"sampled {estimator}",
+            f"sampled {backward}",
             got,
             lambda p, kw=kw: ref.sampled_grads(*codes, p["q"], p["k"], p["v"], p["grad"], **masks, **kw),
         )
@@ -349,12 +349,12 @@ def test_half_precision_within_twice_the_reference_error(backend, device, rng, d
         got,
         lambda p: ref.expectation_forward(p["q"], p["k"], p["v"], **masks, causal=True, hash_bits=tau),
     )
-    for gradient in ("exact", "lower_bound"):
-        kw = dict(causal=True, hash_bits=tau, gradient=gradient, max_ratio=max_ratio(tau))
+    for backward in ("exact", "lower_bound"):
+        kw = dict(causal=True, hash_bits=tau, backward=backward, max_ratio=max_ratio(tau))
         got = backend.expectation_backward(dev["q"], dev["k"], dev["v"], dev["grad"], **dmasks, **kw)
         assert all(g.dtype == dtype for g in got)
         check(
-            f"expectation {gradient}",
+            f"expectation {backward}",
             got,
             lambda p, kw=kw: ref.expectation_backward(p["q"], p["k"], p["v"], p["grad"], **masks, **kw),
         )
@@ -385,11 +385,11 @@ def test_bitwise_reproducible_and_layout_independent(backend, device, rng):
                 qc, kc, v, read_mask=masks["query_mask"], write_mask=masks["key_mask"], order="causal", hash_bits=tau
             ),
             *backend.sampled_grads(
-                qc, kc, q, k, v, g, **masks, causal=True, hash_bits=tau, estimator="exact", max_ratio=max_ratio(tau)
+                qc, kc, q, k, v, g, **masks, causal=True, hash_bits=tau, backward="exact", max_ratio=max_ratio(tau)
             ),
             backend.expectation_forward(q, k, v, **masks, causal=False, hash_bits=tau),
             *backend.expectation_backward(
-                q, k, v, g, **masks, causal=False, hash_bits=tau, gradient="exact", max_ratio=max_ratio(tau)
+                q, k, v, g, **masks, causal=False, hash_bits=tau, backward="exact", max_ratio=max_ratio(tau)
             ),
         ]
 

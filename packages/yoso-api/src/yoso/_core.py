@@ -52,7 +52,7 @@ def backward(backend, q, k, v, codes, query_mask, key_mask, grad, *, mode, backw
             key_mask=key_mask,
             causal=causal,
             hash_bits=hash_bits,
-            gradient=backward,
+            backward=backward,
             max_ratio=clamp,
         )
     q_codes, k_codes = codes
@@ -78,7 +78,7 @@ def backward(backend, q, k, v, codes, query_mask, key_mask, grad, *, mode, backw
         key_mask=key_mask,
         causal=causal,
         hash_bits=hash_bits,
-        estimator=backward,
+        backward=backward,
         max_ratio=clamp,
     )
     return dq, dk, dv

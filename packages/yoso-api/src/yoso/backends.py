@@ -138,17 +138,17 @@ class Backend:
         raise self._missing("cumulate")
 
     def sampled_grads(
-        self, q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, estimator, max_ratio
+        self, q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio
     ):
-        """YOSO-m gradients ``(dq, dk)`` w.r.t. unit q and k; ``estimator`` is lower_bound or exact."""
+        """YOSO-m gradients ``(dq, dk)`` w.r.t. unit q and k; ``backward`` is lower_bound or exact."""
         raise self._missing("sampled_grads")
 
     def expectation_forward(self, q, k, v, *, query_mask, key_mask, causal, hash_bits):
         """YOSO-E ``[B, Nq, Dv]``."""
         raise self._missing("expectation_forward")
 
-    def expectation_backward(self, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, gradient, max_ratio):
-        """YOSO-E gradients ``(dq, dk, dv)``; ``gradient`` is exact (clamped p') or lower_bound."""
+    def expectation_backward(self, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
+        """YOSO-E gradients ``(dq, dk, dv)``; ``backward`` is exact (clamped p') or lower_bound."""
         raise self._missing("expectation_backward")
 
     def _missing(self, primitive: str) -> NotImplementedError:

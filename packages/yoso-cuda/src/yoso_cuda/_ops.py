@@ -285,7 +285,7 @@ def sampled_grads(
     key_mask,
     causal: bool,
     hash_bits: int,
-    estimator: str,
+    backward: str,
     max_ratio: float,
     device_type: str = "cuda",
 ):
@@ -302,8 +302,8 @@ def sampled_grads(
             f"q_codes must be [B, m, Nq] = [{batch}, m, {n_query}] and k_codes [{batch}, m, {n_key}], "
             f"got {_shape(q_codes)} and {_shape(k_codes)}"
         )
-    if estimator not in ("lower_bound", "exact"):
-        raise ValueError(f"estimator must be 'lower_bound' or 'exact', got {estimator!r}")
+    if backward not in ("lower_bound", "exact"):
+        raise ValueError(f"backward must be 'lower_bound' or 'exact', got {backward!r}")
     if causal and n_query != n_key:
         raise ValueError(f"causal=True needs as many queries as keys, got Nq={n_query}, Nk={n_key}")
     tau = int(hash_bits)
@@ -327,7 +327,7 @@ def sampled_grads(
     dk = torch.zeros((batch, n_key, dim), dtype=torch.float32, device=q.device)
     tile = _tiles(dim, value_dim)
     smem = _pair_smem(tile, tile, dim, value_dim, q_grad=True, k_value=True, weights=1) + 4 * 2 * tile
-    name = f"sampled_grads_hash<{element_type(q)}, {int(estimator == 'exact')}, {tile}>"
+    name = f"sampled_grads_hash<{element_type(q)}, {int(backward == 'exact')}, {tile}>"
     pointers = [q, k, v, grad, q_order, q_start, k_order, k_start, query_mask, key_mask, dq, dk]
     for s in range(m):  # one launch per hash: within a hash every row lies in one bucket (one writer)
         args = [_runtime.pointer(t) for t in pointers]
@@ -368,7 +368,7 @@ def expectation_backward(
     key_mask,
     causal: bool,
     hash_bits: int,
-    gradient: str,
+    backward: str,
     max_ratio: float,
     device_type: str = "cuda",
 ):
@@ -377,8 +377,8 @@ def expectation_backward(
     grad = _grad(grad, q, v, device_type)
     batch, n_query, dim = q.shape
     n_key, value_dim = k.shape[1], v.shape[2]
-    if gradient not in ("exact", "lower_bound"):
-        raise ValueError(f"gradient must be 'exact' or 'lower_bound', got {gradient!r}")
+    if backward not in ("exact", "lower_bound"):
+        raise ValueError(f"backward must be 'exact' or 'lower_bound', got {backward!r}")
     if causal and n_query != n_key:
         raise ValueError(f"causal=True needs as many queries as keys, got Nq={n_query}, Nk={n_key}")
     if not 1 <= int(hash_bits) <= 64:
@@ -386,7 +386,7 @@ def expectation_backward(
     query_mask = mask_arg("query_mask", query_mask, batch, n_query, like=q, device_type=device_type)
     key_mask = mask_arg("key_mask", key_mask, batch, n_key, like=q, device_type=device_type)
     tile = _tiles(dim, value_dim)
-    exact = int(gradient == "exact")
+    exact = int(backward == "exact")
     dq = torch.empty((batch, n_query, dim), dtype=torch.float32, device=q.device)
     dk = torch.empty((batch, n_key, dim), dtype=torch.float32, device=q.device)
     dv = torch.empty((batch, n_key, value_dim), dtype=torch.float32, device=q.device)

@@ -64,7 +64,7 @@ class CudaBackend(Backend):
         )
 
     def sampled_grads(
-        self, q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, estimator, max_ratio
+        self, q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio
     ):
         return _ops.sampled_grads(
             q_codes,
@@ -77,7 +77,7 @@ class CudaBackend(Backend):
             key_mask=key_mask,
             causal=causal,
             hash_bits=hash_bits,
-            estimator=estimator,
+            backward=backward,
             max_ratio=max_ratio,
         )
 
@@ -86,7 +86,7 @@ class CudaBackend(Backend):
             q, k, v, query_mask=query_mask, key_mask=key_mask, causal=causal, hash_bits=hash_bits
         )
 
-    def expectation_backward(self, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, gradient, max_ratio):
+    def expectation_backward(self, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
         return _ops.expectation_backward(
             q,
             k,
@@ -96,6 +96,6 @@ class CudaBackend(Backend):
             key_mask=key_mask,
             causal=causal,
             hash_bits=hash_bits,
-            gradient=gradient,
+            backward=backward,
             max_ratio=max_ratio,
         )

@@ -104,18 +104,18 @@ class JaxBackend(Backend):
         )
 
     def sampled_grads(
-        self, q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, estimator, max_ratio
+        self, q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio
     ):
         from . import pairwise
 
-        if estimator not in ("lower_bound", "exact"):
-            raise ValueError(f"estimator must be 'lower_bound' or 'exact', got {estimator!r}")
+        if backward not in ("lower_bound", "exact"):
+            raise ValueError(f"backward must be 'lower_bound' or 'exact', got {backward!r}")
         level = self._level()
         args = (q_codes, k_codes, q, k, v, grad, query_mask, key_mask)
-        if estimator == "lower_bound" and max(q.shape[1], k.shape[1]) > level.DENSE_LOWER_BOUND_MAX_N:
+        if backward == "lower_bound" and max(q.shape[1], k.shape[1]) > level.DENSE_LOWER_BOUND_MAX_N:
             return pairwise.lower_bound_grads(*args, cumulate=level.cumulate, causal=causal, hash_bits=hash_bits)
         return pairwise.dense_sampled_grads(
-            *args, causal=causal, hash_bits=hash_bits, estimator=estimator, max_ratio=float(max_ratio)
+            *args, causal=causal, hash_bits=hash_bits, backward=backward, max_ratio=float(max_ratio)
         )
 
     def expectation_forward(self, q, k, v, *, query_mask, key_mask, causal, hash_bits):
@@ -123,7 +123,7 @@ class JaxBackend(Backend):
 
         return pairwise.expectation_forward(q, k, v, query_mask, key_mask, causal=causal, hash_bits=hash_bits)
 
-    def expectation_backward(self, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, gradient, max_ratio):
+    def expectation_backward(self, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
         from . import pairwise
 
         return pairwise.expectation_backward(
@@ -135,6 +135,6 @@ class JaxBackend(Backend):
             key_mask,
             causal=causal,
             hash_bits=hash_bits,
-            gradient=gradient,
+            backward=backward,
             max_ratio=float(max_ratio),
         )

@@ -147,15 +147,15 @@ def _pairwise_backward(q, k, v, grad, query_mask, key_mask, *, causal, pair_weig
     return dq, dk, dv
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "hash_bits", "gradient", "max_ratio"))
-def expectation_backward(q, k, v, grad, query_mask, key_mask, *, causal, hash_bits, gradient, max_ratio):
+@functools.partial(jax.jit, static_argnames=("causal", "hash_bits", "backward", "max_ratio"))
+def expectation_backward(q, k, v, grad, query_mask, key_mask, *, causal, hash_bits, backward, max_ratio):
     """YOSO-E gradients ``(dq, dk, dv)``: exact (clamped ``p'``) or the lower bound ``(tau/2) p``."""
-    if gradient == "exact":
+    if backward == "exact":
         derivative = lambda x: collision_probability(x, hash_bits) * importance_ratio(x, hash_bits, max_ratio)
-    elif gradient == "lower_bound":
+    elif backward == "lower_bound":
         derivative = lambda x: 0.5 * hash_bits * collision_probability(x, hash_bits)
     else:
-        raise ValueError(f"gradient must be 'exact' or 'lower_bound', got {gradient!r}")
+        raise ValueError(f"backward must be 'exact' or 'lower_bound', got {backward!r}")
     return _pairwise_backward(
         q,
         k,
@@ -172,9 +172,9 @@ def expectation_backward(q, k, v, grad, query_mask, key_mask, *, causal, hash_bi
 # ---- sampled gradients ------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "hash_bits", "estimator", "max_ratio"))
+@functools.partial(jax.jit, static_argnames=("causal", "hash_bits", "backward", "max_ratio"))
 def dense_sampled_grads(
-    q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *, causal, hash_bits, estimator, max_ratio
+    q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *, causal, hash_bits, backward, max_ratio
 ):
     """``dQ = (S ⊙ W ⊙ M ⊙ G V^T) K``, ``dK`` its transpose, over all pairs: ``S`` the forward's
     collision fractions, ``W`` the clamped importance ratio (``"exact"``, *YOSO) or ``tau/2``
@@ -186,7 +186,7 @@ def dense_sampled_grads(
         # XLA fuses the comparison into the reduction: no [B, chunk, Nk, m] temporary.
         collisions = jnp.sum(codes_chunk[:, :, None, :] == k_codes_t[:, None, :, :], axis=-1, dtype=jnp.int32)
         fraction = collisions.astype(x.dtype) / num_hashes
-        if estimator == "exact":
+        if backward == "exact":
             return fraction * importance_ratio(x, hash_bits, max_ratio)
         return fraction * (0.5 * hash_bits)
 

@@ -4,7 +4,7 @@ Each is a pairwise weight matrix over (query, key) applied to values and gradien
 
 * YOSO-E forward        ``Y = (P ⊙ M) V`` with ``P_ij = p(x_ij)``;
 * YOSO-E backward       ``dV = (P ⊙ M)^T G``, ``dQ = (D ⊙ M ⊙ G V^T) K``, ``dK = (D ⊙ M ⊙ G V^T)^T Q``
-                         with ``D = p'`` (clamped, ``gradient="exact"``) or ``(tau/2) p`` (``"lower_bound"``);
+                         with ``D = p'`` (clamped, ``backward="exact"``) or ``(tau/2) p`` (``"lower_bound"``);
 * YOSO-m backward      ``dQ = (S ⊙ W ⊙ M ⊙ G V^T) K`` and its transpose for ``dK``, where
                          ``S_ij`` is the fraction of the m hashes in which ``q_i`` and ``k_j`` collide and
                          ``W`` is ``tau/2`` (lower bound) or the clamped importance ratio ``p'/p`` (*YOSO).
@@ -23,7 +23,7 @@ from .probability import collision_derivative, collision_probability, importance
 # Pairwise entries per chunk (all batch rows together): 2^22 float64 = 32 MiB per temporary.
 CHUNK_ELEMENTS = 1 << 22
 
-GRADIENTS = ("exact", "lower_bound")
+BACKWARDS = ("lower_bound", "exact")
 
 
 def collision_matrix(q_codes: np.ndarray, k_codes: np.ndarray) -> np.ndarray:
@@ -109,20 +109,20 @@ def expectation_backward(
     key_mask=None,
     causal=False,
     hash_bits: int,
-    gradient: str = "exact",
+    backward: str = "exact",
     max_ratio: float,
 ):
     """Gradients of YOSO-E w.r.t. unit ``q``, unit ``k`` and ``v`` -> ``(dq, dk, dv)``.
 
-    ``gradient="exact"`` uses the clamped true derivative (paper eq. 3), ``"lower_bound"`` the
+    ``backward="exact"`` uses the clamped true derivative (paper eq. 3), ``"lower_bound"`` the
     surrogate ``(tau/2) p`` (paper eq. 4).
     """
-    if gradient == "exact":
+    if backward == "exact":
         derivative = lambda rows, x: collision_derivative(x, hash_bits, max_ratio)  # noqa: E731
-    elif gradient == "lower_bound":
+    elif backward == "lower_bound":
         derivative = lambda rows, x: lower_bound_derivative(x, hash_bits)  # noqa: E731
     else:
-        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     return _pairwise_backward(
         q,
         k,
@@ -134,9 +134,6 @@ def expectation_backward(
         key_mask=key_mask,
         causal=causal,
     )
-
-
-ESTIMATORS = ("lower_bound", "exact")
 
 
 def sampled_grads(
@@ -151,7 +148,7 @@ def sampled_grads(
     key_mask=None,
     causal=False,
     hash_bits: int,
-    estimator: str = "lower_bound",
+    backward: str = "lower_bound",
     max_ratio: float,
 ):
     """The sampled gradient of YOSO-m w.r.t. unit ``q`` and ``k`` -> ``(dq, dk)``.
@@ -159,21 +156,21 @@ def sampled_grads(
     ``dQ = (S ⊙ W ⊙ M ⊙ G V^T) K`` and ``dK = (...)^T Q``, where ``S`` is the collision matrix of the
     forward's own hashes and ``W`` weighs each colliding pair:
 
-    * ``estimator="lower_bound"`` (paper eq. 4): ``W = tau/2``. Unbiased for YOSO-E's lower-bound
+    * ``backward="lower_bound"`` (paper eq. 4): ``W = tau/2``. Unbiased for YOSO-E's lower-bound
       gradient; it equals ``(tau/2)(1/m) sum_s G_i^T A_s[h_s(q_i)]`` with
       ``A_s[b] = sum_{j in b} v_j k_j^T``, the table form the fast backends use.
-    * ``estimator="exact"`` (the paper's *YOSO): ``W = min(p'/p, max_ratio)``, the importance ratio.
-      Unbiased for :func:`expectation_backward` with ``gradient="exact"``, since ``E[S_ij] = p_ij``.
+    * ``backward="exact"`` (the paper's *YOSO): ``W = min(p'/p, max_ratio)``, the importance ratio.
+      Unbiased for :func:`expectation_backward` with ``backward="exact"``, since ``E[S_ij] = p_ij``.
     """
-    if estimator == "lower_bound":
+    if backward == "lower_bound":
 
         def weight(rows, x):
             return 0.5 * hash_bits * collision_matrix(q_codes[:, :, rows], k_codes)
-    elif estimator == "exact":
+    elif backward == "exact":
 
         def weight(rows, x):
             return collision_matrix(q_codes[:, :, rows], k_codes) * importance_ratio(x, hash_bits, max_ratio)
     else:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     dq, dk, _ = _pairwise_backward(q, k, v, grad, weight, query_mask=query_mask, key_mask=key_mask, causal=causal)
     return dq, dk

@@ -111,7 +111,7 @@ class TritonBackend(Backend):
         )
 
     def sampled_grads(
-        self, q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, estimator, max_ratio
+        self, q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio
     ):
         return self._launch().sampled_grads(
             q_codes,
@@ -124,7 +124,7 @@ class TritonBackend(Backend):
             key_mask=key_mask,
             causal=causal,
             hash_bits=hash_bits,
-            estimator=estimator,
+            backward=backward,
             max_ratio=max_ratio,
         )
 
@@ -133,7 +133,7 @@ class TritonBackend(Backend):
             q, k, v, query_mask=query_mask, key_mask=key_mask, causal=causal, hash_bits=hash_bits
         )
 
-    def expectation_backward(self, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, gradient, max_ratio):
+    def expectation_backward(self, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
         return self._launch().expectation_backward(
             q,
             k,
@@ -143,6 +143,6 @@ class TritonBackend(Backend):
             key_mask=key_mask,
             causal=causal,
             hash_bits=hash_bits,
-            gradient=gradient,
+            backward=backward,
             max_ratio=max_ratio,
         )

@@ -444,16 +444,16 @@ def _row_norms(x, mask):
     return norms if mask is None else torch.where(mask, norms, torch.zeros_like(norms))
 
 
-def sampled_grads(q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, estimator, max_ratio):
+def sampled_grads(q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
     check_tensors(q_codes=q_codes, k_codes=k_codes, q=q, k=k, v=v, grad=grad, query_mask=query_mask, key_mask=key_mask)
-    if estimator not in ("lower_bound", "exact"):
-        raise ValueError(f"estimator must be 'lower_bound' or 'exact', got {estimator!r}")
+    if backward not in ("lower_bound", "exact"):
+        raise ValueError(f"backward must be 'lower_bound' or 'exact', got {backward!r}")
     batch, m, n_q = q_codes.shape
     n_k, dim, dv = k.shape[1], q.shape[2], v.shape[2]
     check_head_dims(D=dim, Dv=dv)
     check_tables_fit(batch, hash_bits, max(n_q, n_k), 1)
     q_codes, k_codes = _codes_int32(q_codes), _codes_int32(k_codes)
-    weight_max = max_ratio if estimator == "exact" else hash_bits / 2
+    weight_max = max_ratio if backward == "exact" else hash_bits / 2
     g_norm, q_norm = _row_norms(grad, query_mask), _row_norms(q, query_mask)
     v_norm, k_norm = _row_norms(v, key_mask), _row_norms(k, key_mask)
     scale_q = _fixed_point_scales(weight_max * g_norm.amax(1) * (v_norm * k_norm).sum(1))
@@ -509,7 +509,7 @@ def sampled_grads(q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, caus
             1.0 / m,
             float(max_ratio),
             TAU=hash_bits,
-            EXACT=estimator == "exact",
+            EXACT=backward == "exact",
             CAUSAL=bool(causal),
             HAS_QMASK=has_qmask,
             HAS_KMASK=has_kmask,
@@ -578,9 +578,9 @@ def expectation_forward(q, k, v, *, query_mask, key_mask, causal, hash_bits):
     return out
 
 
-def expectation_backward(q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, gradient, max_ratio):
-    if gradient not in ("exact", "lower_bound"):
-        raise ValueError(f"gradient must be 'exact' or 'lower_bound', got {gradient!r}")
+def expectation_backward(q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
+    if backward not in ("exact", "lower_bound"):
+        raise ValueError(f"backward must be 'exact' or 'lower_bound', got {backward!r}")
     (qmask, qmb, qmn, has_qmask), (kmask, kmb, kmn, has_kmask) = _expectation_common(
         q, k, v, grad, query_mask, key_mask
     )
@@ -607,7 +607,7 @@ def expectation_backward(q, k, v, grad, *, query_mask, key_mask, causal, hash_bi
     )
     meta = dict(
         TAU=hash_bits,
-        EXACT=gradient == "exact",
+        EXACT=backward == "exact",
         CAUSAL=bool(causal),
         HAS_QMASK=has_qmask,
         HAS_KMASK=has_kmask,
