@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import yoso_reference as ref
-from yoso._arrays import to_framework, to_numpy
-from yoso._core import max_ratio
+from yoso.testing import max_ratio, to_framework, to_numpy
 
 # Relative error allowed against the float64 oracle, by the dtype the backend computed in.
 # DESIGN.md §3: float32 "well under 1e-4".

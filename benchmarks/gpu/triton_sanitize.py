@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from yoso_triton.backend import TritonBackend
 
-from yoso._core import max_ratio
+from yoso.testing import max_ratio
 
 
 def main() -> None:

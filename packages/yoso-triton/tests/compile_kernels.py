@@ -36,7 +36,7 @@ def main() -> int:
     from triton.runtime.jit import JITFunction
     from yoso_triton import launch
 
-    from yoso._core import max_ratio
+    from yoso.testing import max_ratio
 
     types = {
         torch.float32: "*fp32",

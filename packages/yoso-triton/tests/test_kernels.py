@@ -21,7 +21,7 @@ import torch
 
 import yoso
 import yoso_reference as ref
-from yoso._core import max_ratio
+from yoso.testing import max_ratio
 
 F32_TOL = 2e-5
 

@@ -125,34 +125,75 @@ class Backend:
             missing.append("causal=True")
         return missing
 
-    # ---- compute primitives (see DESIGN.md §1 and yoso_reference for the math) -------------------
+    # ---- compute primitives (the math: docs/math.md; the plain statement: yoso_reference) -------------
+    #
+    # A backend implements them either by overriding these methods or, usually, by naming in ``module``
+    # the module whose functions have exactly these signatures: it is imported on the first call, so
+    # loading the backend class (for `yoso info`, for selection) never imports torch, jax or a compiler.
+    # Arguments arrive valid: the API has checked shapes, dtypes, devices and ranges once per call, and
+    # `unsupported` has accepted the call, so primitives never re-check them.
+
+    module: ClassVar[str | None] = None
+
+    def _function(self, primitive: str):
+        if self.module is None:
+            raise NotImplementedError(f"the {self.name!r} backend does not implement {primitive}")
+        import importlib
+
+        return getattr(importlib.import_module(self.module), primitive)
+
     def hash_codes(self, x, planes, *, hashing: str, num_hashes: int, hash_bits: int):
-        """Codes ``[B, m, N]`` of unit rows ``x [B, N, D]``."""
-        raise self._missing("hash_codes")
+        """Codes ``[B, m, N]`` (int32) of unit rows ``x [B, N, D]``."""
+        return self._function("hash_codes")(x, planes, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits)
 
     def cumulate(self, read_codes, write_codes, values, *, read_mask, write_mask, order: str, hash_bits: int):
         """``(1/m) sum_s sum_w [h_s(r) = h_s(w)] write_mask_w values_w``; zero rows where ``read_mask`` is False.
 
         ``order``: ``"none"``, ``"causal"`` (writer position <= reader's) or ``"anticausal"`` (>=).
         """
-        raise self._missing("cumulate")
+        return self._function("cumulate")(
+            read_codes, write_codes, values, read_mask=read_mask, write_mask=write_mask, order=order, hash_bits=hash_bits
+        )
 
     def sampled_grads(
         self, q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio
     ):
         """YOSO-m gradients ``(dq, dk)`` w.r.t. unit q and k; ``backward`` is lower_bound or exact."""
-        raise self._missing("sampled_grads")
+        return self._function("sampled_grads")(
+            q_codes,
+            k_codes,
+            q,
+            k,
+            v,
+            grad,
+            query_mask=query_mask,
+            key_mask=key_mask,
+            causal=causal,
+            hash_bits=hash_bits,
+            backward=backward,
+            max_ratio=max_ratio,
+        )
 
     def expectation_forward(self, q, k, v, *, query_mask, key_mask, causal, hash_bits):
         """YOSO-E ``[B, Nq, Dv]``."""
-        raise self._missing("expectation_forward")
+        return self._function("expectation_forward")(
+            q, k, v, query_mask=query_mask, key_mask=key_mask, causal=causal, hash_bits=hash_bits
+        )
 
     def expectation_backward(self, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
         """YOSO-E gradients ``(dq, dk, dv)``; ``backward`` is exact (clamped p') or lower_bound."""
-        raise self._missing("expectation_backward")
-
-    def _missing(self, primitive: str) -> NotImplementedError:
-        return NotImplementedError(f"the {self.name!r} backend does not implement {primitive}")
+        return self._function("expectation_backward")(
+            q,
+            k,
+            v,
+            grad,
+            query_mask=query_mask,
+            key_mask=key_mask,
+            causal=causal,
+            hash_bits=hash_bits,
+            backward=backward,
+            max_ratio=max_ratio,
+        )
 
     def __repr__(self) -> str:
         return f"<yoso backend {self.name!r}>"

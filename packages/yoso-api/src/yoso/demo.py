@@ -21,7 +21,7 @@ import numpy as np
 
 from . import backends
 from ._api import attention
-from ._arrays import framework_for, synchronize, to_framework, to_numpy
+from .testing import framework_for, synchronize, to_framework, to_numpy
 
 HASH_COUNTS = (8, 16, 32, 64, 128)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._api import attention
-from .._arrays import to_framework, to_numpy
+from ..testing import to_framework, to_numpy
 from ..demo import clustered_sample, mean_angle_degrees, softmax_attention
 
 DATA = {

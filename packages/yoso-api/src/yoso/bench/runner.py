@@ -392,7 +392,7 @@ def _busy_warning() -> list[str]:
 
 def _fidelity(config, points, progress) -> dict:
     from .. import backends
-    from .._arrays import framework_for
+    from ..testing import framework_for
 
     rows, soft_rows, skipped = [], [], []
     for backend, kind, n in points:

@@ -4,7 +4,7 @@ Methods: per backend, N-YOSO-m (``mode="sample"``, ``backward="lower_bound"``) a
 (``mode="expectation"``); once per run, torch's ``scaled_dot_product_attention`` on identically
 shaped ``[B, H, N, D]`` tensors (FlashAttention/cuDNN on a GPU, its CPU kernel otherwise).
 
-Each backend is fed the arrays it computes on (``yoso._arrays.framework_for``): the reference
+Each backend is fed the arrays it computes on (``yoso.testing.framework_for``): the reference
 NumPy arrays, JAX backends jax arrays, Triton/CUDA backends torch tensors, so no conversion is timed.
 The forward pass runs without gradient tracking; forward+backward computes the gradients of q, k
 and v for a fixed random cotangent (NumPy: ``attention_vjp``; torch: ``torch.autograd.grad``; JAX:
@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import backends
 from .._api import attention, attention_vjp
-from .._arrays import framework_for, to_framework
+from ..testing import framework_for, to_framework
 
 PASSES = ("forward", "forward_backward")
 PASS_LABELS = {"forward": "forward", "forward_backward": "forward+backward"}

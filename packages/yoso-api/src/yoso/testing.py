@@ -1,8 +1,18 @@
-"""Moving NumPy data to a backend's framework and back, for the demo, the benchmarks and tests."""
+"""The one documented hook for code that tests or measures backends (the conformance suite, ``yoso bench``).
+
+Nothing here is needed to *use* yoso. It moves NumPy data into a backend's framework and back, says which
+caller framework reaches a backend most directly, waits for devices (timing), and exposes the constant the
+API passes to the gradient primitives, so that kernel-level tests can call a backend's primitives exactly as
+the API does.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+from ._core import max_ratio
+
+__all__ = ["framework_for", "max_ratio", "synchronize", "to_framework", "to_numpy"]
 
 
 def framework_for(backend) -> str:
