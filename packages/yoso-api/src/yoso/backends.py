@@ -151,8 +151,15 @@ class Backend:
 
         ``order``: ``"none"``, ``"causal"`` (writer position <= reader's) or ``"anticausal"`` (>=).
         """
-        return self._function("cumulate")(
-            read_codes, write_codes, values, read_mask=read_mask, write_mask=write_mask, order=order, hash_bits=hash_bits
+        cumulate = self._function("cumulate")
+        return cumulate(
+            read_codes,
+            write_codes,
+            values,
+            read_mask=read_mask,
+            write_mask=write_mask,
+            order=order,
+            hash_bits=hash_bits,
         )
 
     def sampled_grads(

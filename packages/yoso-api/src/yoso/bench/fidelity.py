@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from .._api import attention
-from ..testing import to_framework, to_numpy
 from ..demo import clustered_sample, mean_angle_degrees, softmax_attention
+from ..testing import to_framework, to_numpy
 
 DATA = {
     "clustered": "unit q, k around 16 shared cluster centres (spread 0.6; yoso.demo.clustered_sample), "
