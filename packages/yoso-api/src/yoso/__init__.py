@@ -15,7 +15,8 @@ converging to YOSO-E as the number of hashes grows.
 
 from ._api import attention, attention_vjp
 from ._planes import MAX_HASH_BITS, hash_planes
-from .backends import available_backends, get_backend, set_backend
+from ._validate import check_options
+from .backends import BACKWARDS, HASHINGS, MODES, available_backends, get_backend, set_backend
 
 __version__ = "0.1.0"
 
@@ -32,10 +33,14 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BACKWARDS",
+    "HASHINGS",
     "MAX_HASH_BITS",
+    "MODES",
     "attention",
     "attention_vjp",
     "available_backends",
+    "check_options",
     "get_backend",
     "hash_planes",
     "set_backend",

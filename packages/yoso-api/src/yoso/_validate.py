@@ -46,6 +46,22 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def check_options(
+    *, num_hashes=32, hash_bits=8, mode="sample", hashing="gaussian", backward="lower_bound", head_dim=None
+) -> None:
+    """Check :func:`yoso.attention`'s hyperparameters without any arrays, raising the errors a call would.
+
+    For code that fixes them ahead of the data (a layer's constructor): ``head_dim`` (D), when given, is
+    checked against ``hashing="hadamard"``'s limit ``hash_bits <= D'``.
+    """
+    check_choice("mode", mode, MODES)
+    check_choice("backward", backward, BACKWARDS)
+    check_hash_args(num_hashes, hash_bits, hashing)
+    if head_dim is not None:
+        check_positive_int("head_dim", head_dim)
+        planes_shape(int(num_hashes), int(hash_bits), int(head_dim), hashing)  # hadamard: hash_bits <= D'
+
+
 def check_layer_args(*, width_name: str, width: int, num_heads: int, num_hashes, hash_bits, hashing, **choices):
     """Shared checks of the model layers (yoso.nn, yoso.nnx): widths, heads, hash hyperparameters, and
     ``choices`` given as ``name=(value, options)``."""
@@ -169,9 +185,7 @@ def prepare(
             )
         )
     # Hyperparameters first: they are cheap and explain most mistakes.
-    check_choice("mode", mode, MODES)
-    check_choice("backward", backward, BACKWARDS)
-    check_hash_args(num_hashes, hash_bits, hashing)
+    check_options(num_hashes=num_hashes, hash_bits=hash_bits, mode=mode, hashing=hashing, backward=backward)
     _check_flag("causal", causal)
     _check_flag("normalize", normalize)
     num_hashes, hash_bits = int(num_hashes), int(hash_bits)
