@@ -32,21 +32,21 @@ step install "$PY" -m pip install -q --no-deps --no-build-isolation -e packages/
 step info "$PY" -m yoso.cli info  # the jax backend should list a cuda device; its default device is then the GPU
 
 # Conformance on GPU arrays (conftest places the jax target's arrays on backend.default_device()):
-# both levels -- XLA (scatter/gather) and Pallas (compiled through Triton, not interpreted, on a GPU) --
-# in float32, and the XLA level in float64 too.
-for impl in xla pallas; do
-    step "conformance-$impl-f32" env YOSO_JAX_IMPL=$impl YOSO_TEST_DTYPE=float32 \
-        "$PY" -m pytest conformance --backend jax --require-backend -q -p no:cacheprovider
+# both backends -- jax (XLA scatter/gather) and pallas (compiled through Triton, not interpreted, on a
+# GPU) -- in float32, and jax in float64 too.
+for backend in jax pallas; do
+    step "conformance-$backend-f32" env YOSO_TEST_DTYPE=float32 \
+        "$PY" -m pytest conformance --backend $backend --require-backend -q -p no:cacheprovider
 done
-step conformance-xla-f64 env YOSO_JAX_IMPL=xla JAX_ENABLE_X64=1 \
+step conformance-jax-f64 env JAX_ENABLE_X64=1 \
     "$PY" -m pytest conformance --backend jax --require-backend -q -p no:cacheprovider
 step jax-tests "$PY" -m pytest packages/yoso-jax/tests -q -p no:cacheprovider
 
 # Speed (yoso bench is the project's benchmark command).
-for impl in xla pallas; do
-    step "bench-$impl" env YOSO_JAX_IMPL=$impl "$PY" -m yoso.cli bench --backend jax --device cuda --dtype bfloat16 \
+for backend in jax pallas; do
+    step "bench-$backend" "$PY" -m yoso.cli bench --backend $backend --device cuda --dtype bfloat16 \
         --batch 4 --heads 16 --dim 64 --num-hashes 32 --hash-bits 8 --n 1024,2048,4096,8192,16384,32768,65536 \
-        --out "$LOG/bench-$impl"
+        --out "$LOG/bench-$backend"
 done
 
 if ((${#failed[@]})); then

@@ -1,6 +1,6 @@
-"""The implementation levels and the code paths the conformance suite's small shapes do not reach.
+"""The two backends (jax, pallas) and the code paths the conformance suite's small shapes do not reach.
 
-The conformance suite runs once per level (YOSO_JAX_IMPL=xla, =pallas). Its inputs are small, so
+The conformance suite runs once per backend. Its inputs are small, so
 size-dependent choices -- the XLA cumulation's per-hash loops, column chunks, multi-chunk scans of
 YOSO-E -- are forced here by shrinking the thresholds, and compared with the oracle.
 """
@@ -14,7 +14,6 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 import yoso  # noqa: E402
-import yoso_jax  # noqa: E402
 import yoso_reference as ref  # noqa: E402
 from yoso import cli  # noqa: E402
 from yoso_jax import pairwise, pallas, xla  # noqa: E402
@@ -47,8 +46,8 @@ def _cumulate(fn, pb, order, **kw):
         jnp.asarray(pb["rc"], jnp.int32),
         jnp.asarray(pb["wc"], jnp.int32),
         jnp.asarray(pb["v"], DTYPE),
-        jnp.asarray(pb["rm"]),
-        jnp.asarray(pb["wm"]),
+        read_mask=jnp.asarray(pb["rm"]),
+        write_mask=jnp.asarray(pb["wm"]),
         order=order,
         hash_bits=pb["tau"],
         **kw,
@@ -104,7 +103,7 @@ def test_pairwise_pieces_over_many_query_chunks(monkeypatch, causal):
     """YOSO-E and the sampled gradients on long inputs run in query chunks (no N x N matrix):
     force several chunks, and value-column blocks for the lower bound."""
     monkeypatch.setattr(pairwise, "PAIRWISE_ELEMENTS", 2 * 41 * 5)
-    monkeypatch.setattr(xla, "ELEMENT_BUDGET", 2 * 41 * 5 * 2)
+    monkeypatch.setattr(pairwise, "ELEMENT_BUDGET", 2 * 41 * 5 * 2)
     jax.clear_caches()
     pb = _pair_problem(np.random.default_rng(2), nk=37 if causal else 41)
     a = {n: jnp.asarray(pb[n], DTYPE) for n in ("q", "k", "v", "g")}
@@ -112,14 +111,16 @@ def test_pairwise_pieces_over_many_query_chunks(monkeypatch, causal):
     masks = {n: jnp.asarray(pb[n]) for n in ("qm", "km")}
     tau, clamp = pb["tau"], 10.0 * pb["tau"]
     try:
-        y = pairwise.expectation_forward(a["q"], a["k"], a["v"], masks["qm"], masks["km"], causal=causal, hash_bits=tau)
+        y = pairwise.expectation_forward(
+            a["q"], a["k"], a["v"], query_mask=masks["qm"], key_mask=masks["km"], causal=causal, hash_bits=tau
+        )
         want = ref.expectation_forward(
             pb["q"], pb["k"], pb["v"], query_mask=pb["qm"], key_mask=pb["km"], causal=causal, hash_bits=tau
         )
         _close(y, want, "expectation forward")
         for backward in ("exact", "lower_bound"):
             got = pairwise.expectation_backward(
-                a["q"], a["k"], a["v"], a["g"], masks["qm"], masks["km"],
+                a["q"], a["k"], a["v"], a["g"], query_mask=masks["qm"], key_mask=masks["km"],
                 causal=causal, hash_bits=tau, backward=backward, max_ratio=clamp,
             )  # fmt: skip
             want = ref.expectation_backward(
@@ -155,34 +156,28 @@ def test_pallas_cumulation_over_several_blocks(order):
     _close(_cumulate(pallas.cumulate, pb, order), _oracle_cumulate(pb, order), order)
 
 
-def test_levels_agree_and_switching_retraces():
-    """The same call at both levels, in one process: set_implementation changes what runs (the glue's
-    jit cache is keyed on the level), and the results agree."""
+def test_backends_agree_and_switching_retraces():
+    """The same call on both backends, in one process: set_backend changes what runs (the glue's jit
+    cache is keyed on the backend's name), and the results agree."""
     rng = np.random.default_rng(4)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 40, 8)), DTYPE) for _ in range(3))
     kw = dict(num_hashes=6, hash_bits=5, seed=3, causal=True)
     weights = jnp.asarray(rng.standard_normal((2, 40, 8)), DTYPE)  # (sum of squares of unit rows is constant)
     loss = lambda q, k, v: jnp.sum(yoso.attention(q, k, v, **kw) * weights)  # noqa: E731
     results = {}
-    with yoso.set_backend("jax"):
-        for level in yoso_jax.IMPLEMENTATIONS:
-            with yoso_jax.set_implementation(level):
-                assert yoso_jax.implementation() == level
-                results[level] = (yoso.attention(q, k, v, **kw), jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
-    (out_x, grads_x), (out_p, grads_p) = results["xla"], results["pallas"]
+    for name in ("jax", "pallas"):
+        with yoso.set_backend(name):
+            assert yoso.backend_for(q, k, v, **kw) == name
+            results[name] = (yoso.attention(q, k, v, **kw), jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+    (out_x, grads_x), (out_p, grads_p) = results["jax"], results["pallas"]
     _close(out_p, out_x, "forward")
     for a, b in zip(grads_p, grads_x):
         _close(a, b, "backward")
 
 
-def test_implementation_is_validated_and_shown_by_info(monkeypatch, capsys):
-    with pytest.raises(ValueError, match="implementation must be one of xla, pallas"):
-        yoso_jax.set_implementation("cuda")
-    monkeypatch.setenv(yoso_jax.IMPL_ENV_VAR, "pallas")
-    assert yoso_jax.implementation() == "pallas"
+def test_both_backends_are_listed_by_info(capsys):
     assert cli.main(["info"]) == 0
-    assert "implementation level 'pallas' (choose with YOSO_JAX_IMPL=xla|pallas" in capsys.readouterr().out
-    monkeypatch.setenv(yoso_jax.IMPL_ENV_VAR, "fast")
-    with pytest.raises(ValueError, match="YOSO_JAX_IMPL must be one of xla, pallas, got 'fast'"):
-        yoso_jax.implementation()
-    assert "YOSO_JAX_IMPL must be one of" in yoso.backends.get("jax").availability()
+    text = capsys.readouterr().out
+    assert "jax        available" in text and "pallas     available" in text
+    assert "interpret=True" in text  # off GPUs the Pallas kernels are interpreted, and info says so
+    assert yoso.backends.get("jax").priority > yoso.backends.get("pallas").priority

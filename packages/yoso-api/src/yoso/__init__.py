@@ -13,7 +13,7 @@
 converging to YOSO-E as the number of hashes grows.
 """
 
-from ._api import attention, attention_vjp
+from ._api import attention, attention_vjp, backend_for, hash_codes
 from ._planes import MAX_HASH_BITS, hash_planes
 from ._validate import check_options
 from .backends import BACKWARDS, HASHINGS, MODES, available_backends, get_backend, set_backend
@@ -40,8 +40,10 @@ __all__ = [
     "attention",
     "attention_vjp",
     "available_backends",
+    "backend_for",
     "check_options",
     "get_backend",
+    "hash_codes",
     "hash_planes",
     "set_backend",
 ]

@@ -1,42 +1,13 @@
-"""The public entry points: ``attention`` and ``attention_vjp``."""
+"""The public entry points: ``attention``, ``attention_vjp``, ``hash_codes`` and ``backend_for``.
+
+Each is the same three steps: the glue of the caller's framework, ``prepare`` (every check, once), the
+backend selection picks; then the glue runs the call on that backend.
+"""
 
 from __future__ import annotations
 
-import sys
-
-import numpy as np
-
-from ._validate import prepare
-
-
-def _glue_for(q, k, v):
-    """The framework glue owning q, k and v; ``TypeError`` for mixed or unknown array types."""
-    kinds = set()
-    for x in (q, k, v):
-        if isinstance(x, np.ndarray):
-            kinds.add("numpy")
-        elif type(x).__module__.startswith("torch") and "torch" in sys.modules:
-            kinds.add("torch")
-        elif type(x).__module__.startswith("jax") or type(x).__name__ in ("ArrayImpl", "DynamicJaxprTracer"):
-            kinds.add("jax")
-        else:
-            kind = f"{type(x).__module__}.{type(x).__name__}"
-            raise TypeError(f"q, k and v must be NumPy arrays, torch tensors or JAX arrays; got {kind}")
-    if len(kinds) > 1:
-        names = ", ".join(f"{n} {type(x).__module__}.{type(x).__name__}" for n, x in zip("qkv", (q, k, v)))
-        raise TypeError(f"q, k and v must be arrays of one framework; got {names}")
-    kind = kinds.pop()
-    if kind == "numpy":
-        from ._numpy_glue import NumpyGlue
-
-        return NumpyGlue()
-    if kind == "torch":
-        from ._torch_glue import TorchGlue
-
-        return TorchGlue()
-    from ._jax_glue import JaxGlue
-
-    return JaxGlue()
+from ._glue import glue_for
+from ._validate import prepare, prepare_hashing
 
 
 def attention(
@@ -92,28 +63,25 @@ def attention(
     Returns:
         ``[..., Nq, Dv]`` in q's framework, device and dtype.
     """
-    glue = _glue_for(q, k, v)
-    prep = prepare(
-        glue,
-        q,
-        k,
-        v,
-        key_padding_mask=key_padding_mask,
-        query_mask=query_mask,
-        causal=causal,
-        num_hashes=num_hashes,
-        hash_bits=hash_bits,
-        mode=mode,
-        hashing=hashing,
-        backward=backward,
-        normalize=normalize,
-        planes=planes,
-        seed=seed,
-        generator=generator,
-        key=key,
-        requires_grad=glue.requires_grad(q, k, v),
-    )
-    return glue.run(glue.select(prep.call), prep)
+    glue = glue_for(("q", "k", "v"), (q, k, v))
+    prep = _prepare(glue, q, k, v, options=locals())
+    return glue.attention(glue.select(prep.call), prep)
+
+
+_OPTIONS = tuple(attention.__kwdefaults__)
+
+
+def _prepare(glue, q, k, v, *, options: dict, requires_grad: bool | None = None):
+    options = {name: options[name] for name in _OPTIONS}
+    grad = glue.requires_grad(q, k, v) if requires_grad is None else requires_grad
+    return prepare(glue, q, k, v, requires_grad=grad, **options)
+
+
+def _check_keywords(function: str, kwargs: dict) -> dict:
+    unknown = set(kwargs) - set(_OPTIONS)
+    if unknown:
+        raise TypeError(f"{function}() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    return {**attention.__kwdefaults__, **kwargs}
 
 
 def attention_vjp(q, k, v, **kwargs):
@@ -121,12 +89,57 @@ def attention_vjp(q, k, v, **kwargs):
     ``vjp(cotangent) -> (dq, dk, dv)``, the vector-Jacobian product with the chosen ``backward``
     estimator, computed with the same hash functions as the forward.
     """
-    glue = _glue_for(q, k, v)
+    glue = glue_for(("q", "k", "v"), (q, k, v))
     if glue.name != "numpy":
         raise TypeError(f"attention_vjp is for NumPy arrays; with {glue.name} use the framework's autograd")
-    unknown = set(kwargs) - set(attention.__kwdefaults__)
-    if unknown:
-        raise TypeError(f"attention_vjp() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-    options = {**attention.__kwdefaults__, **kwargs}
-    prep = prepare(glue, q, k, v, requires_grad=True, **options)
-    return glue.run(glue.select(prep.call), prep, with_vjp=True)
+    prep = _prepare(glue, q, k, v, options=_check_keywords("attention_vjp", kwargs), requires_grad=True)
+    return glue.attention_vjp(glue.select(prep.call), prep)
+
+
+def backend_for(q, k, v, **kwargs) -> str:
+    """The name of the backend ``yoso.attention(q, k, v, **kwargs)`` would run on, without running it.
+
+    Selection looks at the arrays' framework, device and dtype and at the options (an explicit choice,
+    :func:`yoso.set_backend` or ``YOSO_BACKEND``, is strict and raises when it cannot run the call).
+    """
+    glue = glue_for(("q", "k", "v"), (q, k, v))
+    return glue.select(_prepare(glue, q, k, v, options=_check_keywords("backend_for", kwargs)).call).name
+
+
+def hash_codes(
+    x,
+    *,
+    planes=None,
+    num_hashes: int = 32,
+    hash_bits: int = 8,
+    hashing: str = "gaussian",
+    seed=None,
+    generator=None,
+    key=None,
+):
+    """The hash codes ``yoso.attention`` gives the rows of ``x``: integers ``[..., N, m]`` in [0, 2**tau).
+
+    Bit ``b`` of hash ``s`` of a row is ``planes[s, b] · x > 0`` for ``hashing="gaussian"`` (the code is
+    ``sum_b 2**b * bit_b``), and the signs of the structured rotation for ``"hadamard"`` (layouts:
+    :func:`yoso.hash_planes`). Codes depend only on the rows' directions; a zero row has code 0.
+
+    Args:
+        x: rows ``[..., N, D]`` (NumPy, torch or JAX); the result is int32 in the same framework and device.
+        planes, num_hashes, hash_bits, hashing, seed, generator, key: as in :func:`yoso.attention`
+            (``planes`` may have leading dims broadcasting against ``x``'s for per-head hashes). Two calls
+            with the same planes or the same int seed give the same codes on every backend, away from
+            exact sign ties.
+    """
+    glue = glue_for(("x",), (x,))
+    prep = prepare_hashing(
+        glue,
+        x,
+        planes=planes,
+        num_hashes=num_hashes,
+        hash_bits=hash_bits,
+        hashing=hashing,
+        seed=seed,
+        generator=generator,
+        key=key,
+    )
+    return glue.hash_codes(glue.select(prep.call), prep)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _core, backends
+from ._glue import Glue
 from ._planes import draw, rng_from_seed
 
 _PLATFORMS = {"gpu": "cuda"}  # JAX's platform names -> the device types of yoso's Call
@@ -127,7 +128,6 @@ class _Config:
     """The static part of a call: hashable, so that jax.jit caches one program per configuration."""
 
     backend: str
-    trace_key: object  # the backend's settings read at trace time (yoso-jax: its implementation level)
     mode: str
     hashing: str
     num_hashes: int
@@ -216,9 +216,17 @@ def _bad_values(arrays, *, layouts, hashing):
 # ---- the glue object used by yoso.attention -------------------------------------------------------
 
 
-class JaxGlue:
+@functools.partial(jax.jit, static_argnames=("backend", "layouts", "hashing", "num_hashes", "hash_bits"))
+def _hash_codes(arrays, *, backend: str, layouts, hashing: str, num_hashes: int, hash_bits: int):
+    x, planes = _resolve_all(arrays, layouts)
+    codes = backends.get(backend).hash_codes(
+        _unit(x).astype(x.dtype), planes, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits
+    )
+    return codes.astype(jnp.int32).transpose(0, 2, 1)
+
+
+class JaxGlue(Glue):
     name = "jax"
-    select = staticmethod(backends.select)  # which backend runs a call
 
     @staticmethod
     def owns(x) -> bool:
@@ -301,17 +309,24 @@ class JaxGlue:
             raise ValueError("planes for hashing='hadamard' are ±1 diagonals; got other values")
 
     @staticmethod
-    def run(backend, prep):
-        if backend.framework != "jax":
-            raise TypeError(
-                f"the {backend.name!r} backend computes on {backend.framework} arrays; JAX arrays need a backend "
-                "that computes on JAX arrays (install yoso-jax)"
-            )
+    def hash_codes(backend, prep):
         call = prep.call
-        trace_key = backend.trace_key() if hasattr(backend, "trace_key") else None
+        arrays, layouts = _arrays_and_layouts([prep.x, prep.planes])
+        codes = _hash_codes(
+            arrays,
+            backend=backend.name,
+            layouts=layouts,
+            hashing=call.hashing,
+            num_hashes=call.num_hashes,
+            hash_bits=call.hash_bits,
+        )
+        return codes.reshape(prep.lead + (call.n_query, call.num_hashes))
+
+    @staticmethod
+    def attention(backend, prep):
+        call = prep.call
         config = _Config(
             backend=backend.name,
-            trace_key=trace_key,
             mode=call.mode,
             hashing=call.hashing,
             num_hashes=call.num_hashes,

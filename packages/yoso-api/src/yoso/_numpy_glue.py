@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 
-from . import _core, backends
+from . import _core
+from ._glue import Glue
 from ._planes import draw, rng_from_seed
 
 
@@ -41,9 +42,14 @@ def _unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return grad.sum(axis=axes, keepdims=True) if axes else grad
 
 
-class NumpyGlue:
+def _codes_out(codes: np.ndarray, lead: tuple[int, ...]) -> np.ndarray:
+    """Backend codes ``[B, m, N]`` -> the public layout ``[..., N, m]`` (int32)."""
+    b, m, n = codes.shape
+    return np.ascontiguousarray(codes.astype(np.int32, copy=False).transpose(0, 2, 1)).reshape(lead + (n, m))
+
+
+class NumpyGlue(Glue):
     name = "numpy"
-    select = staticmethod(backends.select)  # which backend runs a call
 
     @staticmethod
     def owns(x) -> bool:
@@ -52,10 +58,6 @@ class NumpyGlue:
     @staticmethod
     def describe(x):
         return tuple(x.shape), np.dtype(x.dtype).name, "cpu"
-
-    @staticmethod
-    def requires_grad(*arrays) -> bool:
-        return False  # gradients of NumPy calls come from attention_vjp
 
     @staticmethod
     def asarray(x, like=None):
@@ -97,7 +99,20 @@ class NumpyGlue:
             if hashing == "hadamard" and not np.isin(planes, (-1.0, 1.0)).all():
                 raise ValueError("planes for hashing='hadamard' are ±1 diagonals; got other values")
 
-    def run(self, backend, prep, *, with_vjp: bool = False):
+    def hash_codes(self, backend, prep):
+        call = prep.call
+        codes = backend.hash_codes(
+            unit_rows(prep.x), prep.planes, hashing=call.hashing, num_hashes=call.num_hashes, hash_bits=call.hash_bits
+        )
+        return _codes_out(np.asarray(codes), prep.lead)
+
+    def attention(self, backend, prep):
+        return self._run(backend, prep, with_vjp=False)
+
+    def attention_vjp(self, backend, prep):
+        return self._run(backend, prep, with_vjp=True)
+
+    def _run(self, backend, prep, *, with_vjp: bool):
         """The forward (and, with ``with_vjp``, its VJP) on a NumPy-framework backend."""
         call = prep.call
         dtype = np.dtype(call.dtype)

@@ -14,8 +14,10 @@ rotation ``s // (D' // tau)`` from coordinate ``(s % (D' // tau)) * tau``; ``R =
 from __future__ import annotations
 
 import numbers
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy loads with the first call, not with `import yoso`
+    import numpy as np
 
 MAX_HASH_BITS = 16  # 2^16 buckets per hash table; larger tables do not fit fast memory anywhere
 
@@ -55,6 +57,8 @@ def check_hash_args(num_hashes, hash_bits, hashing) -> None:
 
 def rng_from_seed(seed) -> np.random.Generator:
     """``None`` (fresh entropy), a non-negative int, or a ``numpy.random.Generator`` (used as is)."""
+    import numpy as np
+
     if isinstance(seed, np.random.Generator):
         return seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
@@ -76,6 +80,8 @@ def hash_planes(num_hashes: int, hash_bits: int, dim: int, *, hashing: str = "ga
 
 def draw(shape: tuple[int, ...], hashing: str, rng: np.random.Generator) -> np.ndarray:
     """Gaussian hyperplanes or ±1 diagonals of ``shape``, float64."""
+    import numpy as np
+
     if hashing == "gaussian":
         return rng.standard_normal(shape)
     return rng.integers(0, 2, size=shape).astype(np.float64) * 2 - 1

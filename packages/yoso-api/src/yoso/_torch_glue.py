@@ -13,12 +13,14 @@ for float64); the result is cast back to the input dtype at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import torch
 
 from . import _core, backends
+from ._glue import Glue
 from ._planes import draw, rng_from_seed
 
 Tensor = torch.Tensor
@@ -157,18 +159,33 @@ def _backward(ctx, grad_y, _grad_q_codes, _grad_k_codes):
 torch.library.register_autograd("yoso::core", _backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("yoso::hash_codes", mutates_args=())
+def hash_codes_op(x: Tensor, planes: Tensor, backend: str, hashing: str, num_hashes: int, hash_bits: int) -> Tensor:
+    """int32 codes ``[B, m, N]`` of the unit rows ``x [B, N, D]`` (an op, so torch.compile keeps it whole)."""
+    impl = backends.get(backend)
+    codes = impl.hash_codes(
+        _to_backend(impl, x), _to_backend(impl, planes), hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits
+    )
+    return _from_backend(codes, x, torch.int32)
+
+
+@hash_codes_op.register_fake
+def _hash_codes_fake(x, planes, backend, hashing, num_hashes, hash_bits):
+    return x.new_empty((x.shape[0], num_hashes, x.shape[1]), dtype=torch.int32)
+
+
 # ---- the glue object used by yoso.attention -------------------------------------------------------
 
 
 @torch.compiler.assume_constant_result
-def _selected_name(*call_fields) -> str:
+def _selected_name(**call_fields) -> str:
     # Run eagerly even while torch.compile traces: discovering and checking backends imports modules
     # and takes locks, which dynamo cannot trace. The choice is folded into the graph as a constant, so
     # a compiled function keeps the backend chosen when it was traced.
-    return backends.select(backends.Call(*call_fields)).name
+    return backends.select(backends.Call(**call_fields)).name
 
 
-class TorchGlue:
+class TorchGlue(Glue):
     name = "torch"
 
     @staticmethod
@@ -246,16 +263,19 @@ class TorchGlue:
     def select(call):
         if not torch.compiler.is_compiling():
             return backends.select(call)
-        # The fields one by one: dynamo passes constants, not a dataclass, to the eager function.
-        c = call
-        name = _selected_name(
-            *(c.framework, c.device, c.dtype, c.batch, c.n_query, c.n_key, c.dim, c.value_dim),
-            *(c.mode, c.hashing, c.backward, c.causal, c.num_hashes, c.hash_bits, c.requires_grad),
-        )
-        return backends.get(name)
+        # The fields by name: dynamo passes constants, not a dataclass, to the eager function.
+        fields = {f.name: getattr(call, f.name) for f in dataclasses.fields(call)}
+        return backends.get(_selected_name(**fields))
 
     @staticmethod
-    def run(backend, prep):
+    def hash_codes(backend, prep):
+        call = prep.call
+        x = _unit(prep.x).to(prep.x.dtype)
+        codes = hash_codes_op(x, prep.planes, backend.name, call.hashing, call.num_hashes, call.hash_bits)
+        return codes.transpose(1, 2).reshape(prep.lead + (call.n_query, call.num_hashes))
+
+    @staticmethod
+    def attention(backend, prep):
         call = prep.call
         q = _keep_rows(prep.q, prep.query_mask)
         k = _keep_rows(prep.k, prep.key_mask)

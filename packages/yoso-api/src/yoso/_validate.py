@@ -12,8 +12,6 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from ._planes import check_hash_args, planes_shape
 from .backends import BACKWARDS, MODES, Call
 
@@ -76,11 +74,15 @@ def check_layer_args(*, width_name: str, width: int, num_heads: int, num_hashes,
 
 
 def _check_flag(name: str, value) -> None:
+    import numpy as np  # loaded by the first call, not by `import yoso`
+
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
 
 
 def _broadcast_lead(shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    import numpy as np  # loaded by the first call, not by `import yoso`
+
     leads = {name: shape[:-2] for name, shape in shapes.items()}
     try:
         return tuple(np.broadcast_shapes(*leads.values()))
@@ -92,6 +94,8 @@ def _broadcast_lead(shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
 
 
 def _check_mask(glue, name: str, mask, lead: tuple[int, ...], length: int, length_name: str, like, device: str):
+    import numpy as np  # loaded by the first call, not by `import yoso`
+
     if mask is None:
         return None
     if not glue.owns(mask) and not isinstance(mask, np.ndarray):
@@ -115,6 +119,8 @@ def _check_mask(glue, name: str, mask, lead: tuple[int, ...], length: int, lengt
 
 
 def _prepare_planes(glue, planes, lead, batch, like, *, num_hashes, hash_bits, dim, hashing, seed, generator, key):
+    import numpy as np  # loaded by the first call, not by `import yoso`
+
     expected = planes_shape(num_hashes, hash_bits, dim, hashing)
     if planes is None:
         drawn = glue.draw_planes(expected, hashing=hashing, seed=seed, generator=generator, key=key, like=like)
@@ -127,7 +133,7 @@ def _prepare_planes(glue, planes, lead, batch, like, *, num_hashes, hash_bits, d
     if not dtype.startswith(("float", "bfloat")):
         raise TypeError(f"planes must be a floating array, got dtype {dtype}")
     if glue.owns(planes) and planes_device != glue.describe(like)[2]:
-        raise ValueError(f"planes are on {planes_device} but q, k, v are on {glue.describe(like)[2]}")
+        raise ValueError(f"planes are on {planes_device} but the inputs are on {glue.describe(like)[2]}")
     n = len(expected)
     if tuple(shape[len(shape) - n :]) != expected or len(shape) < n:
         what = "(num_hashes, hash_bits, D)" if hashing == "gaussian" else "(rotations, 3, D') of ±1 diagonals"
@@ -146,6 +152,18 @@ def _prepare_planes(glue, planes, lead, batch, like, *, num_hashes, hash_bits, d
     if not planes_lead or math.prod(planes_lead) == 1:
         return glue.flatten(planes, (), expected)  # shared by every batch row: P = 1
     return glue.flatten(planes, lead, expected)
+
+
+def _describe_rows(glue, name: str, x):
+    """``(shape, dtype, device)`` of an input of rows ``[..., N, D]``, refusing what cannot be one."""
+    shape, dtype, device = glue.describe(x)
+    if len(shape) < 2:
+        raise ValueError(f"{name} must have at least 2 dims [..., N, D], got shape {_fmt(shape)}")
+    if 0 in shape:
+        raise ValueError(f"{name} has an empty dimension (shape {_fmt(shape)}); every size must be >= 1")
+    if not dtype.startswith(("float", "bfloat")):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {dtype}")
+    return shape, dtype, device
 
 
 def prepare(
@@ -171,19 +189,18 @@ def prepare(
 ) -> Prepared:
     # Frameworks that trace (JAX) need the hyperparameters as Python values; their glue says which
     # argument arrived traced, before the generic checks below would call it merely "not an int".
-    if hasattr(glue, "check_static"):
-        glue.check_static(
-            dict(
-                num_hashes=num_hashes,
-                hash_bits=hash_bits,
-                mode=mode,
-                hashing=hashing,
-                backward=backward,
-                causal=causal,
-                normalize=normalize,
-                seed=seed,
-            )
+    glue.check_static(
+        dict(
+            num_hashes=num_hashes,
+            hash_bits=hash_bits,
+            mode=mode,
+            hashing=hashing,
+            backward=backward,
+            causal=causal,
+            normalize=normalize,
+            seed=seed,
         )
+    )
     # Hyperparameters first: they are cheap and explain most mistakes.
     check_options(num_hashes=num_hashes, hash_bits=hash_bits, mode=mode, hashing=hashing, backward=backward)
     _check_flag("causal", causal)
@@ -192,13 +209,7 @@ def prepare(
 
     shapes, dtypes, devices = {}, {}, {}
     for name, x in (("q", q), ("k", k), ("v", v)):
-        shapes[name], dtypes[name], devices[name] = glue.describe(x)
-        if len(shapes[name]) < 2:
-            raise ValueError(f"{name} must have at least 2 dims [..., N, D], got shape {_fmt(shapes[name])}")
-        if 0 in shapes[name]:
-            raise ValueError(f"{name} has an empty dimension (shape {_fmt(shapes[name])}); every size must be >= 1")
-        if not dtypes[name].startswith(("float", "bfloat")):
-            raise TypeError(f"{name} must be a floating-point array, got dtype {dtypes[name]}")
+        shapes[name], dtypes[name], devices[name] = _describe_rows(glue, name, x)
     if len(set(dtypes.values())) > 1:
         raise TypeError(f"q, k and v must share one dtype, got q {dtypes['q']}, k {dtypes['k']}, v {dtypes['v']}")
     if len(set(devices.values())) > 1:
@@ -275,3 +286,54 @@ def prepare(
         normalize=bool(normalize),
         shapes=(shapes["q"], shapes["k"], shapes["v"]),
     )
+
+
+@dataclass
+class PreparedHashing:
+    call: Call
+    lead: tuple[int, ...]  # the leading dims of x (and of the codes)
+    x: Any  # [B, N, D]
+    planes: Any  # [P, ...] with P in {1, B}
+
+
+def prepare_hashing(glue, x, *, planes, num_hashes, hash_bits, hashing, seed, generator, key) -> PreparedHashing:
+    """The checks of :func:`yoso.hash_codes`: those of ``yoso.attention`` that concern one input and hashing."""
+    glue.check_static(dict(num_hashes=num_hashes, hash_bits=hash_bits, hashing=hashing, seed=seed))
+    check_hash_args(num_hashes, hash_bits, hashing)
+    num_hashes, hash_bits = int(num_hashes), int(hash_bits)
+    shape, dtype, device = _describe_rows(glue, "x", x)
+    lead, (n, dim) = tuple(shape[:-2]), tuple(shape[-2:])
+    flat_planes = _prepare_planes(
+        glue,
+        planes,
+        lead,
+        math.prod(lead),
+        x,
+        num_hashes=num_hashes,
+        hash_bits=hash_bits,
+        dim=dim,
+        hashing=hashing,
+        seed=seed,
+        generator=generator,
+        key=key,
+    )
+    x_flat = glue.flatten(x, lead, (n, dim))
+    glue.check_values({"x": (x_flat, None)}, planes=flat_planes if planes is not None else None, hashing=hashing)
+    call = Call(
+        framework=glue.name,
+        device=device.split(":")[0],
+        dtype=dtype,
+        batch=math.prod(lead),
+        n_query=n,
+        n_key=n,
+        dim=dim,
+        value_dim=1,
+        mode="sample",
+        hashing=hashing,
+        backward="lower_bound",
+        causal=False,
+        num_hashes=num_hashes,
+        hash_bits=hash_bits,
+        requires_grad=False,
+    )
+    return PreparedHashing(call=call, lead=lead, x=x_flat, planes=flat_planes)

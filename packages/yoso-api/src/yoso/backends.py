@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any, ClassVar
 
 ENTRY_POINT_GROUP = "yoso.backends"
@@ -92,6 +91,14 @@ class Backend:
     def default_device(self) -> str:
         """The device a caller should put arrays on to use this backend (``"cpu"``, ``"cuda"``...)."""
         return self.devices[0]
+
+    def serves(self, call: Call) -> bool:
+        """Whether the call's arrays are of a kind this backend takes (framework and device type).
+
+        Cheap and import-free: automatic selection asks it before :meth:`availability`, so that a call
+        never probes (imports) a backend that could not serve its arrays anyway.
+        """
+        return call.framework in self.frameworks and call.device in self.devices
 
     def unsupported(self, call: Call) -> str | None:
         """None if this backend can run ``call``, else what is missing, naming the argument."""
@@ -231,6 +238,8 @@ def _discover() -> dict[str, _Entry]:
         return _entries
     with _lock:
         if _entries is None:
+            from importlib import metadata  # 25 ms: read at the first call, not at `import yoso`
+
             found: dict[str, _Entry] = {}
             for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
                 dist = getattr(ep, "dist", None)
@@ -272,7 +281,11 @@ def unregister(name: str) -> None:
 
 
 def installed_backends() -> list[str]:
-    """Names of every backend found, usable here or not, by descending priority."""
+    """Names of every backend found, usable here or not, by descending priority.
+
+    Loads the backend classes (cheap: a backend module imports no framework at import time) but checks
+    no availability.
+    """
     return sorted(_discover(), key=lambda n: (-_priority(n), n))
 
 
@@ -281,13 +294,28 @@ def _priority(name: str) -> int:
     return backend.priority if backend is not None else -(10**9)
 
 
+# Backends this project ships, and the distribution each comes in: named when one is asked for but absent.
+KNOWN_PACKAGES = {
+    "reference": "yoso-reference",
+    "jax": "yoso-jax",
+    "pallas": "yoso-jax",
+    "triton": "yoso-triton",
+    "cuda": "yoso-cuda",
+}
+
+
+def _unknown(name: str, source: str = "") -> ValueError:
+    installed = ", ".join(installed_backends()) or "none"
+    package = KNOWN_PACKAGES.get(name)
+    hint = f"; it comes with the {package} package (pip install {package})" if package else ""
+    return ValueError(f"unknown yoso backend {name!r}{source}{hint}; installed backends: {installed}")
+
+
 def get(name: str) -> Backend:
     """The backend object called ``name``; ``ValueError`` if unknown or unusable here (with the reason)."""
     entries = _discover()
     if name not in entries:
-        raise ValueError(
-            f"unknown yoso backend {name!r}; installed backends: {', '.join(installed_backends()) or 'none'}"
-        )
+        raise _unknown(name)
     backend = _load(entries[name])
     reason = _unavailable_reason(entries[name])
     if reason:
@@ -307,7 +335,10 @@ def _unavailable_reason(entry: _Entry) -> str | None:
 
 
 def status() -> list[dict]:
-    """One dict per installed backend: name, source, priority, available, reason, framework, devices..."""
+    """One dict per installed backend: name, source, priority, available, reason, framework, devices...
+
+    This probes every backend (for ``yoso info``); calls never do.
+    """
     rows = []
     for name in installed_backends():
         entry = _discover()[name]
@@ -337,7 +368,7 @@ def _safe_availability(backend: Backend) -> str | None:
 
 
 def available_backends() -> list[str]:
-    """Names of the backends that can run here, highest priority first."""
+    """Names of the backends that can run here, highest priority first (probes every installed backend)."""
     return [name for name in installed_backends() if _unavailable_reason(_discover()[name]) is None]
 
 
@@ -375,20 +406,39 @@ def set_backend(name: str | None) -> _BackendSetting:
 
 
 def explicit_choice() -> str | None:
-    """The thread's choice, else ``YOSO_BACKEND``, else None (automatic)."""
-    return getattr(_local, "choice", None) or os.environ.get(ENV_VAR) or None
+    """The thread's choice, else ``YOSO_BACKEND``, else None (automatic). Not validated: see :func:`chosen`."""
+    return getattr(_local, "choice", None) or os.environ.get(ENV_VAR, "").strip() or None
+
+
+def chosen() -> Backend | None:
+    """The explicitly chosen backend object, or None for automatic choice.
+
+    A bad name in ``YOSO_BACKEND`` is refused here, with the variable named, before any call runs on it.
+    """
+    name = getattr(_local, "choice", None)
+    if name is not None:
+        return get(name)
+    name = os.environ.get(ENV_VAR, "").strip()
+    if not name:
+        return None
+    if name not in _discover():
+        raise _unknown(name, f" (from the {ENV_VAR} environment variable)")
+    try:
+        return get(name)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (chosen by the {ENV_VAR} environment variable)") from None
 
 
 def get_backend() -> str:
     """The name of the backend calls run on by default in this thread.
 
-    An explicit choice (:func:`set_backend`, else ``YOSO_BACKEND``) if there is one, else the
-    highest-priority available backend (automatic choice may still pick another one per call when
-    that one cannot serve the arrays given).
+    An explicit choice (:func:`set_backend`, else ``YOSO_BACKEND``, validated) if there is one, else the
+    highest-priority available backend (automatic choice may still pick another one per call when that
+    one cannot serve the arrays given: :func:`yoso.backend_for` says which).
     """
-    choice = explicit_choice()
-    if choice is not None:
-        return choice
+    backend = chosen()
+    if backend is not None:
+        return backend.name
     names = available_backends()
     if not names:
         raise RuntimeError("no yoso backend can run here; `yoso info` says why (install yoso-reference)")
@@ -396,20 +446,30 @@ def get_backend() -> str:
 
 
 def select(call: Call) -> Backend:
-    """The backend that runs ``call``: the explicit choice (strictly) or the best that supports it."""
-    choice = explicit_choice()
-    if choice is not None:
-        backend = get(choice)
+    """The backend that runs ``call``: the explicit choice (strictly) or the best that supports it.
+
+    Automatic choice goes down the installed backends by priority and looks at what each serves (array
+    type, device) before asking whether it can run here, so a call probes -- and imports the framework
+    of -- only the backends that could serve its arrays: a NumPy call never imports torch.
+    """
+    backend = chosen()
+    if backend is not None:
         reason = backend.unsupported(call)
         if reason:
             raise ValueError(f"{reason}; choose another backend with yoso.set_backend() or {ENV_VAR}")
         return backend
     reasons = []
-    for name in available_backends():
-        backend = get(name)
-        reason = backend.unsupported(call)
+    for name in installed_backends():
+        entry = _discover()[name]
+        backend = _load(entry)
+        if backend is None or not backend.serves(call):
+            continue
+        unavailable = _unavailable_reason(entry)
+        reason = f"the {name!r} backend cannot run here: {unavailable}" if unavailable else backend.unsupported(call)
         if reason is None:
             return backend
         reasons.append(reason)
-    detail = "; ".join(reasons) if reasons else "no backend is available (`yoso info` says why)"
-    raise ValueError(f"no yoso backend can run this call: {detail}")
+    if not reasons:
+        served = f"{call.framework} arrays on {call.device}"
+        raise ValueError(f"no installed yoso backend serves {served}; `yoso info` lists what each one serves")
+    raise ValueError(f"no yoso backend can run this call: {'; '.join(reasons)}")

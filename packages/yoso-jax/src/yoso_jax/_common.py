@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+ELEMENT_BUDGET = 1 << 24  # elements of one temporary (64 MiB in float32)
+
 # Projections decide hash bits by their sign: full float32 products everywhere (on GPUs the default
 # matmul precision is TF32, whose 10-bit mantissa would flip bits far from any tie).
 HIGHEST = lax.Precision.HIGHEST

@@ -1,7 +1,8 @@
-"""The ``jax`` backend: yoso's primitives on JAX arrays, at the implementation level in use.
+"""The ``jax`` and ``pallas`` backends: yoso's primitives on JAX arrays.
 
-Only ``yoso`` loads this module (entry point ``yoso.backends``). JAX is imported when the backend is
-first asked to compute or describe its devices, never at ``import yoso``.
+Only ``yoso`` loads this module (entry points ``yoso.backends``); it imports no JAX until a backend is
+asked whether it can run or what it computes on. The primitives live in ``yoso_jax.xla`` and
+``yoso_jax.pallas`` (``Backend.module``), imported on the first call.
 """
 
 from __future__ import annotations
@@ -10,15 +11,9 @@ from importlib import metadata
 
 from yoso.backends import Backend
 
-from . import IMPL_ENV_VAR, __version__, implementation
+from . import __version__
 
 _HALF_AND_SINGLE = ("float16", "bfloat16", "float32")
-
-
-def _x64_enabled() -> bool:
-    import jax
-
-    return bool(jax.config.jax_enable_x64)
 
 
 class JaxBackend(Backend):
@@ -27,35 +22,22 @@ class JaxBackend(Backend):
     framework = "jax"
     frameworks = ("jax",)
     devices = ("cpu", "cuda")
-
-    @property
-    def description(self) -> str:
-        try:
-            level = implementation()
-        except ValueError as exc:
-            level = f"invalid ({exc})"
-        return (
-            f"JAX, implementation level {level!r} (choose with {IMPL_ENV_VAR}=xla|pallas; Pallas runs with "
-            "interpret=True off-GPU); float64 needs jax_enable_x64"
-        )
+    module = "yoso_jax.xla"
+    description = "JAX (XLA): scatter/gather hash tables in jax.numpy, the fast CPU path; float64 needs jax_enable_x64"
 
     @property
     def dtypes(self) -> tuple[str, ...]:
         try:
-            return _HALF_AND_SINGLE + (("float64",) if _x64_enabled() else ())
+            import jax
         except ImportError:
             return _HALF_AND_SINGLE
+        return _HALF_AND_SINGLE + (("float64",) if jax.config.jax_enable_x64 else ())
 
     def availability(self) -> str | None:
         try:
             import jax  # noqa: F401
-            from jax.experimental import pallas  # noqa: F401
         except ImportError as exc:
             return f"jax is not installed ({exc}); pip install yoso-jax"
-        try:
-            implementation()
-        except ValueError as exc:
-            return str(exc)
         return None
 
     def missing_features(self) -> list[str]:
@@ -66,14 +48,7 @@ class JaxBackend(Backend):
             jax_version = metadata.version("jax")
         except metadata.PackageNotFoundError:
             jax_version = "-"
-        return f"{__version__} (jax {jax_version}, level {self.trace_key()})"
-
-    def trace_key(self) -> str:
-        """Read by the JAX glue at trace time: a change of level retraces instead of reusing a compiled call."""
-        try:
-            return implementation()
-        except ValueError:
-            return "invalid"
+        return f"{__version__} (jax {jax_version})"
 
     def device_names(self) -> list[str]:
         import jax
@@ -85,56 +60,28 @@ class JaxBackend(Backend):
 
         return "cuda" if jax.default_backend() == "gpu" else jax.default_backend()
 
-    # ---- primitives --------------------------------------------------------------------------------
 
-    @staticmethod
-    def _level():
-        if implementation() == "pallas":
-            from . import pallas as level
-        else:
-            from . import xla as level
-        return level
+class PallasBackend(JaxBackend):
+    name = "pallas"
+    priority = 5  # unverified on GPUs, and interpreted (slow) everywhere else: never preferred to `jax`
+    module = "yoso_jax.pallas"
+    description = (
+        "JAX Pallas kernels (one-hot matmuls, no atomics) for hashing and cumulation; compiled through "
+        "Triton on GPUs (unverified), interpret=True elsewhere (slow: for tests)"
+    )
 
-    def hash_codes(self, x, planes, *, hashing, num_hashes, hash_bits):
-        return self._level().hash_codes(x, planes, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits)
+    def availability(self) -> str | None:
+        reason = super().availability()
+        if reason is not None:
+            return reason
+        try:
+            from jax.experimental import pallas  # noqa: F401
+        except ImportError as exc:
+            return f"this jax has no Pallas ({exc})"
+        return None
 
-    def cumulate(self, read_codes, write_codes, values, *, read_mask, write_mask, order, hash_bits):
-        return self._level().cumulate(
-            read_codes, write_codes, values, read_mask, write_mask, order=order, hash_bits=hash_bits
-        )
+    def device_names(self) -> list[str]:
+        from .pallas import interpret
 
-    def sampled_grads(
-        self, q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio
-    ):
-        from . import pairwise
-
-        if backward not in ("lower_bound", "exact"):
-            raise ValueError(f"backward must be 'lower_bound' or 'exact', got {backward!r}")
-        level = self._level()
-        args = (q_codes, k_codes, q, k, v, grad, query_mask, key_mask)
-        if backward == "lower_bound" and max(q.shape[1], k.shape[1]) > level.DENSE_LOWER_BOUND_MAX_N:
-            return pairwise.lower_bound_grads(*args, cumulate=level.cumulate, causal=causal, hash_bits=hash_bits)
-        return pairwise.dense_sampled_grads(
-            *args, causal=causal, hash_bits=hash_bits, backward=backward, max_ratio=float(max_ratio)
-        )
-
-    def expectation_forward(self, q, k, v, *, query_mask, key_mask, causal, hash_bits):
-        from . import pairwise
-
-        return pairwise.expectation_forward(q, k, v, query_mask, key_mask, causal=causal, hash_bits=hash_bits)
-
-    def expectation_backward(self, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
-        from . import pairwise
-
-        return pairwise.expectation_backward(
-            q,
-            k,
-            v,
-            grad,
-            query_mask,
-            key_mask,
-            causal=causal,
-            hash_bits=hash_bits,
-            backward=backward,
-            max_ratio=float(max_ratio),
-        )
+        mode = " (interpret=True)" if interpret() else ""
+        return [name + mode for name in super().device_names()]

@@ -1,16 +1,16 @@
-"""The gradient pieces and YOSO-E, shared by both implementation levels.
+"""The gradient pieces and YOSO-E, shared by both backends (``jax`` and ``pallas``).
 
 * The sampled lower-bound gradient (``backward="lower_bound"``, the default) is linear in N. Its table
   form ``dq_i = (tau/2)(1/m) sum_s G_i^T A_s[h_s(q_i)]``, ``A_s[b] = sum_{j in b} v_j k_j^T``, is a
   cumulation whose values are the outer products ``v_j k_j^T`` (Dv*D columns), contracted with
   ``G_i`` afterwards; ``dk`` likewise cumulates ``q_i G_i^T`` with roles swapped. So it is written once,
-  over the level's own ``cumulate`` (XLA scatter/gather or the Pallas kernels), and inherits its
+  over the backend's own ``cumulate`` (XLA scatter/gather or the Pallas kernels), and inherits its
   causal orders. Value columns are processed in blocks to bound memory.
 * The sampled true gradient (``backward="exact"``, the paper's *YOSO) weighs each colliding pair by
   the importance ratio of its cosine, so it needs the pairs: dense per chunk of queries (quadratic
   time, memory O(chunk * Nk)). The lower bound has the same dense form; on CPUs it is the faster one
   up to long inputs (the tables of outer products, Dv*D wide, do not fit in cache), so the XLA level
-  uses it below ``xla.DENSE_LOWER_BOUND_MAX_N`` tokens and the tables beyond.
+  backend uses it below ``xla.DENSE_LOWER_BOUND_MAX_N`` tokens and the tables beyond.
 * YOSO-E forward and backward are quadratic by definition; chunked over queries the same way, so no
   N x N matrix is ever held on long inputs.
 
@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import xla
-from ._common import HIGHEST, acc_dtype, keep_rows
+from ._common import ELEMENT_BUDGET, HIGHEST, acc_dtype, keep_rows
 
 # Pairwise entries per chunk of queries, all batch rows together (16 MiB per float32 temporary).
 PAIRWISE_ELEMENTS = 1 << 22
@@ -102,7 +101,7 @@ def _prepared(q, k, v, grad, query_mask, key_mask):
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "hash_bits"))
-def expectation_forward(q, k, v, query_mask, key_mask, *, causal: bool, hash_bits: int):
+def expectation_forward(q, k, v, *, query_mask, key_mask, causal: bool, hash_bits: int):
     """YOSO-E ``Y_i = sum_j M_ij p(q_i . k_j) v_j`` -> ``[B, Nq, Dv]``."""
     q, k, v, _, qmask = _prepared(q, k, v, None, query_mask, key_mask)
     batch, n_query, _ = q.shape
@@ -148,14 +147,12 @@ def _pairwise_backward(q, k, v, grad, query_mask, key_mask, *, causal, pair_weig
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "hash_bits", "backward", "max_ratio"))
-def expectation_backward(q, k, v, grad, query_mask, key_mask, *, causal, hash_bits, backward, max_ratio):
+def expectation_backward(q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
     """YOSO-E gradients ``(dq, dk, dv)``: exact (clamped ``p'``) or the lower bound ``(tau/2) p``."""
     if backward == "exact":
         derivative = lambda x: collision_probability(x, hash_bits) * importance_ratio(x, hash_bits, max_ratio)
     elif backward == "lower_bound":
         derivative = lambda x: 0.5 * hash_bits * collision_probability(x, hash_bits)
-    else:
-        raise ValueError(f"backward must be 'exact' or 'lower_bound', got {backward!r}")
     return _pairwise_backward(
         q,
         k,
@@ -221,14 +218,18 @@ def lower_bound_grads(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *, 
     def block(v_block, g_block):  # value columns [B, Nk, E], [B, Nq, E]
         width = v_block.shape[-1]
         kv = (v_block[..., :, None] * k[..., None, :]).reshape(batch, n_key, width * dim)
-        a = cumulate(q_codes, k_codes, kv, query_mask, key_mask, order=forward_order, hash_bits=hash_bits)
+        a = cumulate(
+            q_codes, k_codes, kv, read_mask=query_mask, write_mask=key_mask, order=forward_order, hash_bits=hash_bits
+        )
         dq = jnp.einsum("bie,bied->bid", g_block, a.reshape(batch, n_query, width, dim), precision=HIGHEST)
         qg = (g_block[..., :, None] * q[..., None, :]).reshape(batch, n_query, width * dim)
-        b = cumulate(k_codes, q_codes, qg, key_mask, query_mask, order=backward_order, hash_bits=hash_bits)
+        b = cumulate(
+            k_codes, q_codes, qg, read_mask=key_mask, write_mask=query_mask, order=backward_order, hash_bits=hash_bits
+        )
         dk = jnp.einsum("bje,bjed->bjd", v_block, b.reshape(batch, n_key, width, dim), precision=HIGHEST)
         return dq, dk
 
-    width = max(1, min(value_dim, xla.ELEMENT_BUDGET // (batch * max(n_query, n_key) * dim)))
+    width = max(1, min(value_dim, ELEMENT_BUDGET // (batch * max(n_query, n_key) * dim)))
     if width >= value_dim:
         dq, dk = block(v, grad)
     else:
@@ -246,3 +247,23 @@ def lower_bound_grads(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *, 
         (dq, dk), _ = lax.scan(step, (jnp.zeros_like(q), jnp.zeros_like(k)), (split(v), split(grad)))
     scale = 0.5 * hash_bits
     return scale * dq, scale * dk
+
+
+def sampled_grads_on(cumulate, *, dense_max_n: int):
+    """The ``sampled_grads`` primitive of a backend whose cumulation is ``cumulate``.
+
+    The lower bound takes the table form (two cumulations of outer products) beyond ``dense_max_n``
+    tokens and the dense pair form below; the exact estimator always needs the pairs.
+    """
+
+    def sampled_grads(
+        q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio
+    ):
+        args = (q_codes, k_codes, q, k, v, grad, query_mask, key_mask)
+        if backward == "lower_bound" and max(q.shape[1], k.shape[1]) > dense_max_n:
+            return lower_bound_grads(*args, cumulate=cumulate, causal=causal, hash_bits=hash_bits)
+        return dense_sampled_grads(
+            *args, causal=causal, hash_bits=hash_bits, backward=backward, max_ratio=float(max_ratio)
+        )
+
+    return sampled_grads

@@ -1,4 +1,4 @@
-"""The Pallas implementation level: kernels for the hot loops, hashing and cumulation.
+"""The ``pallas`` backend's primitives: Pallas kernels for the hot loops, hashing and cumulation.
 
 Written for GPUs (Pallas' Triton lowering: power-of-two blocks, 2-D dots of at least 16x16, no
 atomics); everywhere else they run with ``interpret=True`` -- correct and slow, which is what the test
@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from . import xla
+from . import pairwise
 from ._common import HIGHEST, acc_dtype, keep_rows, next_power_of_two, sylvester_hadamard
 
 TOKEN_BLOCK = 64  # tokens per program (hashing, reading) and per loop step (writing tables)
@@ -44,7 +44,6 @@ COLUMN_BLOCK = 64  # value columns per program
 CAUSAL_CHUNK = 32  # positions per chunk of the causal kernel
 MIN_DOT = 16  # Triton's smallest dot dimension
 
-DENSE_LOWER_BOUND_MAX_N = 0  # the lower-bound gradient always runs on this level's cumulation (tables)
 INTERPRET_ENV_VAR = "YOSO_JAX_PALLAS_INTERPRET"  # "1": interpret even on a GPU (debugging)
 
 _NO_READ, _NO_WRITE = -1, -2  # codes of padding hashes: they match no bucket and never each other
@@ -354,10 +353,8 @@ def _causal(read_codes, write_codes, values, hash_bits: int):
 
 
 @functools.partial(jax.jit, static_argnames=("order", "hash_bits"))
-def cumulate(read_codes, write_codes, values, read_mask, write_mask, *, order: str, hash_bits: int):
+def cumulate(read_codes, write_codes, values, *, read_mask, write_mask, order: str, hash_bits: int):
     """Same contract as :func:`yoso_jax.xla.cumulate`, on the Pallas kernels."""
-    if order not in xla.ORDERS:
-        raise ValueError(f"order must be one of {xla.ORDERS}, got {order!r}")
     values = keep_rows(values.astype(acc_dtype(values.dtype)), write_mask)
     read_codes, write_codes = read_codes.astype(jnp.int32), write_codes.astype(jnp.int32)
     if order == "none":
@@ -368,3 +365,10 @@ def cumulate(read_codes, write_codes, values, read_mask, write_mask, *, order: s
         flipped = _causal(jnp.flip(read_codes, -1), jnp.flip(write_codes, -1), jnp.flip(values, 1), hash_bits)
         out = jnp.flip(flipped, 1)
     return keep_rows(out / read_codes.shape[1], read_mask)
+
+
+# The lower-bound gradient always runs on this backend's cumulation (the table form): the dense pair
+# form is the XLA backend's small-input shortcut.
+sampled_grads = pairwise.sampled_grads_on(cumulate, dense_max_n=0)
+expectation_forward = pairwise.expectation_forward
+expectation_backward = pairwise.expectation_backward

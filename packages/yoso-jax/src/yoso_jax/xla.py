@@ -1,4 +1,4 @@
-"""The XLA implementation level: hashing and cumulation in ``jax.numpy``/``lax`` (the default level).
+"""The ``jax`` backend's primitives: hashing and cumulation in ``jax.numpy``/``lax``.
 
 Hashing is one matmul ``[B*N, D] x [D, m*tau]`` (or three with the Hadamard matrix per rotation) and
 a shift-and-sum of the sign bits.
@@ -32,12 +32,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._common import HIGHEST, acc_dtype, keep_rows, sylvester_hadamard
+from . import pairwise
+from ._common import ELEMENT_BUDGET, HIGHEST, acc_dtype, keep_rows, sylvester_hadamard
 
 UNROLL_HASHES = 64
 FLAT_MAX_ELEMENTS = 1 << 22  # all hashes' work (tokens x columns x m) up to which one flat scatter is used
 CAUSAL_CHUNK = 256  # 2 cores, B*H = 16, m = 32: 64 -> 1.27 s, 256 -> 0.91 s at N = 8k (0.17 -> 0.13 s at 1k)
-ELEMENT_BUDGET = 1 << 24  # elements of one temporary (64 MiB in float32)
 
 ORDERS = ("none", "causal", "anticausal")
 
@@ -97,14 +97,12 @@ def hash_codes(x, planes, *, hashing: str, num_hashes: int, hash_bits: int):
 
 
 @functools.partial(jax.jit, static_argnames=("order", "hash_bits"))
-def cumulate(read_codes, write_codes, values, read_mask, write_mask, *, order: str, hash_bits: int):
+def cumulate(read_codes, write_codes, values, *, read_mask, write_mask, order: str, hash_bits: int):
     """``(1/m) sum_s sum_w [h_s(r) = h_s(w)] write_mask_w values_w``, zero rows where ``read_mask`` is False.
 
     Codes ``[B, m, Nr]`` / ``[B, m, Nw]``, values ``[B, Nw, C]``; returns ``[B, Nr, C]`` in the
     accumulation dtype.
     """
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     values = keep_rows(values.astype(acc_dtype(values.dtype)), write_mask)
     read_codes, write_codes = read_codes.astype(jnp.int32), write_codes.astype(jnp.int32)
     num_buckets = 1 << hash_bits
@@ -248,3 +246,9 @@ def causal_bucket_sums(read_codes, write_codes, values, num_buckets: int):
 
     per_column = batch * num_hashes * max(num_buckets, chunk)
     return in_column_chunks(columns, values, per_column)
+
+
+# The primitives this backend shares with ``pallas`` (see ``pairwise``), bound to this one's cumulation.
+sampled_grads = pairwise.sampled_grads_on(cumulate, dense_max_n=DENSE_LOWER_BOUND_MAX_N)
+expectation_forward = pairwise.expectation_forward
+expectation_backward = pairwise.expectation_backward
