@@ -69,6 +69,15 @@ class Target(_OnBackend):
         with yoso.set_backend(self.name):
             return to_numpy(yoso.attention(self.array(q), self.array(k), self.array(v), **converted))
 
+    def hash_codes(self, x, **kwargs) -> np.ndarray:
+        """``yoso.hash_codes`` of NumPy rows converted to this target; the codes as int64 NumPy."""
+        import yoso
+
+        with yoso.set_backend(self.name):
+            codes = yoso.hash_codes(self.array(x), **kwargs)
+        assert str(codes.dtype).endswith("int32"), f"hash codes must be int32, got {codes.dtype}"
+        return to_numpy(codes).astype(np.int64)
+
     def attention_and_grads(self, q, k, v, cotangent, **kwargs):
         """``(out, (dq, dk, dv))`` through the framework's own autograd (NumPy: ``attention_vjp``)."""
         import yoso

@@ -8,7 +8,7 @@ import pytest
 import yoso
 import yoso_reference as ref
 from harness import planes as draw_planes
-from harness import projections, to_numpy, unit
+from harness import projections, to_numpy, unit, untied
 
 # For one rotation the Hadamard fast hash is not SimHash: its collision frequency only approximates
 # (1 - theta/pi)^tau. Measured deviations for D' >= 16 stay below 0.03 (absolute, on p in [0, 1]);
@@ -43,6 +43,27 @@ def test_codes_match_reference(kernel, rng, hashing, batch, n, dim, num_hashes, 
     mismatched = (codes != expected) & ~tie
     assert not mismatched.any(), f"{int(mismatched.sum())} codes differ away from ties"
     assert codes.min() >= 0 and codes.max() < 2**hash_bits
+
+
+@pytest.mark.parametrize("hashing", ["gaussian", "hadamard"])
+@pytest.mark.parametrize("lead, per_head", [((), False), ((2, 3), False), ((2, 3), True)], ids=["2d", "4d", "per-head"])
+def test_public_hash_codes_match_reference(target, rng, hashing, lead, per_head):
+    """``yoso.hash_codes`` on every backend and framework: the oracle's codes of the unit rows, ``[..., N, m]``,
+    away from sign ties; per-head planes broadcast like ``yoso.attention``'s."""
+    n, dim, m, tau = 9, 12, 5, 3
+    p = draw_planes(rng, m, tau, dim, hashing, lead=(1, 3) if per_head else ())
+    flat_planes = np.broadcast_to(p, lead + p.shape[2:]).reshape((-1,) + p.shape[2:]) if per_head else p[None]
+    x = untied(rng, (int(np.prod(lead)), n, dim), flat_planes, hashing, tau).reshape(lead + (n, dim)) * 3.0
+    got = target.hash_codes(x, planes=p, num_hashes=m, hash_bits=tau, hashing=hashing)
+    flat = x.reshape((-1, n, dim))
+    want = ref.hash_codes(unit(flat), flat_planes, hashing=hashing, num_hashes=m, hash_bits=tau)
+    assert got.shape == lead + (n, m)
+    np.testing.assert_array_equal(got.reshape(-1, n, m), want.transpose(0, 2, 1))
+    seeded = target.hash_codes(x, seed=5, num_hashes=m, hash_bits=tau, hashing=hashing)
+    drawn = yoso.hash_planes(m, tau, dim, hashing=hashing, seed=5)
+    np.testing.assert_array_equal(
+        seeded, target.hash_codes(x, planes=drawn, num_hashes=m, hash_bits=tau, hashing=hashing)
+    )
 
 
 def test_zero_row_hashes_to_bucket_zero(kernel, rng):

@@ -23,9 +23,8 @@ def _loss(out):
 
 
 def test_opcheck_core_ops(torch_target):
-    """torch.library.opcheck: schema, fake tensors and autograd registration of yoso::core."""
-    from yoso import _torch_glue
-
+    """torch.library.opcheck: schema, fake tensors and autograd registration of the public ops
+    ``torch.ops.yoso.core`` and ``torch.ops.yoso.hash_codes`` (registered by the first torch call)."""
     q, k, v = (torch.nn.functional.normalize(x, dim=-1) for x in _qkv(torch_target, (2, 11, 8)))
     planes = torch.as_tensor(yoso.hash_planes(4, 3, 8, seed=0)[None], dtype=torch.float32, device=q.device)
     mask = torch.ones(2, 11, dtype=torch.bool, device=q.device)
@@ -45,9 +44,18 @@ def test_opcheck_core_ops(torch_target):
             False,
             "lower_bound",
         )
+        with yoso.set_backend(torch_target.name):
+            yoso.attention(q, k, v, num_hashes=4, hash_bits=3, planes=planes[0])  # registers the ops
         torch.library.opcheck(
-            _torch_glue.core, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
+            torch.ops.yoso.core.default,
+            args,
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
         )
+    torch.library.opcheck(
+        torch.ops.yoso.hash_codes.default,
+        (q.detach(), planes, torch_target.name, "gaussian", 4, 3),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_compiles(torch_target):

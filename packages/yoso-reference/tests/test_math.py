@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import yoso_reference as ref
 from yoso_reference import pairwise
@@ -70,3 +71,46 @@ def test_unit_rows_and_vjp_on_zero_rows():
     np.testing.assert_array_equal(ref.unit_rows(x), [[0.6, 0.8], [0.0, 0.0]])
     g = ref.unit_rows_vjp(x, np.ones_like(x))
     assert np.isfinite(g).all() and (g[1] == 0).all()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_expectation_exact_gradient_is_the_derivative(normalize, causal):
+    """YOSO-E with backward="exact" is differentiable: the oracle's gradients must match central
+    differences of the oracle's forward (float64)."""
+    rng = np.random.default_rng(7)
+    batch, nq, nk, dim, dv, tau = 2, 11, 11 if causal else 13, 6, 4, 3
+    q, k, v = (
+        rng.standard_normal((batch, nq, dim)),
+        rng.standard_normal((batch, nk, dim)),
+        rng.standard_normal((batch, nk, dv)),
+    )
+    cot = rng.standard_normal((batch, nq, dv))
+    masks = dict(key_padding_mask=rng.random((batch, nk)) < 0.7, query_mask=rng.random((batch, nq)) < 0.7)
+    masks["key_padding_mask"][:, 0] = masks["query_mask"][:, 0] = True
+    opts = dict(mode="expectation", hash_bits=tau, causal=causal, normalize=normalize, **masks)
+    _, grads = ref.attention_and_grads(q, k, v, cot, backward="exact", max_ratio=np.inf, **opts)
+
+    def loss(**replace):
+        args = {n: replace.get(n, x) for n, x in (("q", q), ("k", k), ("v", v))}
+        out = ref.attention(**args, **opts)
+        return float(np.sum(np.where(masks["query_mask"][..., None], out, 0) * cot))
+
+    h = 1e-6
+    for name, x, grad in zip("qkv", (q, k, v), grads):
+        direction = rng.standard_normal(x.shape)
+        numeric = (loss(**{name: x + h * direction}) - loss(**{name: x - h * direction})) / (2 * h)
+        analytic = float(np.sum(grad * direction))
+        assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), f"d{name}: {analytic} vs {numeric}"
+
+
+def test_unit_rows_vjp_matches_finite_differences():
+    rng = np.random.default_rng(8)
+    x, g = rng.standard_normal((3, 5)), rng.standard_normal((3, 5))
+    x[1] = 0  # a zero row: constant output, zero gradient
+    direction = rng.standard_normal(x.shape)
+    direction[1] = 0
+    h = 1e-6
+    numeric = (np.sum(ref.unit_rows(x + h * direction) * g) - np.sum(ref.unit_rows(x - h * direction) * g)) / (2 * h)
+    vjp = ref.unit_rows_vjp(x, g)
+    assert abs(numeric - np.sum(vjp * direction)) < 1e-7 and (vjp[1] == 0).all()

@@ -12,11 +12,11 @@ Modules:
   probability  -- collision probability, its clamped derivative, the lower bound, triple collisions
   cumulation   -- the LSH cumulation (forward and roles-swapped) in table form
   pairwise     -- YOSO-E forward/backward and the sampled gradients (lower bound, true)
-  attention    -- the whole forward, and unit-normalisation with its VJP
+  attention    -- the whole forward and its full gradient (the oracle), unit rows with their VJP
   backend      -- the adapter that exposes all this to ``yoso`` as the ``reference`` backend
 """
 
-from .attention import attention, unit_rows, unit_rows_vjp
+from .attention import attention, attention_and_grads, unit_rows, unit_rows_vjp
 from .cumulation import ORDERS, cumulate
 from .hashing import (
     gaussian_codes,
@@ -48,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ORDERS",
     "attention",
+    "attention_and_grads",
     "attention_mask",
     "collision_derivative",
     "collision_matrix",
