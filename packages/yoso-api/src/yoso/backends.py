@@ -141,6 +141,9 @@ class Backend:
     # `unsupported` has accepted the call, so primitives never re-check them.
 
     module: ClassVar[str | None] = None
+    # The forms of the lower-bound gradient the backend computes (docs/math.md#lower-bound): "pairs" (per
+    # colliding pair) and "tables" (per-bucket tables of outer products: linear in N whatever the buckets).
+    lower_bound_forms: ClassVar[tuple[str, ...]] = ("pairs",)
 
     def _function(self, primitive: str):
         if self.module is None:
@@ -170,9 +173,28 @@ class Backend:
         )
 
     def sampled_grads(
-        self, q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio
+        self,
+        q_codes,
+        k_codes,
+        q,
+        k,
+        v,
+        grad,
+        *,
+        query_mask,
+        key_mask,
+        causal,
+        hash_bits,
+        backward,
+        max_ratio,
+        form: str = "auto",
     ):
-        """YOSO-m gradients ``(dq, dk)`` w.r.t. unit q and k; ``backward`` is lower_bound or exact."""
+        """YOSO-m gradients ``(dq, dk)`` w.r.t. unit q and k; ``backward`` is lower_bound or exact.
+
+        ``form`` (lower bound only): ``"auto"`` lets the backend choose by cost, ``"pairs"`` or
+        ``"tables"`` (one of :attr:`lower_bound_forms`) forces one -- for tests and benchmarks.
+        """
+        kwargs = {} if form == "auto" else {"form": form}
         return self._function("sampled_grads")(
             q_codes,
             k_codes,
@@ -186,6 +208,7 @@ class Backend:
             hash_bits=hash_bits,
             backward=backward,
             max_ratio=max_ratio,
+            **kwargs,
         )
 
     def expectation_forward(self, q, k, v, *, query_mask, key_mask, causal, hash_bits):
