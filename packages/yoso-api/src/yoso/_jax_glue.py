@@ -213,6 +213,54 @@ def _bad_values(arrays, *, layouts, hashing):
     return jnp.stack(flags)
 
 
+# ---- serving NumPy arrays and torch tensors ----------------------------------------------------------
+#
+# A backend that computes on JAX arrays (``jax``) also serves NumPy and CPU torch callers: their glue keeps
+# its own normalisations and autograd, and runs the YOSO core here -- the inputs handed over without a
+# copy (DLPack for torch, a device_put for NumPy), the whole core one compiled program per direction.
+
+
+def core_config(backend: str, mode: str, hashing: str, num_hashes: int, hash_bits: int, causal: bool, backward: str):
+    return _Config(
+        backend=backend,
+        mode=mode,
+        hashing=hashing,
+        num_hashes=num_hashes,
+        hash_bits=hash_bits,
+        causal=causal,
+        backward=backward,
+        normalize=False,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def core_forward(q, k, v, planes, query_mask, key_mask, *, config: _Config):
+    """``(Y, q_codes, k_codes)`` of unit rows (codes empty in expectation mode): yoso._core.forward, compiled."""
+    y, residuals = _core_fwd(q, k, v, planes, query_mask, key_mask, config)
+    codes = residuals[3]
+    if codes is None:
+        empty = jnp.zeros((0,), jnp.int32)
+        return y, empty, empty
+    return y, codes[0].astype(jnp.int32), codes[1].astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def core_backward(grad, q, k, v, q_codes, k_codes, query_mask, key_mask, *, config: _Config):
+    """``(dq, dk, dv)`` of :func:`core_forward`'s ``Y``: yoso._core.backward, compiled."""
+    codes = None if config.mode == "expectation" else (q_codes, k_codes)
+    dq, dk, dv, _, _, _ = _core_bwd(config, (q, k, v, codes, query_mask, key_mask, None), grad)
+    return dq, dk, dv
+
+
+def from_host(x):
+    """A NumPy array or CPU torch tensor as a JAX array on the CPU, without a copy where possible."""
+    if x is None:
+        return None
+    if isinstance(x, np.ndarray):
+        return jax.device_put(x, jax.devices("cpu")[0])
+    return jax.dlpack.from_dlpack(x.contiguous())
+
+
 # ---- the glue object used by yoso.attention -------------------------------------------------------
 
 

@@ -48,6 +48,54 @@ def _codes_out(codes: np.ndarray, lead: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(codes.astype(np.int32, copy=False).transpose(0, 2, 1)).reshape(lead + (n, m))
 
 
+def _full(like: np.ndarray, shape, value) -> np.ndarray:
+    return np.full(shape, value, dtype=bool if isinstance(value, bool) else like.dtype)
+
+
+def _jax_forward(backend, q, k, v, planes, query_mask, key_mask, *, mode, hashing, num_hashes, hash_bits, causal):
+    """:func:`yoso._core.forward` on a backend that computes on JAX arrays: its compiled core on padded,
+    zero-copy views of the NumPy arrays."""
+    from . import _jax_glue as jg
+
+    pad = _core.Padding(q.shape[0], q.shape[1], k.shape[1], full=_full)
+    arrays = (
+        pad.rows(q, pad.QUERIES),
+        pad.rows(k, pad.KEYS),
+        pad.rows(v, pad.KEYS),
+        pad.planes(planes),
+        pad.mask(query_mask, pad.QUERIES, q),
+        pad.mask(key_mask, pad.KEYS, q),
+    )
+    config = jg.core_config(backend.name, mode, hashing, num_hashes, hash_bits, causal, "lower_bound")
+    y, q_codes, k_codes = (np.asarray(a) for a in jg.core_forward(*map(jg.from_host, arrays), config=config))
+    codes = None if mode == "expectation" else (q_codes, k_codes)  # padded: the backward pads the same way
+    return pad.cut(y, pad.QUERIES), codes
+
+
+def _jax_backward(backend, q, k, v, codes, query_mask, key_mask, grad, *, mode, backward, hash_bits, causal):
+    from . import _jax_glue as jg
+
+    pad = _core.Padding(q.shape[0], q.shape[1], k.shape[1], full=_full)
+    empty = np.zeros((0,), np.int32)
+    q_codes, k_codes = (empty, empty) if codes is None else codes
+    arrays = (
+        pad.rows(grad, pad.QUERIES),
+        pad.rows(q, pad.QUERIES),
+        pad.rows(k, pad.KEYS),
+        pad.rows(v, pad.KEYS),
+        q_codes,
+        k_codes,
+        pad.mask(query_mask, pad.QUERIES, q),
+        pad.mask(key_mask, pad.KEYS, q),
+    )
+    config = jg.core_config(backend.name, mode, "gaussian", 0, hash_bits, causal, backward)
+    dq, dk, dv = (np.asarray(a) for a in jg.core_backward(*map(jg.from_host, arrays), config=config))
+    return pad.cut(dq, pad.QUERIES), pad.cut(dk, pad.KEYS), pad.cut(dv, pad.KEYS)
+
+
+_JAX_CORE = (_jax_forward, _jax_backward)
+
+
 class NumpyGlue(Glue):
     name = "numpy"
 
@@ -121,7 +169,8 @@ class NumpyGlue(Glue):
         v = _keep_rows(prep.v, prep.key_mask)
         q_unit, k_unit = unit_rows(q), unit_rows(k)
         options = dict(hash_bits=call.hash_bits, causal=call.causal)
-        y, codes = _core.forward(
+        forward, backward = (_core.forward, _core.backward) if backend.framework == "numpy" else _JAX_CORE
+        y, codes = forward(
             backend,
             q_unit,
             k_unit,
@@ -147,7 +196,7 @@ class NumpyGlue(Glue):
                 )
             grad = cotangent.reshape(call.batch, call.n_query, call.value_dim).astype(y.dtype)
             grad = _keep_rows(unit_rows_vjp(y, grad) if prep.normalize else grad, prep.query_mask)
-            dq_unit, dk_unit, dv = _core.backward(
+            dq_unit, dk_unit, dv = backward(
                 backend,
                 q_unit,
                 k_unit,

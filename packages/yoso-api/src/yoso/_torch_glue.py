@@ -48,8 +48,8 @@ def _keep_rows(x: Tensor, mask: Tensor | None) -> Tensor:
 def _to_backend(backend, x: Tensor | None):
     if x is None or backend.framework == "torch":
         return x
-    if backend.framework != "numpy":
-        raise TypeError(f"the {backend.name!r} backend computes on {backend.framework} arrays, not torch tensors")
+    if backend.framework == "jax":
+        return _on_jax().from_host(x.detach())
     x = x.detach()
     if x.dtype == torch.bfloat16:  # NumPy has no bfloat16
         x = x.float()
@@ -59,7 +59,60 @@ def _to_backend(backend, x: Tensor | None):
 def _from_backend(x, like: Tensor, dtype: torch.dtype) -> Tensor:
     if isinstance(x, Tensor):
         return x.to(dtype)
+    if not isinstance(x, np.ndarray):  # a JAX array: zero-copy through DLPack
+        return torch.from_dlpack(x).to(device=like.device, dtype=dtype)
     return torch.from_numpy(np.ascontiguousarray(x)).to(device=like.device, dtype=dtype)
+
+
+def _full(like: Tensor, shape, value) -> Tensor:
+    return torch.full(shape, value, dtype=torch.bool if isinstance(value, bool) else like.dtype, device=like.device)
+
+
+def _on_jax():
+    from . import _jax_glue
+
+    return _jax_glue
+
+
+def _jax_core_forward(backend, q, k, v, planes, query_mask, key_mask, options):
+    """:func:`core` on a backend that computes on JAX arrays (CPU tensors, zero-copy through DLPack)."""
+    jg = _on_jax()
+    pad = _core.Padding(q.shape[0], q.shape[1], k.shape[1], full=_full)
+    arrays = (
+        pad.rows(q, pad.QUERIES),
+        pad.rows(k, pad.KEYS),
+        pad.rows(v, pad.KEYS),
+        pad.planes(planes),
+        pad.mask(query_mask, pad.QUERIES, q),
+        pad.mask(key_mask, pad.KEYS, q),
+    )
+    config = jg.core_config(backend, **options, backward="lower_bound")  # the forward ignores the estimator
+    y, q_codes, k_codes = (torch.from_dlpack(a) for a in jg.core_forward(*map(jg.from_host, arrays), config=config))
+    # Contiguous, as the ops' fake implementations promise (a cut of a padded result is a strided view).
+    y = pad.cut(y, pad.QUERIES).contiguous()
+    if options["mode"] == "expectation":
+        return y, q_codes, k_codes
+    # The codes as the op returns them, [B, m, N] (the backward pads them again).
+    return y, pad.cut(q_codes, pad.QUERIES, axis=2).contiguous(), pad.cut(k_codes, pad.KEYS, axis=2).contiguous()
+
+
+def _jax_core_backward(backend, grad, q, k, v, q_codes, k_codes, query_mask, key_mask, options):
+    jg = _on_jax()
+    pad = _core.Padding(q.shape[0], q.shape[1], k.shape[1], full=_full)
+    sampled = options["mode"] == "sample"
+    arrays = (
+        pad.rows(grad, pad.QUERIES),
+        pad.rows(q, pad.QUERIES),
+        pad.rows(k, pad.KEYS),
+        pad.rows(v, pad.KEYS),
+        pad.codes(q_codes, pad.QUERIES) if sampled else q_codes,
+        pad.codes(k_codes, pad.KEYS) if sampled else k_codes,
+        pad.mask(query_mask, pad.QUERIES, q),
+        pad.mask(key_mask, pad.KEYS, q),
+    )
+    grads = jg.core_backward(*map(jg.from_host, arrays), config=jg.core_config(backend, **options))
+    dq, dk, dv = (torch.from_dlpack(a) for a in grads)
+    return tuple(pad.cut(g, which).contiguous() for g, which in ((dq, pad.QUERIES), (dk, pad.KEYS), (dv, pad.KEYS)))
 
 
 # ---- the custom ops -----------------------------------------------------------------------------
@@ -87,6 +140,10 @@ def core(
     ``backward`` is unused here; it rides along so the autograd formula can read it from the inputs.
     """
     impl = backends.get(backend)
+    if impl.framework == "jax":
+        options = dict(mode=mode, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits, causal=causal)
+        y, q_codes, k_codes = _jax_core_forward(backend, q, k, v, planes, query_mask, key_mask, options)
+        return y.to(_accumulate_dtype(q.dtype)), q_codes, k_codes
     args = [_to_backend(impl, t) for t in (q, k, v, planes, query_mask, key_mask)]
     y, codes = _core.forward(
         impl, *args, mode=mode, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits, causal=causal
@@ -128,6 +185,12 @@ def core_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`core`'s ``Y`` for the output gradient ``grad``."""
     impl = backends.get(backend)
+    if impl.framework == "jax":
+        options = dict(mode=mode, hashing="gaussian", num_hashes=0, hash_bits=hash_bits, causal=causal)
+        dq, dk, dv = _jax_core_backward(
+            backend, grad, q, k, v, q_codes, k_codes, query_mask, key_mask, dict(options, backward=backward)
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     q_, k_, v_, grad_, qm, km = (_to_backend(impl, t) for t in (q, k, v, grad, query_mask, key_mask))
     codes = None if mode == "expectation" else (_to_backend(impl, q_codes), _to_backend(impl, k_codes))
     dq, dk, dv = _core.backward(

@@ -20,10 +20,23 @@ class JaxBackend(Backend):
     name = "jax"
     priority = 10
     framework = "jax"
-    frameworks = ("jax",)
+    # NumPy arrays and CPU torch tensors too: the API's glue hands them over without a copy and runs the
+    # compiled core here -- the fast CPU path for every framework.
+    frameworks = ("jax", "numpy", "torch")
     devices = ("cpu", "cuda")
     module = "yoso_jax.xla"
     description = "JAX (XLA): scatter/gather hash tables in jax.numpy, the fast CPU path; float64 needs jax_enable_x64"
+
+    def serves(self, call) -> bool:
+        # GPU arrays of other frameworks would cross allocators (JAX's and torch's); unverified: CPU only.
+        return super().serves(call) and (call.framework == "jax" or call.device == "cpu")
+
+    def unsupported(self, call) -> str | None:
+        if call.framework != "jax" and call.device != "cpu":
+            return (
+                f"the {self.name!r} backend serves {call.framework} arrays on the CPU only, got device {call.device!r}"
+            )
+        return super().unsupported(call)
 
     @property
     def dtypes(self) -> tuple[str, ...]:
