@@ -24,6 +24,7 @@ TORCH = os.environ.get("YOSO_TORCH_SPEC", "torch==2.13.0")
 JAX = "jax==0.10.2"  # Pallas changes between releases: the kernels are tested against this one
 API = "packages/yoso-api"
 REFERENCE = "packages/yoso-reference"
+BENCH = "packages/yoso-bench"  # yoso bench and yoso demo (subcommands through the yoso.commands entry points)
 # The Hugging Face integrations are tested against this version, installed in the integrations session only.
 TRANSFORMERS = os.environ.get("YOSO_TRANSFORMERS_SPEC", "transformers==5.23.0")
 FLAX = "flax==0.12.8"  # yoso.nnx is tested against this release (with JAX above)
@@ -123,19 +124,18 @@ def tests(session: nox.Session, backend: str) -> None:
 
 @nox.session
 def integrations(session: nox.Session) -> None:
-    """yoso-api's own tests: yoso.nn, yoso.integrations.transformers (tiny random models, no downloads),
-    yoso.nnx (Flax NNX, on the jax backend), a smoke run of examples/listops.py, and yoso bench on a
-    tiny grid."""
-    session.install(
-        TORCH, TRANSFORMERS, FLAX, JAX, "pytest", "-e", REFERENCE, "-e", "packages/yoso-jax", "-e", f"{API}[plot]"
-    )
+    """yoso-api's own tests: the yoso command, yoso.nn, yoso.integrations.transformers (tiny random models, no
+    downloads), yoso.nnx (Flax NNX, on the jax backend), a smoke run of examples/listops.py; and yoso-bench's:
+    yoso bench on a tiny grid, yoso demo."""
+    packages = ["-e", REFERENCE, "-e", "packages/yoso-jax", "-e", API, "-e", f"{BENCH}[plot]"]
+    session.install(TORCH, TRANSFORMERS, FLAX, JAX, "pytest", *packages)
     env = {"YOSO_TEST_REQUIRE_TRANSFORMERS": "1", "YOSO_TEST_REQUIRE_FLAX": "1", "HF_HUB_OFFLINE": "1"}
-    session.run("pytest", f"{API}/tests", *session.posargs, env=env)
+    session.run("pytest", f"{API}/tests", f"{BENCH}/tests", *session.posargs, env=env)
 
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    session.install("-e", REFERENCE, "-e", f"{API}[plot]")
+    session.install("-e", REFERENCE, "-e", API, "-e", f"{BENCH}[plot]")
     session.run("yoso", "info")
     session.run("yoso", "demo", "--backend", "reference", *(session.posargs or ["--out", "yoso-demo"]))
 
@@ -144,6 +144,6 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """yoso bench over every backend in BACKENDS that can run here; ``nox -s bench -- --quick --out DIR``."""
     backends = [arg for spec in BACKENDS.values() for arg in spec["install"]]
-    session.install(TORCH, "-e", REFERENCE, "-e", f"{API}[plot]", *backends)
+    session.install(TORCH, "-e", REFERENCE, "-e", API, "-e", f"{BENCH}[plot]", *backends)
     session.run("yoso", "info")
     session.run("yoso", "bench", *(session.posargs or ["--out", "bench-out"]))

@@ -24,7 +24,7 @@ run() {  # run NAME COMMAND...: log to $OUT/NAME.txt, remember failures
 }
 
 install() {
-  local pkgs=(-e packages/yoso-reference -e packages/yoso-api -e packages/yoso-cuda)
+  local pkgs=(-e packages/yoso-reference -e packages/yoso-api -e packages/yoso-bench -e packages/yoso-cuda)
   [ -d packages/yoso-triton ] && pkgs+=(-e packages/yoso-triton)
   run install "$PY" -m pip install -q --no-deps --no-build-isolation "${pkgs[@]}"
   { nvidia-smi; "$PY" -m pip list 2>/dev/null | grep -Ei "^(torch|triton|cuda|nvidia-cuda-nvrtc|numpy) "; yoso info; } \

@@ -27,7 +27,7 @@ step() {  # step NAME CMD...: run, log to $LOG/NAME.log, remember failures
 }
 
 step install "$PY" -m pip install -q --no-deps --no-build-isolation -e packages/yoso-reference \
-    -e packages/yoso-api -e packages/yoso-jax
+    -e packages/yoso-api -e packages/yoso-bench -e packages/yoso-jax
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" >"$LOG/versions.txt" 2>&1
 step info "$PY" -m yoso.cli info  # the jax backend should list a cuda device; its default device is then the GPU
 

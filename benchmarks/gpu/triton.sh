@@ -29,16 +29,17 @@ step() {  # step NAME CMD...: run, log, remember failures
     fi
 }
 
-# 1. install. A GPU image that already has CUDA torch and triton (and no network) keeps them: our three
+# 1. install. A GPU image that already has CUDA torch and triton (and no network) keeps them: our
 #    packages are added editable, without dependencies. Otherwise: a fresh venv with the pinned releases.
 PY="${PYTHON:-python3}"
 if "$PY" -c "import torch, triton; assert torch.cuda.is_available()" >/dev/null 2>&1; then
     step install "$PY" -m pip install -q --no-deps --no-build-isolation -e packages/yoso-reference \
-        -e packages/yoso-api -e packages/yoso-triton
+        -e packages/yoso-api -e packages/yoso-bench -e packages/yoso-triton
 else
     VENV="${VENV:-.venv-gpu}"
     step install bash -c "python3 -m venv $VENV && $VENV/bin/python -m pip install -q torch==2.13.0 \
-        triton==3.7.1 pytest -e packages/yoso-reference -e 'packages/yoso-api[plot]' -e packages/yoso-triton"
+        triton==3.7.1 pytest -e packages/yoso-reference -e packages/yoso-api -e 'packages/yoso-bench[plot]' \
+        -e packages/yoso-triton"
     PY="$VENV/bin/python"
 fi
 step info "$PY" -m yoso.cli info

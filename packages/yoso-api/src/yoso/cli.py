@@ -1,4 +1,33 @@
-"""The ``yoso`` command: ``yoso info``, ``yoso demo`` and ``yoso bench``."""
+"""The ``yoso`` command: ``yoso info`` here, every other subcommand from the distribution that provides it.
+
+    yoso info [--json]      # installed backends, versions, devices, and why any cannot run
+    yoso --version
+    python -m yoso ...      # the same command
+
+Subcommands from other distributions (``yoso bench`` and ``yoso demo`` come with ``yoso-bench``) are
+found through the entry-point group ``yoso.commands``, e.g. in the providing package's ``pyproject.toml``::
+
+    [project.entry-points."yoso.commands"]
+    bench = "yoso_bench.commands:bench"
+
+The entry point's name is the subcommand; the object it names (a module, an instance, anything with these
+attributes) provides
+
+* ``help`` -- one line for ``yoso --help``;
+* ``add_arguments(parser)`` -- adds its options to the subcommand's ``argparse`` parser;
+* ``run(args) -> int | None`` -- runs it; ``args`` is the parsed namespace, plus ``args.argv``: the
+  arguments ``yoso`` was given (for recording the command line). ``None`` counts as exit status 0.
+  ``ValueError``, ``TypeError`` and ``RuntimeError`` are reported as ``yoso NAME: error: ...`` on
+  stderr with exit status 2, like argparse's own errors.
+
+Entry points are loaded only when the parser is built, so loading one must be cheap: import no torch, JAX
+or matplotlib before ``run``. One that fails to load is listed as broken, with the reason, and running it
+exits 2 with that reason; the rest of the command keeps working. Commands known to come from a
+distribution that is not installed (:data:`KNOWN_COMMANDS`) are listed with the package to install.
+
+:func:`info` is also the machine description other tools record (``yoso bench`` does): the data
+``yoso info --json`` prints.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +38,15 @@ import os
 import platform
 import sys
 
-from . import __version__, backends, bench
+from . import __version__, backends
+
+COMMANDS_GROUP = "yoso.commands"
+
+# Subcommands yoso's own distributions provide, and where to get them when they are missing.
+KNOWN_COMMANDS = {"bench": "yoso-bench", "demo": "yoso-bench"}
+MONOREPO_PATHS = {"yoso-bench": "packages/yoso-bench[plot]"}
+
+BUILTIN_COMMANDS = ("info",)
 
 
 def _package_version(name: str) -> str | None:
@@ -46,6 +83,7 @@ def gpu_names() -> list[str] | str:
 
 
 def info() -> dict:
+    """What ``yoso info --json`` prints: versions, CPU, GPUs, the selected backend and every backend's status."""
     explicit = backends.explicit_choice()
     try:
         default = backends.get_backend()
@@ -90,49 +128,99 @@ def _print_info(data: dict) -> None:
             print(f"  {'':<10} missing features: {', '.join(missing) if missing else 'none'}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="yoso", description="YOSO attention: backends, demo and benchmarks")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _run_info(args) -> int:
+    data = info()
+    print(json.dumps(data, indent=2)) if args.json else _print_info(data)
+    return 0
+
+
+# ---- subcommands from other distributions ---------------------------------------------------------
+
+
+def command_entry_points() -> list:
+    """The entry points of the ``yoso.commands`` group (each with ``name``, ``value`` and ``load()``)."""
+    return list(importlib.metadata.entry_points(group=COMMANDS_GROUP))
+
+
+def missing_command_message(name: str) -> str:
+    """Why ``yoso NAME`` cannot run when the distribution that provides it is not installed."""
+    package = KNOWN_COMMANDS[name]
+    path = MONOREPO_PATHS.get(package)
+    where = f" (in the yoso repository: pip install -e '{path}')" if path else ""
+    return f"'yoso {name}' comes with the {package} package, which is not installed: pip install {package}{where}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _load_commands() -> dict[str, tuple[object | None, str]]:
+    """{name: (command object, or None when it failed to load, and why; source)} for the group's entry points."""
+    found: dict[str, tuple[object | None, str]] = {}
+    for ep in command_entry_points():
+        if ep.name in BUILTIN_COMMANDS or ep.name in found:
+            continue  # yoso's own commands cannot be replaced; of two providers, the first found wins
+        source = ep.value
+        try:
+            command = ep.load()
+            missing = [a for a in ("help", "add_arguments", "run") if not hasattr(command, a)]
+            if missing:
+                raise TypeError(f"{source} lacks {', '.join(missing)} (see yoso.cli's docstring)")
+            found[ep.name] = (command, source)
+        except Exception as exc:  # noqa: BLE001 -- a broken plugin must not take `yoso info` down with it
+            found[ep.name] = (None, f"{source}: {_first_line(exc)}")
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="yoso", description="YOSO attention: backends, and the commands of installed yoso packages"
+    )
+    parser.add_argument("--version", action="version", version=f"yoso {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p_info = sub.add_parser("info", help="list backends, versions, devices and why any backend cannot run")
     p_info.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p_demo = sub.add_parser("demo", help="YOSO-m vs YOSO-E vs softmax on one sample: table and plot")
-    p_demo.add_argument("--backend", help="backend to run on (default: the default backend)")
-    p_demo.add_argument("--n", type=int, default=1024, help="sequence length (default 1024)")
-    p_demo.add_argument("--dim", type=int, default=64, help="head dim D (default 64)")
-    p_demo.add_argument("--hash-bits", type=int, default=8, help="tau (default 8)")
-    p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.add_argument("--repeats", type=int, default=3, help="timed repeats per method (median)")
-    p_demo.add_argument("--out", default="yoso-demo", help="output folder for demo.png and demo.json")
-    p_demo.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
-    p_bench = sub.add_parser(
-        "bench", help="time and memory vs N against torch SDPA and YOSO-E, and error vs N: JSON and figures"
-    )
-    bench.add_arguments(p_bench)
-    args = parser.parse_args(argv)
+    p_info.set_defaults(_run=_run_info)
+    commands = _load_commands()
+    for name, (command, source) in commands.items():
+        if command is None:
+            p = sub.add_parser(name, help=f"(broken: {source})".replace("%", "%%"), add_help=False)
+            p.set_defaults(_unusable=f"the command failed to load: {source}")
+            continue
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        try:
+            command.add_arguments(p)
+        except Exception as exc:  # noqa: BLE001 -- as for a failed load: this command is unusable, not yoso
+            p.set_defaults(_unusable=f"the command failed to set up its options: {source}: {_first_line(exc)}")
+            continue
+        p.set_defaults(_run=command.run)
+    for name, package in KNOWN_COMMANDS.items():
+        if name not in commands:
+            p = sub.add_parser(name, help=f"(not installed: pip install {package})", add_help=False)
+            p.set_defaults(_unusable=missing_command_message(name))
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:  # a bare `yoso`: say what there is
+        parser.print_help()
+        return 0
+    unusable = getattr(args, "_unusable", None)
+    if unusable is not None:  # whatever its arguments: the command itself is missing
+        print(f"yoso {args.command}: error: {unusable}", file=sys.stderr)
+        return 2
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args.command == "info":
-            data = info()
-            print(json.dumps(data, indent=2)) if args.json else _print_info(data)
-        elif args.command == "demo":
-            from . import demo
-
-            demo.run(
-                n=args.n,
-                dim=args.dim,
-                hash_bits=args.hash_bits,
-                seed=args.seed,
-                repeats=args.repeats,
-                backend=args.backend,
-                out_dir=args.out,
-                plot=not args.no_plot,
-            )
-        elif args.command == "bench":
-            bench.main(args, sys.argv[1:] if argv is None else argv)
+        status = args._run(args)
     except (ValueError, TypeError, RuntimeError) as exc:
         print(f"yoso {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return 0 if status is None else int(status)
 
 
 if __name__ == "__main__":

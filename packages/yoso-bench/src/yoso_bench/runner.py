@@ -21,7 +21,7 @@ import sys
 import time
 
 from . import fidelity, report, workloads
-from .memory import meter_for
+from .memory import CUDA_FLOOR_BYTES, RSS_FLOOR_BYTES, meter_for
 from .timing import time_cpu, time_gpu, wait
 
 MEMORY_HEADROOM = 0.8  # use at most this share of the memory reported available
@@ -173,6 +173,11 @@ def measure_point(config, method, pass_, dtype, n, series: _Series, meters: dict
         peak_bytes=peaks[0] if peaks else None,
         input_bytes=workload.input_bytes,
     )
+    if row["peak_bytes"] is not None and row["peak_bytes"] < meter.floor_bytes:
+        # Below what the meter resolves: kept for the record, but not as the point's peak.
+        row.update(
+            peak_bytes=None, peak_below_floor=True, peak_floor_bytes=meter.floor_bytes, peak_bytes_raw=row["peak_bytes"]
+        )
     if hasattr(os, "getloadavg"):  # on a shared machine, what else was running shows here
         row["load_1min"] = os.getloadavg()[0]
     if meter.reason:
@@ -262,8 +267,9 @@ def _describe(row: dict, method) -> str:
         text += f", {row['ratio_to_sdpa']:.2g}x SDPA's time"
     if row.get("tflops") is not None:
         text += f", {row['tflops']:.3g} TFLOP/s"
-    if row.get("peak_bytes") is not None:
-        text += f", peak +{_mib(row['peak_bytes'])}"
+    peak = report.fmt_peak(row)
+    if peak is not None:
+        text += f", peak {peak}"
     return text
 
 
@@ -320,7 +326,13 @@ def run(config, echo=print) -> dict:
         "tflops": "SDPA only: FlashAttention convention, 4*B*H*N^2*D FLOPs forward and 3.5x that for "
         "forward+backward (backward = 2.5x forward), divided by the median time",
         "ratio_to_sdpa": "the method's median time / SDPA's at the same pass, dtype and N (< 1: faster than SDPA)",
-        "slope": "least-squares slope of log(ms) vs log(N) over every measured N (tail_slope: the largest 3 N)",
+        "slope": "least-squares slope of log(ms) vs log(N) over every measured N (tail_slope: the largest 3 N); "
+        f"null (with the reason) unless {report.MIN_SLOPE_POINTS} or more N were measured, spanning at least "
+        f"{report.MIN_SLOPE_SPAN:g}x, and never fitted in a quick run",
+        "memory_floor": f"a peak below the meter's floor (peak_floor_bytes: {report.fmt_bytes(RSS_FLOOR_BYTES)} for "
+        f"the CPU RSS, {report.fmt_bytes(CUDA_FLOOR_BYTES)} for torch's CUDA allocator) cannot be told from the "
+        "measurement's own noise: such a row has peak_bytes null, peak_below_floor true and the reading in "
+        "peak_bytes_raw",
         "skips": "a point predicted (from the smaller N of its series: the local log-log slope, at least 2 for "
         "SDPA and YOSO-E) to exceed max_call_s per call or the available memory is skipped with the reason, and "
         "every larger N of its series; a prediction, not a timeout (a call slower than predicted runs to its "
@@ -352,7 +364,7 @@ def run(config, echo=print) -> dict:
             progress.done(_describe(row, method))
         report.add_ratios(results, workloads.SDPA)
         data["results"] = results
-        data["slopes"] = report.slopes(results)
+        data["slopes"] = report.slopes(results, quick=config.quick)
         data["fidelity"] = _fidelity(config, fidelity_points, progress) if config.fidelity else None
 
     out = config.out
@@ -369,7 +381,7 @@ def run(config, echo=print) -> dict:
         try:
             data["figures"] = report.plot_all(data, out)
         except ImportError as exc:
-            data["figures_skipped"] = f"matplotlib is not installed ({exc}); pip install 'yoso-api[plot]'"
+            data["figures_skipped"] = f"matplotlib is not installed ({exc}); pip install 'yoso-bench[plot]'"
         data["runtime_s"] = time.perf_counter() - started
         json_path.write_text(report.to_json(data))
     written = ", ".join(str(out / f) for f in ["bench.json", *data["figures"]])
@@ -391,8 +403,9 @@ def _busy_warning() -> list[str]:
 
 
 def _fidelity(config, points, progress) -> dict:
-    from .. import backends
-    from ..testing import framework_for
+    import yoso
+    from yoso import backends
+    from yoso.testing import framework_for
 
     rows, soft_rows, skipped = [], [], []
     for backend, kind, n in points:
@@ -400,7 +413,7 @@ def _fidelity(config, points, progress) -> dict:
         progress.start(f"fidelity {kind} N={n} ({backend})")
         impl = backends.get(backend)
         try:
-            with backends.set_backend(backend):
+            with yoso.set_backend(backend):
                 angles, soft = fidelity.measure(
                     framework=framework_for(impl),
                     device=config.device,

@@ -161,7 +161,8 @@ def check_device(device: str) -> None:
 
 def resolve_backends(requested: tuple[str, ...], device: str) -> tuple[str, ...]:
     """The backends to measure: the requested ones (each checked) or every available one on ``device``."""
-    from .. import backends
+    import yoso
+    from yoso import backends
 
     if requested:
         for name in requested:
@@ -169,9 +170,9 @@ def resolve_backends(requested: tuple[str, ...], device: str) -> tuple[str, ...]
             if device not in impl.devices:
                 raise ValueError(f"--backend {name} runs on {', '.join(impl.devices)}, not on --device {device}")
         return requested
-    found = tuple(n for n in backends.available_backends() if device in backends.get(n).devices)
+    found = tuple(n for n in yoso.available_backends() if device in backends.get(n).devices)
     if not found:
-        on_other = ", ".join(backends.available_backends()) or "none"
+        on_other = ", ".join(yoso.available_backends()) or "none"
         raise ValueError(f"no available yoso backend runs on --device {device} (available: {on_other}; see yoso info)")
     return found
 

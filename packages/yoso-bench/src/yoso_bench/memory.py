@@ -9,6 +9,14 @@
   current RSS; after it, ``VmHWM - RSS_before`` is the peak. Linux only; elsewhere memory is not
   recorded (with that reason).
 * GPU, JAX arrays: JAX's allocator has no resettable peak, so memory is not recorded (reason given).
+
+Each meter has a floor (``floor_bytes``): a peak below it is not told apart from what measuring itself
+moves, so it is recorded as "below floor", not as a number (``peak_below_floor``). For the RSS that is
+1 MiB: the kernel counts resident memory in 4 KiB pages, which many kernels report through batched
+per-thread or per-CPU counters that can lag by tens of pages (hundreds of KiB) per thread or CPU; and the
+interpreter's own allocations (1 MiB pymalloc arenas, glibc's 128 KiB trim and mmap thresholds) move it by
+as much during any call. (Measured on one machine: an empty call reads 4 KiB, a touched 16 KiB array
+12 KiB.) torch's CUDA allocator counts exact blocks rounded to 512 bytes: its floor is one block.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import ctypes
 import ctypes.util
 
 CLEAR_REFS = "/proc/self/clear_refs"
+RSS_FLOOR_BYTES = 2**20  # see the module docstring: the resolution of a process's resident set size
+CUDA_FLOOR_BYTES = 512  # the CUDA caching allocator's block size
 STATUS = "/proc/self/status"
 
 
@@ -34,6 +44,7 @@ class Meter:
 
     method = ""
     reason: str | None = None
+    floor_bytes = 0  # peaks below this are noise of the measurement, not data
 
     @contextlib.contextmanager
     def measure(self):
@@ -54,6 +65,7 @@ class RssMeter(Meter):
         "CPU: peak resident set size of the process during one call, minus the RSS before it "
         "(malloc_trim(0), then VmHWM reset through /proc/self/clear_refs); covers NumPy, torch and JAX allocations"
     )
+    floor_bytes = RSS_FLOOR_BYTES
 
     def __init__(self) -> None:
         self.reason = self._check()
@@ -98,6 +110,7 @@ class RssMeter(Meter):
 
 class CudaMeter(Meter):
     method = "GPU: torch.cuda.max_memory_allocated during one call minus memory_allocated before it"
+    floor_bytes = CUDA_FLOOR_BYTES
 
     @contextlib.contextmanager
     def measure(self):

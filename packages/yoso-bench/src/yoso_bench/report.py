@@ -22,18 +22,34 @@ def sdpa_flops(batch: int, heads: int, n: int, dim: int, pass_: str) -> float:
     return forward if pass_ == "forward" else FWD_BWD_FLOP_FACTOR * forward
 
 
+# A log-log slope is a claim about scaling: it needs this many measured N, spanning at least this factor.
+# Fewer points (a quick run's grid, a series cut short by skips) give a number that reads as data but is
+# mostly noise and overhead, so none is fitted.
+MIN_SLOPE_POINTS = 3
+MIN_SLOPE_SPAN = 4.0
+QUICK_NO_SLOPES = "quick run: its grid and repeat budget are too small to show how time scales with N"
+
+
 def fit_slope(ns, ms) -> float | None:
-    """Least-squares slope of log(time) against log(N): 1 = linear, 2 = quadratic. None for < 2 distinct N."""
+    """Least-squares slope of log(time) against log(N): 1 = linear, 2 = quadratic.
+
+    None unless at least :data:`MIN_SLOPE_POINTS` distinct N were measured, the largest at least
+    :data:`MIN_SLOPE_SPAN` times the smallest.
+    """
     pairs = [(n, t) for n, t in zip(ns, ms) if t is not None and t > 0 and n > 0]
-    if len({n for n, _ in pairs}) < 2:
+    distinct = {n for n, _ in pairs}
+    if len(distinct) < MIN_SLOPE_POINTS or max(distinct) < MIN_SLOPE_SPAN * min(distinct):
         return None
     x = np.log([n for n, _ in pairs])
     y = np.log([t for _, t in pairs])
     return float(np.polyfit(x, y, 1)[0])
 
 
-def slopes(results: list[dict]) -> list[dict]:
-    """Per (method, pass, dtype): the slope over every measured N and over the largest three."""
+def slopes(results: list[dict], *, quick: bool = False) -> list[dict]:
+    """Per (method, pass, dtype): the slope over every measured N and over the largest three.
+
+    A slope that is not fitted is None with its ``reason``; a quick run fits none.
+    """
     series: dict[tuple, list[dict]] = {}
     for r in results:
         if r["status"] == "ok":
@@ -42,16 +58,22 @@ def slopes(results: list[dict]) -> list[dict]:
     for (method, pass_, dtype), rows in series.items():
         rows = sorted(rows, key=lambda r: r["n"])
         ns, ms = [r["n"] for r in rows], [r["ms"] for r in rows]
-        out.append(
-            {
-                "method": method,
-                "pass": pass_,
-                "dtype": dtype,
-                "slope": fit_slope(ns, ms),
-                "tail_slope": fit_slope(ns[-3:], ms[-3:]),
-                "ns": ns,
-            }
-        )
+        entry = {
+            "method": method,
+            "pass": pass_,
+            "dtype": dtype,
+            "slope": None if quick else fit_slope(ns, ms),
+            "tail_slope": None if quick else fit_slope(ns[-3:], ms[-3:]),
+            "ns": ns,
+        }
+        if quick:
+            entry["reason"] = QUICK_NO_SLOPES
+        elif entry["slope"] is None:
+            entry["reason"] = (
+                f"not fitted: {len(ns)} measured N; a slope needs {MIN_SLOPE_POINTS} or more spanning at least "
+                f"{MIN_SLOPE_SPAN:g}x"
+            )
+        out.append(entry)
     return out
 
 
@@ -73,14 +95,16 @@ def _version(name: str) -> str | None:
 
 
 def environment(config, backend_names) -> dict:
-    from .. import __version__, backends
-    from ..cli import cpu_name, gpu_names
+    """Date, command, machine and versions. The machine is what ``yoso info --json`` reports (``yoso.cli.info``)."""
+    from yoso import backends
+    from yoso.cli import info
 
+    about = info()
     machine = {
-        "cpu": cpu_name(),
-        "gpus": gpu_names(),
+        "cpu": about["cpu"],
+        "gpus": about["gpus"],
         "platform": platform.platform(),
-        "python": platform.python_version(),
+        "python": about["python"],
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     try:
@@ -89,8 +113,8 @@ def environment(config, backend_names) -> dict:
         machine["torch_threads"] = torch.get_num_threads()
     except ImportError:
         pass
-    packages = ("numpy", "torch", "jax", "jaxlib", "triton", "matplotlib", "yoso-api", "yoso-reference")
-    versions = {"yoso": __version__, **{name: _version(name) for name in packages}}
+    packages = ("matplotlib", "yoso-api", "yoso-reference", "yoso-bench")
+    versions = {"yoso": about["yoso"], **about["packages"], **{name: _version(name) for name in packages}}
     versions["backends"] = {name: backends.get(name).version() for name in backend_names}
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -106,20 +130,40 @@ def fmt_ms(ms: float | None) -> str:
     return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
 
 
+def fmt_bytes(b: int) -> str:
+    return f"{b / 2**20:.0f} MiB" if b >= 2**20 else f"{b / 2**10:.0f} KiB" if b >= 2**10 else f"{b} B"
+
+
+def fmt_peak(row: dict) -> str | None:
+    """The peak memory of a result row for people: ``+12 MiB``, ``below floor (< 1 MiB)``, or None."""
+    if row.get("peak_below_floor"):
+        return f"below floor (< {fmt_bytes(row['peak_floor_bytes'])})"
+    if row.get("peak_bytes") is not None:
+        return f"+{fmt_bytes(row['peak_bytes'])}"
+    return None
+
+
 def table(data: dict) -> list[str]:
-    """A plain-text summary: per dtype and pass, ms per method and N (ratio to SDPA)."""
+    """A plain-text summary: per dtype and pass, ms per method and N (ratio to SDPA), and the fitted slopes."""
     lines = []
     methods = {m["id"]: m for m in data["methods"]}
     results = data["results"]
+    slope = {(s["method"], s["pass"], s["dtype"]): s["slope"] for s in data["slopes"]}
+    unfitted = {s.get("reason") for s in data["slopes"] if s["slope"] is None}
     for dtype in data["config"]["dtypes"]:
         for pass_ in data["config"]["passes"]:
             rows = [r for r in results if r["dtype"] == dtype and r["pass"] == pass_]
             if not rows:
                 continue
             ns = sorted({r["n"] for r in rows})
+            # No column of dashes where nothing could be fitted (a quick run): its absence is explained below.
+            with_slope = any(slope.get((mid, pass_, dtype)) is not None for mid in methods)
             lines.append(f"{pass_.replace('_', '+')} [{dtype}], ms (x SDPA's time):")
-            lines.append(f"  {'method':<28}" + "".join(f"{'N=' + str(n):>18}" for n in ns) + f"{'slope':>8}")
-            slope = {(s["method"], s["pass"], s["dtype"]): s["slope"] for s in data["slopes"]}
+            lines.append(
+                f"  {'method':<28}"
+                + "".join(f"{'N=' + str(n):>18}" for n in ns)
+                + (f"{'slope':>8}" if with_slope else "")
+            )
             for mid in methods:
                 cells = []
                 for n in ns:
@@ -133,11 +177,20 @@ def table(data: dict) -> list[str]:
                     else:
                         cells.append(fmt_ms(r["ms"]))
                 s = slope.get((mid, pass_, dtype))
-                lines.append(
-                    f"  {methods[mid]['label']:<28}"
-                    + "".join(f"{c:>18}" for c in cells)
-                    + (f"{s:>8.2f}" if s is not None else f"{'-':>8}")
-                )
+                tail = (f"{s:>8.2f}" if s is not None else f"{'-':>8}") if with_slope else ""
+                lines.append(f"  {methods[mid]['label']:<28}" + "".join(f"{c:>18}" for c in cells) + tail)
+    if QUICK_NO_SLOPES in unfitted:
+        lines.append(f"time-vs-N scaling not fitted ({QUICK_NO_SLOPES})")
+    elif data["slopes"] and unfitted:
+        lines.append(
+            f"slope '-': fewer than {MIN_SLOPE_POINTS} measured N spanning {MIN_SLOPE_SPAN:g}x, too few to fit"
+        )
+    floored = [r for r in results if r.get("peak_below_floor")]
+    if floored:
+        lines.append(
+            f"peak memory below the measurement floor (< {fmt_bytes(floored[0]['peak_floor_bytes'])}) at "
+            f"{len(floored)} of {len(results)} points: recorded as null, not as a number"
+        )
     skipped = [r for r in results if r["status"] != "ok"]
     if skipped:
         lines.append("not measured:")
@@ -180,24 +233,48 @@ def _readable_log_ticks(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+# Per backend a pair of shades (tab20: dark, light) -- the dark one for N-YOSO-m, the light one for N-YOSO-E.
+_TAB20 = (
+    ("#1f77b4", "#aec7e8"),
+    ("#ff7f0e", "#ffbb78"),
+    ("#2ca02c", "#98df8a"),
+    ("#d62728", "#ff9896"),
+    ("#9467bd", "#c5b0d5"),
+    ("#8c564b", "#c49c94"),
+    ("#e377c2", "#f7b6d2"),
+    ("#7f7f7f", "#c7c7c7"),
+    ("#bcbd22", "#dbdb8d"),
+    ("#17becf", "#9edae5"),
+)
+MARKERS = {"sdpa": "s", "yoso": "o", "yoso-e": "^"}
+LINESTYLES = {"sdpa": "-", "yoso": "-", "yoso-e": "--"}
+
+
 def _style(method: dict, dtype: str, dtypes, backends) -> dict:
-    """SDPA black; one colour per backend, solid for YOSO-m and dashed for YOSO-E; squares for later dtypes."""
-    if method["kind"] == "sdpa":
-        style = {"color": "black", "ls": "-"}
+    """Every method its own marker and colour, so that legend entries differ even where a short handle hides
+    the dash: SDPA black squares; per backend one hue, dark circles on a solid line for N-YOSO-m and light
+    triangles on a dashed line for N-YOSO-E; later dtypes hollow markers."""
+    kind = method["kind"]
+    if kind == "sdpa":
+        color = "black"
     else:
-        style = {"color": f"C{backends.index(method['backend']) % 10}", "ls": "-" if method["kind"] == "yoso" else "--"}
-    style["marker"] = "o" if dtype == dtypes[0] else "s"
+        dark, light = _TAB20[backends.index(method["backend"]) % len(_TAB20)]
+        color = dark if kind == "yoso" else light
+    style = {"color": color, "ls": LINESTYLES.get(kind, ":"), "marker": MARKERS.get(kind, "D")}
     if dtype != dtypes[0]:
-        style["alpha"] = 0.6
+        style["markerfacecolor"] = "white"
+        style["alpha"] = 0.7
     return style
 
 
-def _series_plot(ax, data, pass_, value, ylabel, with_slope=False):
+def _series_plot(ax, data, pass_, value, ylabel, with_slope=False, floors=None):
+    """One line per (method, dtype) over N. ``floors``: the measurement floor of each point shown below it."""
     methods = data["methods"]
     dtypes = data["config"]["dtypes"]
     backends = data["config"]["backends"]
     slope = {(s["method"], s["pass"], s["dtype"]): s["slope"] for s in data["slopes"]}
     ns = set()
+    below = []
     for dtype in dtypes:
         for m in methods:
             rows = sorted(
@@ -208,6 +285,8 @@ def _series_plot(ax, data, pass_, value, ylabel, with_slope=False):
                 ),
                 key=lambda r: r["n"],
             )
+            if floors is not None:
+                below += [r for r in rows if floors(r) is not None]
             rows = [r for r in rows if value(r) is not None]
             if not rows:
                 continue
@@ -217,13 +296,54 @@ def _series_plot(ax, data, pass_, value, ylabel, with_slope=False):
                 label += f", slope {s:.2f}"
             ax.plot([r["n"] for r in rows], [value(r) for r in rows], label=label, **_style(m, dtype, dtypes, backends))
             ns.update(r["n"] for r in rows)
+    if below:  # where values would be noise: one line at the floor, not points drawn as if measured
+        floor = max(floors(r) for r in below)
+        points = f"{len(below)} point{'s' if len(below) > 1 else ''}"
+        ax.axhline(floor, color="gray", ls=":", lw=1, label=f"measurement floor ({points} below it, not drawn)")
+        ns.update(r["n"] for r in below)
     ax.set_yscale("log")
     _readable_log_ticks(ax.yaxis)
     ax.set_ylabel(ylabel)
     _set_n_axis(ax, sorted(ns) or data["config"]["ns"])
     ax.grid(True, which="both", alpha=0.3)
     if ns:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, handlelength=3.5)
+
+
+def time_figure(data: dict):
+    """The time-vs-N figure (one panel per pass), not yet saved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    passes = data["config"]["passes"]
+    fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4.5), squeeze=False)
+    for ax, pass_ in zip(axes[0], passes):
+        _series_plot(ax, data, pass_, lambda r: r["ms"], "time [ms]", with_slope=True)
+        ax.set_title(f"{pass_.replace('_', '+')}: time vs N")
+    fig.suptitle("yoso bench: time -- " + _subtitle(data), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def memory_figure(data: dict):
+    """The peak-memory-vs-N figure; points below the measurement floor are a dotted line at the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    passes = data["config"]["passes"]
+    fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4.5), squeeze=False)
+    mib = lambda r: r["peak_bytes"] / 2**20 if r.get("peak_bytes") else None  # noqa: E731
+    floor = lambda r: r["peak_floor_bytes"] / 2**20 if r.get("peak_below_floor") else None  # noqa: E731
+    for ax, pass_ in zip(axes[0], passes):
+        _series_plot(ax, data, pass_, mib, "peak memory above inputs [MiB]", floors=floor)
+        ax.set_title(f"{pass_.replace('_', '+')}: peak memory vs N")
+    fig.suptitle("yoso bench: memory -- " + _subtitle(data), fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def plot_all(data: dict, out) -> list[str]:
@@ -233,28 +353,11 @@ def plot_all(data: dict, out) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    passes = data["config"]["passes"]
-
-    fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4.5), squeeze=False)
-    for ax, pass_ in zip(axes[0], passes):
-        _series_plot(ax, data, pass_, lambda r: r["ms"], "time [ms]", with_slope=True)
-        ax.set_title(f"{pass_.replace('_', '+')}: time vs N")
-    fig.suptitle("yoso bench: time -- " + _subtitle(data), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / FIGURES["time"], dpi=120)
-    plt.close(fig)
-    written.append(FIGURES["time"])
-
-    fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4.5), squeeze=False)
-    for ax, pass_ in zip(axes[0], passes):
-        mib = lambda r: r["peak_bytes"] / 2**20 if r.get("peak_bytes") else None  # noqa: E731
-        _series_plot(ax, data, pass_, mib, "peak memory above inputs [MiB]")
-        ax.set_title(f"{pass_.replace('_', '+')}: peak memory vs N")
-    fig.suptitle("yoso bench: memory -- " + _subtitle(data), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / FIGURES["memory"], dpi=120)
-    plt.close(fig)
-    written.append(FIGURES["memory"])
+    for name, make in (("time", time_figure), ("memory", memory_figure)):
+        fig = make(data)
+        fig.savefig(out / FIGURES[name], dpi=120)
+        plt.close(fig)
+        written.append(FIGURES[name])
 
     fid = data.get("fidelity")
     if fid and fid.get("rows"):
@@ -367,6 +470,10 @@ def validate(data: dict) -> None:
                 problems.append(f"{where}: ms must be positive")
             if r.get("peak_bytes") is not None and not isinstance(r["peak_bytes"], int):
                 problems.append(f"{where}: peak_bytes must be an int or null")
+            if r.get("peak_below_floor") and (
+                r.get("peak_bytes") is not None or not isinstance(r.get("peak_floor_bytes"), int)
+            ):
+                problems.append(f"{where}: a peak below the floor has peak_bytes null and an int peak_floor_bytes")
         elif not isinstance(r["reason"], str) or not r["reason"]:
             problems.append(f"{where}: a {r['status']} point needs its reason")
     for s in data["slopes"]:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import backends
-from .._api import attention, attention_vjp
-from ..testing import framework_for, to_framework
+import yoso
+from yoso import backends
+from yoso.testing import framework_for, to_framework
 
 PASSES = ("forward", "forward_backward")
 PASS_LABELS = {"forward": "forward", "forward_backward": "forward+backward"}
@@ -67,7 +67,7 @@ def framework_for_dtype(method: Method, dtype: str) -> tuple[str | None, str | N
 
 
 def backend_context(method: Method):
-    return backends.set_backend(method.backend) if method.backend else contextlib.nullcontext()
+    return yoso.set_backend(method.backend) if method.backend else contextlib.nullcontext()
 
 
 @dataclass
@@ -112,9 +112,7 @@ def build(method: Method, pass_: str, *, dtype, batch, heads, n, dim, num_hashes
 
 
 def yoso_planes(num_hashes, tau, dim, seed):
-    from .._planes import hash_planes
-
-    return hash_planes(num_hashes, tau, dim, seed=seed)
+    return yoso.hash_planes(num_hashes, tau, dim, seed=seed)
 
 
 def _numpy_yoso(host, planes, options, pass_, dtype, device):
@@ -122,10 +120,10 @@ def _numpy_yoso(host, planes, options, pass_, dtype, device):
     if planes is not None:
         options = {**options, "planes": planes}
     if pass_ == "forward":
-        return (lambda: attention(q, k, v, **options)), None
+        return (lambda: yoso.attention(q, k, v, **options)), None
 
     def forward_backward():
-        _, vjp = attention_vjp(q, k, v, **options)
+        _, vjp = yoso.attention_vjp(q, k, v, **options)
         return vjp(ct)
 
     return forward_backward, None
@@ -143,7 +141,7 @@ def _torch_yoso(host, planes, options, pass_, dtype, device):
     q, k, v, ct = _torch_tensors(host, dtype, device)
     if planes is not None:
         options = {**options, "planes": torch.as_tensor(planes, device=device, dtype=torch.float32)}
-    return _torch_passes(lambda q, k, v: attention(q, k, v, **options), q, k, v, ct, pass_), None
+    return _torch_passes(lambda q, k, v: yoso.attention(q, k, v, **options), q, k, v, ct, pass_), None
 
 
 def _torch_sdpa(host, pass_, dtype, device):
@@ -182,7 +180,7 @@ def _jax_yoso(host, planes, options, pass_, dtype, device):
         args.append(to_framework(planes.astype(np.float32), "jax", device))
 
     def forward(q, k, v, *planes):
-        return attention(q, k, v, **options, **({"planes": planes[0]} if planes else {}))
+        return yoso.attention(q, k, v, **options, **({"planes": planes[0]} if planes else {}))
 
     if pass_ == "forward":
         f = forward

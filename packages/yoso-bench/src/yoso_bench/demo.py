@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backends
-from ._api import attention
-from .testing import framework_for, synchronize, to_framework, to_numpy
+import yoso
+from yoso import backends
+from yoso.testing import framework_for, synchronize, to_framework, to_numpy
 
 HASH_COUNTS = (8, 16, 32, 64, 128)
 
@@ -72,21 +72,21 @@ def _timed(fn, repeats: int):
 
 def run(*, n=1024, dim=64, hash_bits=8, seed=0, repeats=3, backend=None, out_dir="yoso-demo", plot=True, echo=print):
     """Run the demo; returns the results dict (also written to ``out_dir/demo.json``)."""
-    with backends.set_backend(backend) if backend else contextlib.nullcontext():
-        name = backends.get_backend()
+    with yoso.set_backend(backend) if backend else contextlib.nullcontext():
+        name = yoso.get_backend()
         impl = backends.get(name)
         framework = framework_for(impl)
         device = impl.default_device()
         q_np, k_np, v_np = clustered_sample(n, dim, seed=seed)
         q, k, v = (to_framework(x.astype(np.float32), framework, device) for x in (q_np, k_np, v_np))
 
-        expected, t_expected = _timed(lambda: attention(q, k, v, mode="expectation", hash_bits=hash_bits), repeats)
+        expected, t_expected = _timed(lambda: yoso.attention(q, k, v, mode="expectation", hash_bits=hash_bits), repeats)
         expected = to_numpy(expected)
         soft, t_soft = _timed(lambda: softmax_attention(q_np, k_np, v_np, hash_bits), repeats)
         rows = []
         for m in HASH_COUNTS:
             sampled, t_sampled = _timed(
-                lambda m=m: attention(q, k, v, num_hashes=m, hash_bits=hash_bits, seed=seed + m), repeats
+                lambda m=m: yoso.attention(q, k, v, num_hashes=m, hash_bits=hash_bits, seed=seed + m), repeats
             )
             rows.append(
                 {

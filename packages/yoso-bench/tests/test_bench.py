@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from yoso import backends
-from yoso.bench import options, report
 from yoso.cli import main
+from yoso_bench import options, report
 
 pytest.importorskip("torch")
 
@@ -152,7 +153,7 @@ def test_points_predicted_too_slow_are_skipped_with_the_reason(tmp_path):
 
 
 def test_points_predicted_not_to_fit_in_memory_are_skipped(tmp_path, monkeypatch):
-    from yoso.bench import memory
+    from yoso_bench import memory
 
     if memory.RssMeter().reason:
         pytest.skip("peak RSS cannot be measured here")
@@ -221,7 +222,7 @@ def test_hash_bits_auto_and_flops():
 
 
 def test_the_rss_meter_sees_a_large_allocation():
-    from yoso.bench import memory
+    from yoso_bench import memory
 
     meter = memory.RssMeter()
     if meter.reason:
@@ -242,3 +243,124 @@ def test_validate_names_what_is_wrong():
 )
 def test_committed_results_follow_the_schema(path):
     report.validate(json.loads(path.read_text()))
+
+
+# ---- what a run may claim: slopes only from enough points, memory only above the floor ----------------
+
+
+def test_a_quick_run_prints_no_slope(tmp_path, capsys):
+    data = bench(tmp_path, "--quick", "--n", "64,128,256", "--backend", "reference", "--no-fidelity", "--no-plot")
+    report.validate(data)
+    assert data["slopes"] and all(s["slope"] is None and s["tail_slope"] is None for s in data["slopes"])
+    assert all(s["reason"].startswith("quick run") for s in data["slopes"])
+    out = capsys.readouterr().out
+    assert "slope" not in out  # no column, no number: the grid spans 4x but a quick run shows no scaling
+    assert "time-vs-N scaling not fitted (quick run" in out
+
+
+def test_slopes_only_from_enough_points(tmp_path, capsys):
+    data = bench(tmp_path, "--n", "64,128,256", "--backend", "reference", "--no-fidelity", "--no-plot")
+    assert all(isinstance(s["slope"], float) for s in data["slopes"])  # 3 points spanning 4x: fitted
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("method"))
+    assert header.rstrip().endswith("slope")
+    data = bench(tmp_path, "--n", "64,128", "--backend", "reference", "--no-fidelity", "--no-plot", "--no-backward")
+    report.validate(data)
+    assert all(s["slope"] is None and "not fitted: 2 measured N" in s["reason"] for s in data["slopes"])
+    out = capsys.readouterr().out
+    assert not re.search(r"slope\s+-?\d", out) and "slope '-': fewer than 3 measured N spanning 4x" in out
+
+
+def test_memory_below_the_floor_is_not_a_number(tmp_path, monkeypatch, capsys):
+    from yoso_bench import memory
+
+    if memory.RssMeter().reason:
+        pytest.skip("peak RSS cannot be measured here")
+    monkeypatch.setattr(memory.RssMeter, "floor_bytes", 2**40)  # every peak is below a 1 TiB floor
+    data = bench(tmp_path, "--quick", "--backend", "reference", "--no-fidelity", "--no-backward")
+    report.validate(data)
+    for r in data["results"]:
+        assert r["peak_bytes"] is None and r["peak_below_floor"] is True and r["peak_floor_bytes"] == 2**40
+        assert isinstance(r["peak_bytes_raw"], int)
+        assert report.fmt_peak(r) == "below floor (< 1048576 MiB)"
+    captured = capsys.readouterr()
+    assert "peak memory below the measurement floor (< 1048576 MiB) at 6 of 6 points" in captured.out
+    assert "peak below floor" in captured.err and "peak +" not in captured.err  # the progress lines
+    assert (tmp_path / "out" / "memory.png").stat().st_size > 10_000
+
+    bad = dict(data, results=[dict(data["results"][0], peak_bytes=1234)])
+    with pytest.raises(ValueError, match="a peak below the floor has peak_bytes null"):
+        report.validate(bad)
+
+
+def test_the_default_floor_sits_above_what_measuring_moves():
+    from yoso_bench import memory
+
+    meter = memory.RssMeter()
+    if meter.reason:
+        pytest.skip(meter.reason)
+    for _ in range(5):
+        with meter.measure() as m:
+            x = [0] * 1000  # what the interpreter allocates around any call
+            del x
+        assert m.peak_bytes < meter.floor_bytes
+    with meter.measure() as m:
+        x = np.ones(2 * meter.floor_bytes // 8)  # twice the floor, touched
+        del x
+    assert m.peak_bytes >= meter.floor_bytes
+
+
+def _synthetic(backends_, dtypes):
+    """A result with every method at three N, as a run would write it (for the figures)."""
+    methods = [{"id": "sdpa", "label": "SDPA", "kind": "sdpa", "backend": None}]
+    for b in backends_:
+        methods += [
+            {"id": f"{b}/yoso-32", "label": f"N-YOSO-32 ({b})", "kind": "yoso", "backend": b},
+            {"id": f"{b}/yoso-e", "label": f"N-YOSO-E ({b})", "kind": "yoso-e", "backend": b},
+        ]
+    ns = [1024, 2048, 4096]
+    results = [
+        {"method": m["id"], "pass": "forward", "dtype": d, "n": n, "status": "ok", "ms": 1e-3 * n * (i + 1)}
+        for i, m in enumerate(methods)
+        for d in dtypes
+        for n in ns
+    ]
+    return {
+        "methods": methods,
+        "results": results,
+        "slopes": report.slopes(results),
+        "machine": {"cpu": "test CPU", "gpus": []},
+        "date_utc": "2026-01-01T00:00:00Z",
+        "config": {
+            "device": "cpu",
+            "dtypes": list(dtypes),
+            "passes": ["forward"],
+            "backends": list(backends_),
+            "batch": 1,
+            "heads": 8,
+            "dim": 64,
+            "num_hashes": 32,
+            "hash_bits": 8,
+            "ns": ns,
+        },
+    }
+
+
+@pytest.mark.parametrize("dtypes", [("float32",), ("float32", "bfloat16")])
+def test_every_legend_entry_of_the_time_figure_is_distinguishable(dtypes):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    fig = report.time_figure(_synthetic(["jax", "reference", "triton"], dtypes))
+    (ax,) = fig.axes
+    legend = ax.get_legend()
+    labels = [t.get_text() for t in legend.get_texts()]
+    handles = legend.legend_handles
+    assert len(labels) == len(set(labels)) == 7 * len(dtypes)
+    looks = [(h.get_color(), h.get_marker(), h.get_linestyle(), h.get_markerfacecolor()) for h in handles]
+    assert len(set(looks)) == len(looks), looks
+    # YOSO-m and YOSO-E of one backend differ in colour and in marker, not only in the dash
+    by_method = {label.split(",")[0].removesuffix(" [float32]"): look for label, look in zip(labels, looks)}
+    for b in ("jax", "reference", "triton"):
+        sampled, expectation = by_method[f"N-YOSO-32 ({b})"], by_method[f"N-YOSO-E ({b})"]
+        assert sampled[0] != expectation[0] and sampled[1] != expectation[1]
+    plt.close(fig)

@@ -1,0 +1,56 @@
+"""The subcommands yoso-bench adds to ``yoso`` (entry-point group ``yoso.commands``; the interface is in
+``yoso.cli``'s docstring): each has a one-line ``help``, ``add_arguments(parser)`` and ``run(args)``.
+
+Importing this module must stay cheap -- ``yoso --help`` imports it -- so the measuring code loads in ``run``.
+"""
+
+from __future__ import annotations
+
+
+class _Bench:
+    help = "time and memory vs N against torch SDPA and YOSO-E, and error vs N: JSON and figures"
+
+    def add_arguments(self, parser) -> None:
+        from .options import add_arguments
+
+        add_arguments(parser)
+
+    def run(self, args) -> int:
+        from .options import config_from_args
+        from .runner import run
+
+        run(config_from_args(args, getattr(args, "argv", None)))
+        return 0
+
+
+class _Demo:
+    help = "YOSO-m vs YOSO-E vs softmax on one sample: table and plot"
+
+    def add_arguments(self, p) -> None:
+        p.add_argument("--backend", help="backend to run on (default: the default backend)")
+        p.add_argument("--n", type=int, default=1024, help="sequence length (default 1024)")
+        p.add_argument("--dim", type=int, default=64, help="head dim D (default 64)")
+        p.add_argument("--hash-bits", type=int, default=8, help="tau (default 8)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--repeats", type=int, default=3, help="timed repeats per method (median)")
+        p.add_argument("--out", default="yoso-demo", help="output folder for demo.png and demo.json")
+        p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+
+    def run(self, args) -> int:
+        from . import demo
+
+        demo.run(
+            n=args.n,
+            dim=args.dim,
+            hash_bits=args.hash_bits,
+            seed=args.seed,
+            repeats=args.repeats,
+            backend=args.backend,
+            out_dir=args.out,
+            plot=not args.no_plot,
+        )
+        return 0
+
+
+bench = _Bench()
+demo = _Demo()
