@@ -24,9 +24,10 @@ TORCH = os.environ.get("YOSO_TORCH_SPEC", "torch==2.13.0")
 JAX = "jax==0.10.2"  # Pallas changes between releases: the kernels are tested against this one
 API = "packages/yoso-api"
 REFERENCE = "packages/yoso-reference"
+MODELS = "packages/yoso-models"
 # The Hugging Face integrations are tested against this version, installed in the integrations session only.
 TRANSFORMERS = os.environ.get("YOSO_TRANSFORMERS_SPEC", "transformers==5.23.0")
-FLAX = "flax==0.12.8"  # yoso.nnx is tested against this release (with JAX above)
+FLAX = "flax==0.12.8"  # yoso_models.nnx is tested against this release (with JAX above)
 
 
 def _no_gpu_reason() -> str | None:
@@ -123,14 +124,15 @@ def tests(session: nox.Session, backend: str) -> None:
 
 @nox.session
 def integrations(session: nox.Session) -> None:
-    """yoso-api's own tests: yoso.nn, yoso.integrations.transformers (tiny random models, no downloads),
-    yoso.nnx (Flax NNX, on the jax backend), a smoke run of examples/listops.py, and yoso bench on a
-    tiny grid."""
+    """yoso-api's own tests (yoso bench on a tiny grid, the moved names) and yoso-models': yoso_models.nn,
+    yoso_models.transformers (tiny random models, no downloads), yoso_models.nnx (Flax NNX, on the jax
+    backend), a smoke run of examples/listops.py."""
     session.install(
         TORCH, TRANSFORMERS, FLAX, JAX, "pytest", "-e", REFERENCE, "-e", "packages/yoso-jax", "-e", f"{API}[plot]"
     )
+    session.install(TORCH, TRANSFORMERS, FLAX, JAX, "-e", f"{MODELS}[torch,flax,transformers]")  # the pins hold
     env = {"YOSO_TEST_REQUIRE_TRANSFORMERS": "1", "YOSO_TEST_REQUIRE_FLAX": "1", "HF_HUB_OFFLINE": "1"}
-    session.run("pytest", f"{API}/tests", *session.posargs, env=env)
+    session.run("pytest", f"{API}/tests", f"{MODELS}/tests", *session.posargs, env=env)
 
 
 @nox.session
