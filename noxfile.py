@@ -25,9 +25,10 @@ JAX = "jax==0.10.2"  # Pallas changes between releases: the kernels are tested a
 API = "packages/yoso-api"
 REFERENCE = "packages/yoso-reference"
 BENCH = "packages/yoso-bench"  # yoso bench and yoso demo (subcommands through the yoso.commands entry points)
+MODELS = "packages/yoso-models"  # yoso_models.nn, .nnx, .transformers
 # The Hugging Face integrations are tested against this version, installed in the integrations session only.
 TRANSFORMERS = os.environ.get("YOSO_TRANSFORMERS_SPEC", "transformers==5.23.0")
-FLAX = "flax==0.12.8"  # yoso.nnx is tested against this release (with JAX above)
+FLAX = "flax==0.12.8"  # yoso_models.nnx is tested against this release (with JAX above)
 
 
 def _no_gpu_reason() -> str | None:
@@ -124,13 +125,13 @@ def tests(session: nox.Session, backend: str) -> None:
 
 @nox.session
 def integrations(session: nox.Session) -> None:
-    """yoso-api's own tests: the yoso command, yoso.nn, yoso.integrations.transformers (tiny random models, no
-    downloads), yoso.nnx (Flax NNX, on the jax backend), a smoke run of examples/listops.py; and yoso-bench's:
-    yoso bench on a tiny grid, yoso demo."""
+    """yoso-api's own tests (selection, errors, the yoso command), yoso-bench's (yoso bench on a tiny grid, yoso
+    demo) and yoso-models' (yoso_models.nn, yoso_models.transformers on tiny random models without downloads,
+    yoso_models.nnx on the jax backend, a smoke run of examples/listops.py)."""
     packages = ["-e", REFERENCE, "-e", "packages/yoso-jax", "-e", API, "-e", f"{BENCH}[plot]"]
-    session.install(TORCH, TRANSFORMERS, FLAX, JAX, "pytest", *packages)
+    session.install(TORCH, TRANSFORMERS, FLAX, JAX, "pytest", *packages, "-e", f"{MODELS}[torch,flax,transformers]")
     env = {"YOSO_TEST_REQUIRE_TRANSFORMERS": "1", "YOSO_TEST_REQUIRE_FLAX": "1", "HF_HUB_OFFLINE": "1"}
-    session.run("pytest", f"{API}/tests", f"{BENCH}/tests", *session.posargs, env=env)
+    session.run("pytest", f"{API}/tests", f"{BENCH}/tests", f"{MODELS}/tests", *session.posargs, env=env)
 
 
 @nox.session

@@ -6,12 +6,14 @@ digits, e.g. ``[MAX 4 [MIN 2 3 ] 1 [SM 5 8 ] ]`` = 4, with the operators MIN, MA
 500-2000 tokens so that three models train on a 2-core CPU in minutes.
 
 All three models share everything -- seed, initialisation, data order, optimiser, steps -- except the
-attention: ``softmax`` (torch's scaled_dot_product_attention), ``yoso-e`` (yoso.nn.YosoSelfAttention with
-mode="expectation") and ``yoso-32`` (mode="sample", 32 hashes; its test accuracy is reported both with
+attention: ``softmax`` (torch's scaled_dot_product_attention), ``yoso-e`` (yoso_models.nn.YosoSelfAttention
+with mode="expectation") and ``yoso-32`` (mode="sample", 32 hashes; its test accuracy is reported both with
 sampled attention at evaluation and with the layer's default eval(), the expectation).
 
     python examples/listops.py                      # the run recorded in README.md
     python examples/listops.py --smoke              # seconds: a wiring check (the nox session runs it)
+
+Needs ``pip install -e "packages/yoso-models[torch]"`` and a backend (``pip install -e packages/yoso-reference``).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from yoso_models.nn import YosoSelfAttention
 
 import yoso
-from yoso.nn import YosoSelfAttention
 
 # ---- data ----------------------------------------------------------------------------------------------
 

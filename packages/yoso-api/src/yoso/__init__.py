@@ -5,9 +5,9 @@
     out = yoso.attention(q, k, v, mode="expectation") # YOSO-E, the exact expectation
     with yoso.set_backend("reference"): ...           # pick a backend (also: YOSO_BACKEND)
 
-``yoso.nn.YosoSelfAttention`` is a torch layer, ``yoso.nnx.YosoAttention`` a Flax NNX module, and
-``yoso.integrations.transformers`` plugs YOSO into Hugging Face models; they load on first access, so
-``import yoso`` imports none of torch, flax or transformers.
+Model layers (a torch layer, a Flax NNX module, Hugging Face integrations) are the ``yoso-models``
+distribution (``import yoso_models``), built on this API; ``import yoso`` imports none of torch, flax or
+transformers.
 
 ``yoso info`` lists the installed backends and why any cannot run; ``yoso demo`` shows YOSO-m
 converging to YOSO-E as the number of hashes grows.
@@ -20,15 +20,22 @@ from .backends import BACKWARDS, HASHINGS, MODES, available_backends, get_backen
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("integrations", "nn", "nnx")
+# Submodules that moved to the yoso-models distribution, and their new homes. Accessing one says where it
+# went (and imports nothing: the new package may not be installed, and it pulls torch/flax/transformers).
+_MOVED = {
+    "nn": "yoso_models.nn",
+    "nnx": "yoso_models.nnx",
+    "integrations": "yoso_models.transformers",
+}
 
 
 def __getattr__(name: str):
-    # yoso.nn / yoso.integrations import torch (and transformers), yoso.nnx flax: load them only when asked for.
-    if name in _LAZY_SUBMODULES:
-        import importlib
-
-        return importlib.import_module(f"{__name__}.{name}")
+    if name in _MOVED:
+        raise AttributeError(
+            f"yoso.{name} moved to {_MOVED[name]} in the yoso-models distribution: "
+            f"pip install yoso-models (this repository: pip install -e packages/yoso-models), "
+            f"then import {_MOVED[name]}"
+        )
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

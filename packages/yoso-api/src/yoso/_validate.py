@@ -60,19 +60,6 @@ def check_options(
         planes_shape(int(num_hashes), int(hash_bits), int(head_dim), hashing)  # hadamard: hash_bits <= D'
 
 
-def check_layer_args(*, width_name: str, width: int, num_heads: int, num_hashes, hash_bits, hashing, **choices):
-    """Shared checks of the model layers (yoso.nn, yoso.nnx): widths, heads, hash hyperparameters, and
-    ``choices`` given as ``name=(value, options)``."""
-    check_positive_int(width_name, width)
-    check_positive_int("num_heads", num_heads)
-    if width % num_heads:
-        raise ValueError(f"{width_name}={width} must be divisible by num_heads={num_heads}")
-    check_hash_args(num_hashes, hash_bits, hashing)
-    planes_shape(int(num_hashes), int(hash_bits), width // num_heads, hashing)  # hadamard: hash_bits <= D'
-    for name, (value, options) in choices.items():
-        check_choice(name, value, options)
-
-
 def _check_flag(name: str, value) -> None:
     import numpy as np  # loaded by the first call, not by `import yoso`
 

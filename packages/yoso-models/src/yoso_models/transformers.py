@@ -5,7 +5,7 @@ Two ways in, both through :func:`yoso.attention` only, so they run on whichever 
 1. :func:`register` adds ``"yoso"`` to transformers' ``AttentionInterface`` (and ``AttentionMaskInterface``),
    so models that dispatch attention through it (BERT, RoBERTa, ALBERT, ELECTRA, DistilBERT, ...) run YOSO::
 
-       from yoso.integrations import transformers as yoso_hf
+       from yoso_models import transformers as yoso_hf
        yoso_hf.register()                                   # or register("yoso", num_hashes=64, hash_bits=9)
        model = BertForSequenceClassification(config)        # config._attn_implementation = "yoso"
        yoso_hf.enable(model)                                # or: from_pretrained(..., attn_implementation="yoso")
@@ -20,11 +20,11 @@ Two ways in, both through :func:`yoso.attention` only, so they run on whichever 
      mask (and fully masked query rows); anything else (sliding windows, per-head masks, packed sequences,
      additive position biases) raises a ``ValueError`` rather than being approximated.
    * In ``eval()`` the attention is YOSO-E (the exact expectation; deterministic) unless registered with
-     ``eval_mode="sample"`` -- see :class:`yoso.nn.YosoSelfAttention` for the reasoning.
+     ``eval_mode="sample"`` -- see :class:`yoso_models.nn.YosoSelfAttention` for the reasoning.
 
 2. :func:`patch_yoso_model` gives transformers' own ``YosoModel`` family the ``lsh_cumulation`` kernels it
    expects (upstream they exist only as CUDA code fetched at run time, so ``use_expectation=False`` fails
-   with ``AttributeError`` on a CPU); see :mod:`yoso.integrations._yoso_model` for what it can and cannot fix.
+   with ``AttributeError`` on a CPU); see :mod:`yoso_models._yoso_model` for what it can and cannot fix.
 
 Tested with transformers 5.23.0 (the ``integrations`` nox session).
 """
@@ -34,10 +34,9 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-from .._api import attention
-from .._planes import check_hash_args
-from ..backends import BACKWARDS, MODES
-from ..nn import EVAL_MODES
+import yoso
+
+from ._checks import EVAL_MODES, check_choice
 from ._yoso_model import YosoKernels, patch_yoso_model
 
 __all__ = ["YosoKernels", "attention_forward", "enable", "masks_from_attention_mask", "patch_yoso_model", "register"]
@@ -61,7 +60,7 @@ def _import_transformers():
         import transformers
     except ImportError as error:  # pragma: no cover - the integrations session installs it
         raise ImportError(
-            "yoso.integrations.transformers needs Hugging Face transformers: pip install 'transformers>=5'"
+            "yoso_models.transformers needs Hugging Face transformers: pip install 'yoso-models[transformers]'"
         ) from error
     return transformers
 
@@ -77,10 +76,14 @@ class _Options:
     eval_seed: int | None
 
     def __post_init__(self):
-        check_hash_args(self.num_hashes, self.hash_bits, self.hashing)
-        for name, options in (("mode", MODES), ("backward", BACKWARDS), ("eval_mode", EVAL_MODES)):
-            if getattr(self, name) not in options:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {getattr(self, name)!r}")
+        yoso.check_options(
+            num_hashes=self.num_hashes,
+            hash_bits=self.hash_bits,
+            mode=self.mode,
+            hashing=self.hashing,
+            backward=self.backward,
+        )
+        check_choice("eval_mode", self.eval_mode, EVAL_MODES)
         if self.eval_seed is not None and (
             self.eval_mode != "sample"
             or isinstance(self.eval_seed, bool)
@@ -207,7 +210,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     )
     training = bool(getattr(module, "training", False))
     mode, seed = options.mode_and_seed(training)
-    out = attention(
+    out = yoso.attention(
         query,
         key,
         value,
@@ -239,7 +242,7 @@ def register(
 ) -> str:
     """Register YOSO as ``attn_implementation=name`` with transformers; returns ``name``.
 
-    The hyperparameters are those of :func:`yoso.attention` / :class:`yoso.nn.YosoSelfAttention`; register
+    The hyperparameters are those of :func:`yoso.attention` / :class:`yoso_models.nn.YosoSelfAttention`; register
     several names for several settings (``register("yoso-e", mode="expectation")``). Registers the attention
     function with ``transformers.AttentionInterface`` and, where the version has one, the boolean
     ``sdpa_mask`` builder with ``AttentionMaskInterface`` under the same name (transformers looks the mask

@@ -1,4 +1,4 @@
-"""yoso.nnx.YosoAttention: the Flax NNX module on the JAX backend.
+"""yoso_models.nnx.YosoAttention: the Flax NNX module on the JAX backend.
 
 The ``integrations`` nox session installs flax and sets YOSO_TEST_REQUIRE_FLAX=1, so these tests fail
 there instead of skipping when it is missing.
@@ -19,13 +19,14 @@ else:
     nnx = pytest.importorskip("flax.nnx")
 
 import jax.numpy as jnp  # noqa: E402
+from yoso_models.nnx import YosoAttention  # noqa: E402
 
 import yoso  # noqa: E402
 
 
 def _layer(seed=0, **kwargs):
     kwargs = {"num_hashes": 8, "hash_bits": 4, **kwargs}
-    return yoso.nnx.YosoAttention(2, 8, rngs=nnx.Rngs(params=seed, hashing=seed + 1, dropout=seed + 2), **kwargs)
+    return YosoAttention(2, 8, rngs=nnx.Rngs(params=seed, hashing=seed + 1, dropout=seed + 2), **kwargs)
 
 
 def _x(shape=(2, 11, 8), seed=0):
@@ -115,11 +116,13 @@ def test_cross_attention_and_dropout():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="qkv_features=9 must be divisible by num_heads=2"):
-        yoso.nnx.YosoAttention(2, 8, qkv_features=9, rngs=nnx.Rngs(0))
+        YosoAttention(2, 8, qkv_features=9, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="eval_mode must be one of"):
-        yoso.nnx.YosoAttention(2, 8, eval_mode="fast", rngs=nnx.Rngs(0))
+        YosoAttention(2, 8, eval_mode="fast", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="hash_bits must be in"):
-        yoso.nnx.YosoAttention(2, 8, hash_bits=30, rngs=nnx.Rngs(0))
+        YosoAttention(2, 8, hash_bits=30, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="dropout_rate must be a probability"):
+        YosoAttention(2, 8, dropout_rate=1.0, rngs=nnx.Rngs(0))
     layer = _layer()
     with pytest.raises(ValueError, match="key_padding_mask"):
         layer(_x(), key_padding_mask=jnp.ones((2, 10), dtype=bool))

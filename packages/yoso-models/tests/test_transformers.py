@@ -1,4 +1,4 @@
-"""yoso.integrations.transformers: attn_implementation="yoso" and the YosoModel kernels (tiny random models).
+"""yoso_models.transformers: attn_implementation="yoso" and the YosoModel kernels (tiny random models).
 
 The ``integrations`` nox session installs transformers and sets YOSO_TEST_REQUIRE_TRANSFORMERS=1, so these
 tests fail there instead of skipping when it is missing.
@@ -21,10 +21,10 @@ else:
     transformers = pytest.importorskip("transformers")
 
 from transformers.models.yoso import modeling_yoso  # noqa: E402
+from yoso_models import transformers as yoso_hf  # noqa: E402
+from yoso_models._yoso_model import draw_diagonals, gaussian_hashing  # noqa: E402
 
 import yoso  # noqa: E402
-from yoso.integrations import transformers as yoso_hf  # noqa: E402
-from yoso.integrations._yoso_model import draw_diagonals, gaussian_hashing, hadamard_codes  # noqa: E402
 
 SMALL = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48)
 SMALL["max_position_embeddings"] = 64
@@ -91,13 +91,62 @@ def test_lsh_weighted_cumulation_is_the_weighted_collision_sum(weight_dim):
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_fast_hash_codes_follow_yoso_hadamard_layout():
-    yoso_reference = pytest.importorskip("yoso_reference")
-    x = torch.randn(3, 11, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    diagonals = draw_diagonals(3, 20, 13, 5, device="cpu", dtype=torch.float64)  # D' = 32: 6 per rotation, R = 3
-    ours = hadamard_codes(x, diagonals, 13, 5)
-    reference = yoso_reference.hashing.hadamard_codes(x.numpy(), diagonals.numpy(), 13, 5)
-    np.testing.assert_array_equal(ours.numpy(), reference.transpose(0, 2, 1))
+def _documented_hadamard_codes(x, diagonals, num_hash, hash_len):
+    """``yoso.hash_planes``' hadamard layout written out for one batch row: ``x [N, D]``, ``diagonals [R, 3, D']``.
+
+    Rotation r maps the zero-padded row to ``H d3 H d2 H d1 x`` (H the Sylvester-Hadamard matrix); hash s takes
+    the tau signs of rotation ``s // (D'//tau)`` from coordinate ``(s % (D'//tau)) * tau``, bit b weighing 2**b.
+    """
+    d_pad = diagonals.shape[-1]
+    hadamard = np.ones((1, 1))
+    while hadamard.shape[0] < d_pad:
+        hadamard = np.block([[hadamard, hadamard], [hadamard, -hadamard]])
+    padded = np.pad(x, ((0, 0), (0, d_pad - x.shape[1])))
+    per = d_pad // hash_len
+    codes = np.zeros((x.shape[0], num_hash), dtype=np.int64)
+    for s in range(num_hash):
+        rotation, start = s // per, (s % per) * hash_len
+        u = padded
+        for step in range(3):
+            u = (u * diagonals[rotation, step]) @ hadamard
+        codes[:, s] = ((u[:, start : start + hash_len] > 0) * 2 ** np.arange(hash_len)).sum(axis=1)
+    return codes
+
+
+def test_fast_hash_codes_follow_the_documented_hadamard_layout():
+    """Per batch row: its own diagonals (from torch's RNG), the hadamard layout, code 0 for masked tokens."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(3, 11, 20, dtype=torch.float64, generator=g)
+    k = torch.randn(3, 7, 20, dtype=torch.float64, generator=g)
+    q[1] = q[0]  # same rows, other batch row: other hash functions, so other codes
+    qm, km = torch.ones(3, 11, dtype=torch.int32), torch.ones(3, 7, dtype=torch.int32)
+    qm[2, 8:], km[1, :3] = 0, 0
+    q[2, 8:] = float("nan")  # whatever a masked token holds
+    torch.manual_seed(9)
+    qc, kc = yoso_hf.YosoKernels().fast_hash(qm, q, km, k, 13, 5, False, 1)  # D' = 32: 6 per rotation, R = 3
+    torch.manual_seed(9)
+    diagonals = draw_diagonals(3, 20, 13, 5, device="cpu", dtype=torch.float64)
+    assert diagonals.shape == (3, 3, 3, 32) and bool(((diagonals == 1) | (diagonals == -1)).all())
+    assert qc.dtype == kc.dtype == torch.int32 and qc.shape == (3, 11, 13) and kc.shape == (3, 7, 13)
+    for row in range(3):
+        for codes, x, mask in ((qc, q, qm), (kc, k, km)):
+            expected = _documented_hadamard_codes(x[row].numpy(), diagonals[row].numpy(), 13, 5)
+            expected[mask[row].numpy() == 0] = 0
+            np.testing.assert_array_equal(codes[row].numpy(), expected)
+    assert not torch.equal(qc[0], qc[1])
+    assert not qc[2, 8:].any() and not kc[1, :3].any()
+
+
+def test_fast_hash_codes_are_yoso_hash_codes_with_per_row_planes():
+    g = torch.Generator().manual_seed(12)
+    q, k = torch.randn(4, 9, 16, generator=g), torch.randn(4, 6, 16, generator=g)
+    qm, km = torch.ones(4, 9, dtype=torch.int32), torch.ones(4, 6, dtype=torch.int32)
+    torch.manual_seed(13)
+    qc, kc = yoso_hf.YosoKernels().fast_hash(qm, q, km, k, 10, 3, False, 1)
+    torch.manual_seed(13)
+    planes = draw_diagonals(4, 16, 10, 3, device="cpu", dtype=torch.float32)
+    for codes, x in ((qc, q), (kc, k)):
+        assert torch.equal(codes, yoso.hash_codes(x, planes=planes, num_hashes=10, hash_bits=3, hashing="hadamard"))
 
 
 def test_fast_hash_then_cumulation_equals_yoso_attention():
@@ -107,8 +156,10 @@ def test_fast_hash_then_cumulation_equals_yoso_attention():
     km = torch.ones(2, 10, dtype=torch.int32)
     km[1, 6:] = 0
     qm = torch.ones_like(km)
+    torch.manual_seed(10)
+    qc, kc = yoso_hf.YosoKernels().fast_hash(qm, q, km, k, 6, 4)
+    torch.manual_seed(10)
     diagonals = draw_diagonals(2, 16, 6, 4, device="cpu", dtype=torch.float32)
-    qc, kc = hadamard_codes(q, diagonals, 6, 4), hadamard_codes(k, diagonals, 6, 4)
     out = yoso_hf.YosoKernels().lsh_cumulation(qm, qc, km, kc, v, 16)
     expected = yoso.attention(
         q,
@@ -137,10 +188,13 @@ def test_upstream_hashing_bug_and_the_fix():
     """Upstream hashing() returns the key codes twice; the fixed one hashes queries and keys with one draw."""
     g = torch.Generator().manual_seed(5)
     q, k = torch.randn(2, 9, 8, generator=g), torch.randn(2, 9, 8, generator=g)
+    torch.manual_seed(0)
     upstream_q, upstream_k = modeling_yoso.hashing(q, k, 4, 3)
     assert torch.equal(upstream_q, upstream_k)  # the bug: queries are never hashed
     torch.manual_seed(0)
     fixed_q, fixed_k = gaussian_hashing(q, k, 4, 3)
+    assert fixed_q.dtype == fixed_k.dtype == torch.int32 and fixed_q.shape == (2, 9, 4)
+    assert torch.equal(fixed_k, upstream_k)  # upstream's draw: its key codes are right
     torch.manual_seed(0)
     planes = torch.randn(2, 8, 12)
     bits = lambda x: ((x @ planes) > 0).int().reshape(2, 9, 4, 3)
@@ -164,6 +218,28 @@ def test_kernels_refuse_bad_input(call, match):
     qm, qc, km, kc, g = _codes_and_masks()
     with pytest.raises(ValueError, match=match):
         call(yoso_hf.YosoKernels(), qm, qc, km, kc, torch.randn(3, 7, 6, generator=g))
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"query_mask": torch.ones(2, 8, dtype=torch.int32)}, "query_mask"),
+        ({"hash_code_len": 9}, "hash_code_len <= 8"),  # D' = 8 for head dim 8
+        ({"key_vector": torch.randn(2, 5, 6)}, "differ"),
+        ({"query_vector": torch.randn(9, 8)}, "batch"),
+    ],
+)
+def test_fast_hash_refuses_bad_input(changes, match):
+    args = dict(
+        query_mask=torch.ones(2, 9, dtype=torch.int32),
+        query_vector=torch.randn(2, 9, 8),
+        key_mask=torch.ones(2, 5, dtype=torch.int32),
+        key_vector=torch.randn(2, 5, 8),
+        num_hash=4,
+        hash_code_len=3,
+    )
+    with pytest.raises(ValueError, match=match):
+        yoso_hf.YosoKernels().fast_hash(**{**args, **changes})
 
 
 # ---- patch_yoso_model() on transformers' YosoModel -----------------------------------------------------

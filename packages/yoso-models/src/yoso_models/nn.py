@@ -1,9 +1,11 @@
-"""``yoso.nn``: torch modules built on :func:`yoso.attention` (and nothing below it), so they run on every backend.
+"""``yoso_models.nn``: torch modules built on :func:`yoso.attention` (and nothing below it), so they run on every
+backend.
 
-    layer = yoso.nn.YosoSelfAttention(embed_dim=256, num_heads=4)           # N-YOSO-32, tau = 8
+    from yoso_models.nn import YosoSelfAttention
+    layer = YosoSelfAttention(embed_dim=256, num_heads=4)                    # N-YOSO-32, tau = 8
     y = layer(x, key_padding_mask=mask)                                      # x [B, N, 256], mask [B, N] True = keep
 
-Importing this module imports torch; ``import yoso`` alone does not (``yoso.nn`` loads on first access).
+Importing this module imports torch; ``import yoso_models`` alone does not.
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._api import attention
-from ._validate import check_layer_args
-from .backends import BACKWARDS, MODES
+import yoso
 
-EVAL_MODES = ("expectation", "sample")
+from ._checks import EVAL_MODES, check_dropout, check_layer
 
 __all__ = ["EVAL_MODES", "YosoSelfAttention"]
 
@@ -83,20 +83,18 @@ class YosoSelfAttention(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        check_layer_args(
+        head_dim = check_layer(
             width_name="embed_dim",
             width=embed_dim,
             num_heads=num_heads,
             num_hashes=num_hashes,
             hash_bits=hash_bits,
+            mode=mode,
             hashing=hashing,
-            mode=(mode, MODES),
-            backward=(backward, BACKWARDS),
-            eval_mode=(eval_mode, EVAL_MODES),
+            backward=backward,
+            eval_mode=eval_mode,
         )
-        head_dim = embed_dim // num_heads
-        if not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        check_dropout("dropout", dropout)
         if conv_window is not None and (
             isinstance(conv_window, bool) or not isinstance(conv_window, numbers.Integral) or conv_window < 1
         ):
@@ -180,7 +178,7 @@ class YosoSelfAttention(nn.Module):
         v = self.v_proj(x).view(heads).transpose(1, 2)
         mask = None if key_padding_mask is None else key_padding_mask[:, None, :]  # broadcast over heads
         mode, seed = self._mode_and_seed()
-        out = attention(
+        out = yoso.attention(
             q,
             k,
             v,

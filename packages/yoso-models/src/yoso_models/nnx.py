@@ -1,13 +1,14 @@
-"""``yoso.nnx``: a Flax NNX attention module built on :func:`yoso.attention` (and nothing below it).
+"""``yoso_models.nnx``: a Flax NNX attention module built on :func:`yoso.attention` (and nothing below it).
 
     from flax import nnx
-    layer = yoso.nnx.YosoAttention(num_heads=4, in_features=256, rngs=nnx.Rngs(params=0, hashing=1))
+    from yoso_models.nnx import YosoAttention
+    layer = YosoAttention(num_heads=4, in_features=256, rngs=nnx.Rngs(params=0, hashing=1))
     y = layer(x, key_padding_mask=mask)          # x [B, N, 256], mask [B, N] bool, True = real token
 
 The hash functions come from an NNX RNG stream (``"hashing"`` by default; an ``nnx.Rngs`` without that
 stream falls back to its ``default`` one), so every call draws fresh ones, ``nnx.jit`` carries the stream
-state like dropout's, and the same seeds reproduce a run. Importing this module imports flax and jax;
-``import yoso`` alone does not (``yoso.nnx`` loads on first access).
+state like dropout's, and the same seeds reproduce a run. Computing on JAX arrays needs a backend serving
+them (``yoso-jax``). Importing this module imports flax and jax; ``import yoso_models`` alone does not.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from ._api import attention
-from ._validate import check_layer_args, check_positive_int
-from .backends import BACKWARDS, MODES
+import yoso
 
-EVAL_MODES = ("expectation", "sample")
+from ._checks import EVAL_MODES, check_dropout, check_layer, check_positive_int
 
 __all__ = ["EVAL_MODES", "YosoAttention"]
 
@@ -70,22 +69,21 @@ class YosoAttention(nnx.Module):
         qkv_features = in_features if qkv_features is None else qkv_features
         out_features = in_features if out_features is None else out_features
         check_positive_int("in_features", in_features)
-        check_layer_args(
+        head_dim = check_layer(
             width_name="qkv_features",
             width=qkv_features,
             num_heads=num_heads,
             num_hashes=num_hashes,
             hash_bits=hash_bits,
+            mode=mode,
             hashing=hashing,
-            mode=(mode, MODES),
-            backward=(backward, BACKWARDS),
-            eval_mode=(eval_mode, EVAL_MODES),
+            backward=backward,
+            eval_mode=eval_mode,
         )
-        if not 0.0 <= dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+        check_dropout("dropout_rate", dropout_rate)
 
         self.num_heads = num_heads
-        self.head_dim = qkv_features // num_heads
+        self.head_dim = head_dim
         self.options = dict(
             num_hashes=num_hashes,
             hash_bits=hash_bits,
@@ -125,7 +123,7 @@ class YosoAttention(nnx.Module):
         mask = None if key_padding_mask is None else jnp.asarray(key_padding_mask)[..., None, :]  # over heads
         mode = self.eval_mode if deterministic else self.mode
         key = self.hash_rngs() if mode == "sample" else None
-        out = attention(q, k, v, key_padding_mask=mask, mode=mode, key=key, **self.options)
+        out = yoso.attention(q, k, v, key_padding_mask=mask, mode=mode, key=key, **self.options)
         out = jnp.swapaxes(out, -3, -2)
         out = out.reshape(out.shape[:-2] + (self.num_heads * self.head_dim,))
         return self.dropout(self.out(out), deterministic=deterministic)

@@ -9,7 +9,7 @@ as the original CUDA kernels define them (``B`` = batch x heads):
 * masks are int32 ``[B, N]`` (non-zero = real token), hash codes int32 ``[B, N, m]``;
 * ``fast_hash(query_mask, query, key_mask, key, num_hash, hash_code_len, use_cuda, version)`` ->
   ``(query_codes, key_codes)``: m codes of tau = hash_code_len bits from a structured Hadamard rotation,
-  drawn per batch row;
+  drawn per batch row and shared by its queries and keys; masked tokens get code 0;
 * ``lsh_cumulation(query_mask, query_codes, key_mask, key_codes, value, capacity, use_cuda, version)`` ->
   ``out_i = (1/m) sum_s sum_j [code_s(q_i) == code_s(k_j)] key_mask_j value_j`` (0 for masked queries);
 * ``lsh_weighted_cumulation(query_mask, query_codes, query_weight, key_mask, key_codes, key_weight, value,
@@ -24,22 +24,22 @@ given codes, so the cumulations *encode* the codes as vectors whose hashes are t
 coordinate ``s*tau + b`` equal to ``+1`` if bit ``b`` of code ``s`` is set and ``-1`` otherwise hashes to
 exactly those codes. ``yoso.attention(..., planes=identity, normalize=False)`` is then exactly
 ``lsh_cumulation``; a weighted cumulation is one call on the values ``key_weight_j (x) value_j`` followed
-by contracting with ``query_weight_i``. Hash *codes* themselves are not a public yoso output, so
-``fast_hash`` computes them in plain torch with the documented layout of ``hashing="hadamard"`` (three
-±1 diagonals and Sylvester-Hadamard transforms per rotation; ``yoso.hash_planes`` docs), and the tests
-check them against ``yoso.attention`` given the same diagonals.
+by contracting with ``query_weight_i``. ``fast_hash`` is :func:`yoso.hash_codes` with
+``hashing="hadamard"``, whose planes (three ±1 diagonals per rotation, ``yoso.hash_planes``) take a leading
+batch dim: one draw per batch row from torch's RNG, like upstream's kernel, so gradient checkpointing
+replays it.
 
 Two upstream bugs (transformers 5.23.0):
 
 * ``hashing()`` (the ``use_fast_hash=False`` path) returns the *key* codes twice (``query_hash`` is
   overwritten), so queries are never hashed. ``patch_yoso_model(fix_hashing=True)`` (the default) replaces
-  it with SimHash of both.
+  it with SimHash of both (:func:`yoso.hash_codes`, ``hashing="gaussian"``, on upstream's draw).
 * Padding: ``YosoSelfAttention`` turns the 0/1 ``attention_mask`` into ``int(1.0 + mask / 10000.0)``, which
   is 1 for both 0 and 1, so every token is "real" and padded tokens change the outputs of real ones (in
   the sampled and the expectation path alike). The patch **cannot** fix this: the masks are already all
   ones when they reach ``lsh_cumulation``, and the padded tokens' values are real data. The kernels honour
   whatever mask they are given (tested). Workarounds: batches of equal-length sequences, or a BERT-family
-  model with ``attn_implementation="yoso"`` (:func:`yoso.integrations.transformers.register`), whose
+  model with ``attn_implementation="yoso"`` (:func:`yoso_models.transformers.register`), whose
   padding is exact.
 """
 
@@ -48,7 +48,7 @@ from __future__ import annotations
 import ast
 import inspect
 
-from .._api import attention
+import yoso
 
 # The calls modeling_yoso makes on its module-level `lsh_cumulation` object, with their positional
 # argument counts: what the kernels below implement. A module that calls anything else is refused.
@@ -56,57 +56,24 @@ EXPECTED_CALLS = {"fast_hash": 8, "lsh_cumulation": 8, "lsh_weighted_cumulation"
 _MAX_WEIGHTED_COLUMNS = 1024  # value columns per yoso.attention call in lsh_weighted_cumulation
 
 
-# ---- hash codes (plain torch; the layout of yoso's hashing="hadamard") --------------------------------
-
-
-def _hadamard_transform(x):
-    """Unnormalised Sylvester-Hadamard transform over the last dim (a power of two)."""
-    import torch
-
-    shape, n, h = x.shape, x.shape[-1], 1
-    while h < n:
-        x = x.reshape(*shape[:-1], n // (2 * h), 2, h)
-        x = torch.stack((x[..., 0, :] + x[..., 1, :], x[..., 0, :] - x[..., 1, :]), dim=-2)
-        h *= 2
-    return x.reshape(shape)
-
-
-def _bits_to_codes(projections, num_hash: int, hash_len: int):
-    """``[..., N, m*tau]`` projections -> int32 ``[..., N, m]`` codes (bit b of hash s: coordinate s*tau+b > 0)."""
-    import torch
-
-    bits = (projections > 0).reshape(*projections.shape[:-1], num_hash, hash_len).to(torch.int32)
-    weights = torch.pow(2, torch.arange(hash_len, device=projections.device, dtype=torch.int32))
-    return (bits * weights).sum(dim=-1, dtype=torch.int32)
-
-
-def hadamard_codes(x, diagonals, num_hash: int, hash_len: int):
-    """Codes of ``x [B, N, D]`` under ±1 ``diagonals [B, R, 3, D']`` -> int32 ``[B, N, m]``.
-
-    Rotation r maps the zero-padded x to ``H d3 H d2 H d1 x``; it gives ``D' // tau`` hashes, hash s using
-    the tau coordinates of rotation ``s // (D'//tau)`` from ``(s % (D'//tau)) * tau`` on.
-    """
-    import torch
-
-    b, n, d = x.shape
-    rotations, d_pad = diagonals.shape[1], diagonals.shape[-1]
-    u = torch.nn.functional.pad(x, (0, d_pad - d))[:, None]  # [B, 1, N, D']
-    diag = diagonals.to(x.dtype)[:, :, :, None, :]  # [B, R, 3, 1, D']
-    for step in range(3):
-        u = _hadamard_transform(u * diag[:, :, step])  # [B, R, N, D']
-    per = d_pad // hash_len
-    used = u[..., : per * hash_len].permute(0, 2, 1, 3).reshape(b, n, rotations * per * hash_len)
-    return _bits_to_codes(used[..., : num_hash * hash_len], num_hash, hash_len)
+# ---- hash codes (yoso.hash_codes with the hash functions drawn the way upstream draws them) ------------
 
 
 def _padded_dim(d: int) -> int:
+    """``D'``, the Hadamard size for head dim ``d``: the next power of two (``yoso.hash_planes`` layout)."""
     return 1 << max(0, d - 1).bit_length()
 
 
 def draw_diagonals(batch: int, dim: int, num_hash: int, hash_len: int, *, device, dtype):
-    """Random ±1 diagonals ``[batch, R, 3, D']`` from torch's RNG (so checkpointing replays them)."""
+    """Random ±1 diagonals ``[batch, R, 3, D']`` from torch's RNG (so checkpointing replays them).
+
+    One set per batch row, as upstream's ``fast_hash`` draws them (its ``Dmat`` is ``[batch*heads, 3, R, D]``):
+    every head of every sequence gets its own hash functions. The layout is ``hashing="hadamard"``'s
+    (``yoso.hash_planes``) with a leading batch dim, which ``yoso.hash_codes`` broadcasts against ``x``'s.
+    """
     import torch
 
+    yoso.check_options(num_hashes=num_hash, hash_bits=hash_len, hashing="hadamard")
     d_pad = _padded_dim(dim)
     if hash_len > d_pad:
         raise ValueError(
@@ -116,18 +83,38 @@ def draw_diagonals(batch: int, dim: int, num_hash: int, hash_len: int, *, device
     return (torch.randint(0, 2, (batch, rotations, 3, d_pad), device=device) * 2 - 1).to(dtype)
 
 
+def hadamard_codes(mask, x, diagonals, num_hash: int, hash_len: int):
+    """int32 codes ``[B, N, m]`` of the rows of ``x [B, N, D]`` under per-row ``diagonals [B, R, 3, D']``.
+
+    Tokens with ``mask == 0`` get code 0 in every hash, as upstream's kernel leaves them (it skips masked
+    rows of a zero-filled output): their rows are zeroed, whatever they hold, and a zero row's code is 0.
+    """
+    import torch
+
+    x = torch.where(mask[..., None] != 0, x, torch.zeros_like(x))
+    return yoso.hash_codes(x, planes=diagonals, num_hashes=num_hash, hash_bits=hash_len, hashing="hadamard")
+
+
 def gaussian_hashing(query, key, num_hash: int, hash_len: int):
-    """A fixed ``modeling_yoso.hashing``: SimHash codes of query *and* key under one draw of hyperplanes."""
+    """A fixed ``modeling_yoso.hashing``: SimHash codes of query *and* key under one draw of hyperplanes.
+
+    Draws what upstream draws -- ``rmat [batch*heads, D, m*tau]`` from torch's RNG, column ``s*tau + b``
+    the hyperplane of bit ``b`` of hash ``s`` -- and hashes both inputs with it through ``yoso.hash_codes``
+    (``hashing="gaussian"``, its planes ``[batch*heads, m, tau, D]``).
+    """
     import torch
 
     for name, x in (("query", query), ("key", key)):
         if x.dim() != 3:
             raise ValueError(f"{name} must be [batch*heads, seq_len, head_dim], got {list(x.shape)}")
-    planes = torch.randn(query.shape[0], query.shape[2], num_hash * hash_len, device=query.device, dtype=query.dtype)
-    return (
-        _bits_to_codes(torch.matmul(query, planes), num_hash, hash_len),
-        _bits_to_codes(torch.matmul(key, planes), num_hash, hash_len),
-    )
+    if key.shape[0] != query.shape[0] or key.shape[2] != query.shape[2]:
+        raise ValueError(f"query {list(query.shape)} and key {list(key.shape)} differ in batch or head dim")
+    batch, dim = query.shape[0], query.shape[2]
+    yoso.check_options(num_hashes=num_hash, hash_bits=hash_len)
+    rmat = torch.randn(batch, dim, num_hash * hash_len, device=query.device, dtype=query.dtype)
+    planes = rmat.reshape(batch, dim, num_hash, hash_len).permute(0, 2, 3, 1)
+    options = dict(planes=planes, num_hashes=num_hash, hash_bits=hash_len, hashing="gaussian")
+    return yoso.hash_codes(query, **options), yoso.hash_codes(key, **options)
 
 
 # ---- the kernels object ------------------------------------------------------------------------------
@@ -177,17 +164,17 @@ class YosoKernels:
                 raise ValueError(f"{name} must be [batch*heads, seq_len, head_dim], got {list(x.shape)}")
         if query_vector.shape[0] != key_vector.shape[0] or query_vector.shape[2] != key_vector.shape[2]:
             raise ValueError(f"query_vector {list(query_vector.shape)} and key_vector {list(key_vector.shape)} differ")
+        for name, mask, x in (("query_mask", query_mask, query_vector), ("key_mask", key_mask, key_vector)):
+            if mask.shape != x.shape[:2]:
+                raise ValueError(f"{name} must be [batch*heads, seq_len] = {list(x.shape[:2])}, got {list(mask.shape)}")
+        num_hash, hash_code_len = int(num_hash), int(hash_code_len)
+        batch, _, dim = query_vector.shape
         diagonals = draw_diagonals(
-            query_vector.shape[0],
-            query_vector.shape[2],
-            int(num_hash),
-            int(hash_code_len),
-            device=query_vector.device,
-            dtype=query_vector.dtype,
+            batch, dim, num_hash, hash_code_len, device=query_vector.device, dtype=query_vector.dtype
         )
         return (
-            hadamard_codes(query_vector, diagonals, int(num_hash), int(hash_code_len)),
-            hadamard_codes(key_vector, diagonals, int(num_hash), int(hash_code_len)),
+            hadamard_codes(query_mask, query_vector, diagonals, num_hash, hash_code_len),
+            hadamard_codes(key_mask, key_vector, diagonals, num_hash, hash_code_len),
         )
 
     def lsh_cumulation(
@@ -245,7 +232,7 @@ class YosoKernels:
             num_hash, hash_len, num_hash * hash_len
         )
         with torch.no_grad():  # modeling_yoso calls these inside its own autograd.Function
-            return attention(
+            return yoso.attention(
                 _encode(query_codes, hash_len, dtype),
                 _encode(key_codes, hash_len, dtype),
                 value,
