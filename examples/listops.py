@@ -30,9 +30,9 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from yoso_models.nn import YosoSelfAttention
 
 import yoso
+from yoso_models.nn import YosoSelfAttention
 
 # ---- data ----------------------------------------------------------------------------------------------
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from yoso_models.nn import YosoSelfAttention  # noqa: E402
-
 import yoso  # noqa: E402
+from yoso_models.nn import YosoSelfAttention  # noqa: E402
 
 E, H = 24, 3  # head_dim 8
 

@@ -19,9 +19,9 @@ else:
     nnx = pytest.importorskip("flax.nnx")
 
 import jax.numpy as jnp  # noqa: E402
-from yoso_models.nnx import YosoAttention  # noqa: E402
 
 import yoso  # noqa: E402
+from yoso_models.nnx import YosoAttention  # noqa: E402
 
 
 def _layer(seed=0, **kwargs):

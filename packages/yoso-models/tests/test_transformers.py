@@ -21,10 +21,10 @@ else:
     transformers = pytest.importorskip("transformers")
 
 from transformers.models.yoso import modeling_yoso  # noqa: E402
-from yoso_models import transformers as yoso_hf  # noqa: E402
-from yoso_models._yoso_model import draw_diagonals, gaussian_hashing  # noqa: E402
 
 import yoso  # noqa: E402
+from yoso_models import transformers as yoso_hf  # noqa: E402
+from yoso_models._yoso_model import draw_diagonals, gaussian_hashing  # noqa: E402
 
 SMALL = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48)
 SMALL["max_position_embeddings"] = 64
