@@ -131,10 +131,78 @@ def test_broken_backend_is_reported_not_raised(monkeypatch):
     yoso.attention(*_qkv(), seed=0)  # everything else keeps working
 
 
-def test_import_yoso_loads_no_backend():
-    code = "import sys, yoso; print([m for m in sys.modules if m.startswith(('yoso_', 'torch', 'jax'))])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]", out
+def _loaded_after(code: str, env: dict | None = None) -> list[str]:
+    """The heavy modules a fresh interpreter has loaded after running ``code``."""
+    import os
+
+    probe = f"{code}\nimport sys; print(sorted({{m.split('.')[0] for m in sys.modules}}))"
+    environment = {**os.environ, **(env or {})}
+    environment.pop("YOSO_BACKEND", None) if env is None else None
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=environment)
+    loaded = eval(out.stdout.strip().splitlines()[-1])  # a printed list of names
+    heavy = ("numpy", "torch", "jax", "triton", "cuda", "yoso_reference", "yoso_jax", "yoso_triton", "yoso_cuda")
+    return [m for m in loaded if m in heavy]
+
+
+def test_import_yoso_loads_no_backend_and_no_numpy():
+    assert _loaded_after("import yoso") == []
+
+
+def test_a_numpy_call_probes_only_backends_serving_numpy():
+    """Automatic selection looks at the array type first: a NumPy call never imports torch, and imports
+    jax only where the jax backend (the fast CPU path for NumPy) is installed and picked."""
+    call = "import numpy as np, yoso\nx = np.ones((2, 8, 4))\nyoso.attention(x, x, x, seed=0)"
+    loaded = _loaded_after(call)  # (backend classes load -- they are light -- but not their frameworks)
+    assert "torch" not in loaded and "triton" not in loaded and "cuda" not in loaded, loaded
+    explicit = _loaded_after(call, env={"YOSO_BACKEND": "reference"})
+    assert "torch" not in explicit and "jax" not in explicit, explicit
+
+
+def test_selection_never_probes_backends_that_cannot_serve_the_arrays():
+    probed = []
+
+    class TorchOnly(backends.Backend):
+        name = "torch-only"
+        priority = 10**6
+        framework = "torch"
+        frameworks = ("torch",)
+
+        def availability(self):
+            probed.append(self.name)
+            return None
+
+    backends.register(TorchOnly())
+    try:
+        yoso.attention(*_qkv(), seed=0)
+        assert probed == [], "a NumPy call must not ask a torch-only backend whether it can run"
+    finally:
+        backends.unregister("torch-only")
+
+
+def test_backend_for_names_the_backend_a_call_runs_on(mock):
+    q, k, v = _qkv("float32")
+    assert yoso.backend_for(q, k, v) == "mock"
+    assert yoso.backend_for(*_qkv("float64")) != "mock"  # beyond the mock's dtypes
+    with yoso.set_backend("reference"):
+        assert yoso.backend_for(q, k, v) == "reference"
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        yoso.backend_for(q, k, v, nonsense=1)
+
+
+def test_a_known_backend_that_is_not_installed_names_its_package(monkeypatch):
+    entries = {n: e for n, e in backends._discover().items() if n != "triton"}
+    monkeypatch.setattr(backends, "_entries", entries)
+    with pytest.raises(ValueError, match=r"unknown yoso backend 'triton'; it comes with the yoso-triton package"):
+        yoso.set_backend("triton")
+
+
+def test_a_bad_env_var_is_refused_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("YOSO_BACKEND", "nope")
+    for attempt in (yoso.get_backend, lambda: yoso.attention(*_qkv(), seed=0)):
+        with pytest.raises(
+            ValueError, match=r"unknown yoso backend 'nope' \(from the YOSO_BACKEND environment variable\)"
+        ):
+            attempt()
 
 
 def test_info_lists_backends_and_reasons(capsys, monkeypatch):
