@@ -118,8 +118,9 @@ class TritonBackend(Backend):
         if call.mode != "sample":
             return None  # YOSO-E is tiled over (query, key) blocks: no scratch beyond the outputs
         # Sample mode cumulates values (Dv channels) written by the keys and, in the backward, output
-        # gradients (Dv channels) written by the queries; the sampled gradients sort both sides. Table
-        # sizes grow with the tokens and channels, so the larger side bounds every launch.
+        # gradients (Dv channels) written by the queries; the sampled gradients sort both sides, and even
+        # the forward keeps per-reader indices. Table sizes grow with the tokens and channels, so the
+        # larger side bounds every launch (forward-only calls included: readers cost scratch too).
         b, tau, n = call.batch, call.hash_bits, max(call.n_query, call.n_key)
         need, limit = table_bytes(b, tau, n, call.value_dim, prefix=call.causal), max_table_bytes()
         missing = []
