@@ -10,9 +10,16 @@ from yoso_cuda import _compile, _kernels, _nvrtc, build
 
 
 def test_nvrtc_is_loadable_and_knows_sm80_sm90():
-    major, _ = _nvrtc.version()
-    assert major >= 12
     assert {80, 90} <= set(_nvrtc.supported_archs())
+
+
+def test_cuda_packages_are_the_supported_major():
+    """pyproject.toml and the README claim CUDA 13: NVRTC and cuda-bindings of that major, which must match."""
+    from importlib.metadata import version
+
+    major, _ = _nvrtc.version()
+    assert major == 13
+    assert int(version("cuda-bindings").split(".")[0]) == major
 
 
 @pytest.mark.parametrize("text, arch", [("sm_80", 80), ("sm_90", 90), ("90", 90), ("8.6", 86), ("compute_90a", 90)])

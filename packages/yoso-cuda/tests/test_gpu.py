@@ -133,12 +133,29 @@ def test_sample_mode_is_bitwise_reproducible():
         assert torch.equal(a, b)
 
 
+def test_api_refuses_what_the_kernels_cannot_run():
+    """Through yoso.attention: the backend's limits are a ValueError naming the argument, before any launch."""
+    import yoso
+
+    q = torch.randn(2, 3, 40, 16, device="cuda")
+    with yoso.set_backend("cuda"):
+        with pytest.raises(ValueError, match=r"'cuda' backend does not support hash_bits=13 \(at most 12\)"):
+            yoso.attention(q, q, q, hash_bits=13)
+        with pytest.raises(ValueError, match=r"head dims D=300, Dv=300 \(at most 256\)"):
+            yoso.attention(*(torch.randn(1, 4, 300, device="cuda") for _ in "qkv"))
+        with pytest.raises(ValueError, match=r"num_hashes=65536"):
+            yoso.attention(q, q, q, num_hashes=65536, hash_bits=2)
+        assert yoso.attention(q, q, q, hash_bits=16, mode="expectation").shape == q.shape  # no tables in YOSO-E
+
+
 def test_inputs_on_two_devices_are_refused():
+    import yoso
+
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     q = torch.randn(1, 4, 8, device="cuda:0")
-    with pytest.raises(ValueError, match="k is on cuda:1 but the other inputs are on cuda:0"):
-        _cuda().expectation_forward(q, q.to("cuda:1"), q, query_mask=None, key_mask=None, causal=False, hash_bits=3)
+    with yoso.set_backend("cuda"), pytest.raises(ValueError, match="must be on one device"):
+        yoso.attention(q, q.to("cuda:1"), q)
 
 
 def test_torch_compile_fullgraph():

@@ -3,9 +3,11 @@
 * both tilings (the interpreter's large tiles and the GPU's small ones: chunk carries across a long
   bucket, one bucket per program, D loops, several query/key tiles) and hash groups;
 * half precision: float16/bfloat16 results within 2x the error of the reference run at that
-  precision (DESIGN.md §3);
+  precision (docs/testing.md);
 * determinism and non-contiguous inputs (bitwise);
-* bad input refused before any kernel launch.
+* the backend's own limits (bucket-table memory, int32 indices, grid size) refused by
+  ``TritonBackend.unsupported`` -- through ``yoso.attention`` too -- before any kernel launch. Argument
+  checks are the API's (conformance/test_errors.py): the primitives take what it guarantees.
 """
 
 from __future__ import annotations
@@ -308,7 +310,7 @@ def test_hash_groups(backend, device, rng, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_within_twice_the_reference_error(backend, device, rng, dtype):
     """Each primitive on half inputs: error vs the float64 truth <= 2x that of the reference computing
-    on the same rounded inputs with its result rounded to the dtype (DESIGN.md §3)."""
+    on the same rounded inputs with its result rounded to the dtype (docs/testing.md)."""
     batch, n, dim, dv, m, tau = 2, 50, 24, 12, 4, 3
     pb = _problem(rng, batch, n, n, dim, dv, m, tau)
     half = {k: _rounded(pb[k], dtype) for k in ("q", "k", "v", "grad")}
@@ -399,12 +401,12 @@ def test_bitwise_reproducible_and_layout_independent(backend, device, rng):
         assert torch.equal(a, c)
 
 
-# ---- bad input, refused before any launch -------------------------------------------------------
+# ---- the backend's limits, refused before any launch ------------------------------------------------
 
 
 class _NoLaunch:
     def __getattr__(self, name):
-        raise AssertionError(f"kernel {name} was launched; bad input must be refused first")
+        raise AssertionError(f"kernel {name} was launched; the call must be refused first")
 
 
 @pytest.fixture
@@ -414,59 +416,119 @@ def no_launch(monkeypatch, backend):
     monkeypatch.setattr(launch, "kernels", _NoLaunch())
 
 
-def test_errors_before_launch(backend, device, no_launch, monkeypatch):
-    x = torch.randn(1, 4, 8, device=device)
-    planes = torch.randn(1, 2, 3, 8, device=device)
-    codes = torch.zeros(1, 2, 4, dtype=torch.int32, device=device)
-    kw = dict(read_mask=None, write_mask=None, order="none", hash_bits=3)
-    with pytest.raises(ValueError, match="one device.*x on .*planes on meta"):
-        backend.hash_codes(x, planes.to("meta"), hashing="gaussian", num_hashes=2, hash_bits=3)
-    with pytest.raises(TypeError, match="float16, bfloat16 and float32; x is float64"):
-        backend.hash_codes(x.double(), planes, hashing="gaussian", num_hashes=2, hash_bits=3)
-    with pytest.raises(ValueError, match="head dims up to 256; got D=257"):
-        backend.hash_codes(torch.randn(1, 4, 257, device=device), planes, hashing="gaussian", num_hashes=2, hash_bits=3)
-    with pytest.raises(ValueError, match="head dims up to 256; got C=300"):
-        backend.cumulate(codes, codes, torch.randn(1, 4, 300, device=device), **kw)
-    with pytest.raises(ValueError, match="head dims up to 256; got D=8, Dv=260|got Dv=260"):
-        backend.expectation_forward(
-            x, x, torch.randn(1, 4, 260, device=device), query_mask=None, key_mask=None, causal=False, hash_bits=3
-        )
-    monkeypatch.setenv("YOSO_TRITON_MAX_TABLE_BYTES", "4096")
-    with pytest.raises(ValueError, match=r"hash_bits=12 needs .* GiB of bucket tables .* YOSO_TRITON_MAX_TABLE_BYTES"):
-        backend.cumulate(codes, codes, torch.randn(1, 4, 8, device=device), **{**kw, "hash_bits": 12})
-    call = yoso.backends.Call(
-        "torch", device, "float32", 1, 4, 4, 8, 8, "sample", "gaussian", "lower_bound", False, 2, 12, False
-    )
-    assert "hash_bits=12" in backend.unsupported(call)
+PRIMITIVES = ("hash_codes", "cumulate", "sampled_grads", "expectation_forward", "expectation_backward")
+CALL = dict(
+    framework="torch", device="cpu", dtype="float32", batch=2, n_query=50, n_key=40, dim=16, value_dim=8,
+    mode="sample", hashing="gaussian", backward="lower_bound", causal=False, num_hashes=8, hash_bits=4,
+    requires_grad=True,
+)  # fmt: skip
 
 
-def test_api_refuses_what_the_backend_cannot_do(backend, device):
+def _reason(backend, **change):
+    return backend.unsupported(yoso.backends.Call(**{**CALL, "device": backend.devices[0], **change}))
+
+
+def test_primitives_are_the_launch_functions(backend):
+    """The base class calls ``launch.<primitive>(...)`` with the primitive's arguments: same names, same kinds."""
+    import inspect
+
+    from yoso_triton import launch
+
+    assert backend.module == "yoso_triton.launch"
+    for name in PRIMITIVES:
+        assert getattr(type(backend), name) is getattr(yoso.backends.Backend, name), f"{name} is overridden"
+        want = list(inspect.signature(getattr(yoso.backends.Backend, name)).parameters.values())[1:]
+        got = list(inspect.signature(getattr(launch, name)).parameters.values())
+        assert [(p.name, p.kind) for p in got] == [(p.name, p.kind) for p in want], name
+
+
+def test_limits_are_decided_from_the_call(backend, monkeypatch):
+    from yoso_triton.backend import MAX_NUM_HASHES, table_bytes
+
+    assert _reason(backend) is None
+    assert _reason(backend, dim=256, value_dim=256, hash_bits=16, causal=True, n_key=50) is None
+    assert _reason(backend, mode="expectation", batch=10**6, n_query=10**4, n_key=10**4, hash_bits=16) is None
+    for change, needle in [
+        (dict(dim=257), "head dims D=257, Dv=8 (at most 256)"),
+        (dict(value_dim=300, mode="expectation"), "Dv=300 (at most 256)"),
+        (dict(dtype="float64"), "dtype float64"),
+        (dict(num_hashes=MAX_NUM_HASHES + 1), f"num_hashes={MAX_NUM_HASHES + 1}"),
+        (dict(batch=2**20, hash_bits=12), "bucket ids must fit int32"),
+    ]:
+        reason = _reason(backend, **change)
+        assert reason is not None and reason.startswith("the 'triton' backend does not support"), reason
+        assert needle in reason, (change, reason)
+    # Bucket tables: the limit applies to the larger side and to the prefix sums of the ordered cumulations.
+    need = table_bytes(2, 4, 50, 8)
+    monkeypatch.setenv("YOSO_TRITON_MAX_TABLE_BYTES", str(need))
+    assert _reason(backend) is None
+    assert "bucket tables need" in _reason(backend, n_query=51)
+    assert table_bytes(2, 4, 50, 8, prefix=True) > need
+    assert "YOSO_TRITON_MAX_TABLE_BYTES" in _reason(backend, causal=True, n_key=50)
+    assert _reason(backend, mode="expectation", causal=True, n_key=50) is None
+    monkeypatch.setenv("YOSO_TRITON_MAX_TABLE_BYTES", str(2**40))
+    assert "token indices must fit int32" in _reason(backend, batch=2**16, n_query=2**15, hash_bits=1)
+    monkeypatch.setenv("YOSO_TRITON_MAX_TABLE_BYTES", "lots")
+    with pytest.raises(ValueError, match="YOSO_TRITON_MAX_TABLE_BYTES must be an integer"):
+        _reason(backend)
+
+
+def test_missing_features_list_the_limits(backend):
+    features = backend.missing_features()
+    for needle in ("dtype float64", "head dims D, Dv > 256", "4.00 GiB per hash", "2**31 - 1", "num_hashes >"):
+        assert any(needle in f for f in features), (needle, features)
+
+
+def test_api_refuses_what_the_backend_cannot_do(backend, device, no_launch, monkeypatch):
     q = torch.randn(1, 4, 300, device=device)
     with yoso.set_backend("triton"), pytest.raises(ValueError, match=r"head dims D=300, Dv=300 \(at most 256\)"):
         yoso.attention(q, q, q)
     with yoso.set_backend("triton"), pytest.raises(ValueError, match="dtype float64"):
         yoso.attention(q[..., :8].double(), q[..., :8].double(), q[..., :8].double())
+    monkeypatch.setenv("YOSO_TRITON_MAX_TABLE_BYTES", "4096")
+    x = torch.randn(2, 3, 40, 8, device=device)
+    with (
+        yoso.set_backend("triton"),
+        pytest.raises(ValueError, match=r"hash_bits=12 with batch=6, N=40, Dv=8: .* per hash"),
+    ):
+        yoso.attention(x, x, x, hash_bits=12)
 
 
 def test_cpu_tensors_need_the_interpreter():
     """Without TRITON_INTERPRET=1, CPU tensors are refused with the way out, and `yoso info` says so."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
-        "import torch\n"
+        "import yoso\n"
         "from yoso_triton.backend import TritonBackend\n"
-        "from yoso_triton import launch\n"
         "b = TritonBackend()\n"
         "print('AVAILABILITY', b.availability())\n"
+        "call = yoso.backends.Call('torch', 'cpu', 'float32', 1, 4, 4, 8, 8, 'sample', 'gaussian', 'lower_bound',"
+        " False, 2, 3, False)\n"
+        "print('UNSUPPORTED', b.unsupported(call))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "UNSUPPORTED the 'triton' backend does not support device 'cpu' (it runs on cuda)" in out
+    assert "set TRITON_INTERPRET=1 before the first yoso call" in out
+    if not torch.cuda.is_available():
+        assert "AVAILABILITY no CUDA GPU visible" in out and "TRITON_INTERPRET=1" in out
+
+
+def test_interpret_changed_after_load_is_refused():
+    """The backend chose its devices when loaded; kernels imported under another TRITON_INTERPRET would
+    not run them, so the first primitive call refuses instead."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import os\n"
+        "from yoso_triton.backend import TritonBackend\n"
+        "b = TritonBackend()\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
         "try:\n"
-        "    launch.hash_codes(torch.zeros(1, 2, 4), torch.zeros(1, 1, 2, 4), hashing='gaussian', num_hashes=1,"
-        " hash_bits=2)\n"
-        "except ValueError as e:\n"
+        "    b.expectation_forward(None, None, None, query_mask=None, key_mask=None, causal=False, hash_bits=1)\n"
+        "except RuntimeError as e:\n"
         "    print('ERROR', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert "ERROR the 'triton' backend runs CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1" in out
-    if not torch.cuda.is_available():
-        assert "AVAILABILITY no CUDA GPU visible" in out and "TRITON_INTERPRET=1" in out
+    assert "ERROR TRITON_INTERPRET changed after yoso_triton was loaded" in out
 
 
 def test_kernels_compile_for_the_gpu():

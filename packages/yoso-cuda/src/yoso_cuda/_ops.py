@@ -1,8 +1,14 @@
-"""The primitives on torch CUDA tensors: argument checks, launch configuration, kernel launches.
+"""The primitives of the ``cuda`` backend on torch CUDA tensors: launch configuration and kernel launches.
 
-Every check runs before the first launch and raises ValueError/TypeError naming the argument and
-its shape, dtype or device. Inputs are used in place when contiguous (zero-copy; ``.contiguous()``
-copies only strided views); outputs are new fp32 tensors (codes int32) on the inputs' device.
+The functions named like the primitives of ``yoso.backends.Backend`` are the backend's primitives
+(``CudaBackend.module``) and take exactly their arguments. Those arrive checked: the API has
+validated shapes, dtypes, devices and ranges (``yoso._validate.prepare``) and ``CudaBackend.unsupported``
+has accepted the call (head dims, hash_bits, grid limits), so nothing here re-checks them. Inputs are
+used in place when contiguous (zero-copy; ``.contiguous()`` copies only strided views); outputs are
+new fp32 tensors (codes int32) on the inputs' device.
+
+Nothing here asks the tensors' device type: tests run these functions on CPU tensors with
+``_runtime.launch`` replaced by a recorder, to check every launch plan without a GPU.
 """
 
 from __future__ import annotations
@@ -12,10 +18,6 @@ import math
 from . import _runtime
 from ._kernels import ELEMENT_TYPES, ORDERS
 
-MAX_DIM = 256  # D and Dv
-MAX_HASH_BITS_TABLES = 12  # cumulation tables 2^tau per hash and channel must fit shared memory
-MAX_HASH_BITS_CODES = 16
-MAX_GRID_YZ = 65535
 THREADS = 256
 SMEM_BUDGET = 96 * 1024  # per block; leaves room for two blocks per SM on sm_80/sm_90
 
@@ -26,74 +28,13 @@ def _torch():
     return torch
 
 
-def _shape(x) -> str:
-    return "[" + ", ".join(str(s) for s in x.shape) + "]"
-
-
-def tensor(name: str, x, *, ndim: int, like=None, dtypes=None, device_type: str = "cuda"):
-    """Check one tensor argument; returns it contiguous. ``like``: the tensor whose device it must share."""
-    torch = _torch()
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.device.type != device_type:
-        raise ValueError(f"{name} is on {x.device}; the 'cuda' backend computes on CUDA tensors (move it with .cuda())")
-    if like is not None and x.device != like.device:
-        raise ValueError(f"{name} is on {x.device} but the other inputs are on {like.device}: use one device")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {_shape(x)}")
-    if dtypes is not None and str(x.dtype).removeprefix("torch.") not in dtypes:
-        raise TypeError(
-            f"{name} has dtype {str(x.dtype).removeprefix('torch.')}; the 'cuda' backend supports {', '.join(dtypes)}"
-        )
-    return x.contiguous()
-
-
-def floats(name: str, x, *, ndim: int, like=None, device_type: str = "cuda"):
-    return tensor(name, x, ndim=ndim, like=like, dtypes=tuple(ELEMENT_TYPES), device_type=device_type)
-
-
-def codes_arg(name: str, x, *, like, device_type: str = "cuda"):
-    torch = _torch()
-    x = tensor(name, x, ndim=3, like=like, device_type=device_type)
-    if x.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
-        raise TypeError(f"{name} must hold integer hash codes, got dtype {str(x.dtype).removeprefix('torch.')}")
-    return x.to(torch.int32)
-
-
-def mask_arg(name: str, x, batch: int, length: int, *, like, device_type: str = "cuda"):
-    """A bool [B, N] mask as bytes (a zero-copy view), or None."""
-    torch = _torch()
-    if x is None:
-        return None
-    x = tensor(name, x, ndim=2, like=like, device_type=device_type)
-    if x.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor, got dtype {str(x.dtype).removeprefix('torch.')}")
-    if tuple(x.shape) != (batch, length):
-        raise ValueError(f"{name} must have shape [{batch}, {length}], got {_shape(x)}")
-    return x.view(torch.uint8)
-
-
 def element_type(x) -> str:
     return ELEMENT_TYPES[str(x.dtype).removeprefix("torch.")]
 
 
-def check_dims(**dims) -> None:
-    for name, value in dims.items():
-        if value > MAX_DIM:
-            raise ValueError(f"{name}={value} exceeds the 'cuda' backend's limit of {MAX_DIM}")
-
-
-def check_grid(**dims) -> None:
-    for name, value in dims.items():
-        if value > MAX_GRID_YZ:
-            raise ValueError(
-                f"{name}={value} exceeds the 'cuda' backend's limit of {MAX_GRID_YZ} (a CUDA grid dimension)"
-            )
-
-
-def check_hash_bits(hash_bits: int, limit: int) -> None:
-    if not 1 <= int(hash_bits) <= limit:
-        raise ValueError(f"hash_bits={hash_bits} is outside the 'cuda' backend's range [1, {limit}] for this primitive")
+def _mask(mask):
+    """A bool [B, N] mask as contiguous bytes (a zero-copy view when contiguous), or None."""
+    return None if mask is None else mask.contiguous().view(_torch().uint8)
 
 
 def _smem_budget(device) -> int:
@@ -103,32 +44,11 @@ def _smem_budget(device) -> int:
 # ---- hashing --------------------------------------------------------------------------------------
 
 
-def hash_codes(x, planes, *, hashing: str, num_hashes: int, hash_bits: int, device_type: str = "cuda"):
+def hash_codes(x, planes, *, hashing: str, num_hashes: int, hash_bits: int):
     torch = _torch()
-    x = floats("x", x, ndim=3, device_type=device_type)
+    x = x.contiguous()
     batch, n, dim = x.shape
-    m, tau = int(num_hashes), int(hash_bits)
-    check_hash_bits(tau, MAX_HASH_BITS_CODES)
-    check_dims(D=dim)
-    check_grid(batch=batch)
-    if hashing not in ("gaussian", "hadamard"):
-        raise ValueError(f"hashing must be 'gaussian' or 'hadamard', got {hashing!r}")
-    planes = tensor("planes", planes, ndim=4, like=x, device_type=device_type)
-    if not planes.is_floating_point():
-        raise TypeError(f"planes must be floating point, got {planes.dtype}")
-    if hashing == "gaussian":
-        expected = (m, tau, dim)
-    else:
-        d_pad = 1 << max(0, dim - 1).bit_length()
-        if tau > d_pad:
-            raise ValueError(f"hashing='hadamard' needs hash_bits <= {d_pad} (the Hadamard size for D={dim})")
-        per = d_pad // tau
-        expected = (-(-m // per), 3, d_pad)
-    if tuple(planes.shape[1:]) != expected or planes.shape[0] not in (1, batch):
-        raise ValueError(
-            f"planes for hashing={hashing!r} with num_hashes={m}, hash_bits={tau}, D={dim} must have shape "
-            f"[1 or {batch}, {', '.join(map(str, expected))}], got {_shape(planes)}"
-        )
+    m, tau = num_hashes, hash_bits
     planes = planes.to(torch.float32).contiguous()
     codes = torch.empty((batch, m, n), dtype=torch.int32, device=x.device)
     batched = int(planes.shape[0] == batch and batch > 1)
@@ -144,8 +64,7 @@ def hash_codes(x, planes, *, hashing: str, num_hashes: int, hash_bits: int, devi
         args += [_runtime.i32(v) for v in (n, dim, m, tau, batched, chunk)]
         _runtime.launch(x.device, "hashing", f"hash_gaussian<{t}, {tau_pad}>", (tiles, batch), THREADS, smem, args)
     else:
-        rotations = expected[0]
-        check_grid(rotations=rotations)
+        rotations, d_pad = planes.shape[1], planes.shape[3]
         slots = max(1, d_pad // 32)
         args = [_runtime.pointer(x), _runtime.pointer(planes), _runtime.pointer(codes)]
         args += [_runtime.i32(v) for v in (n, dim, d_pad, m, tau, rotations, batched)]
@@ -172,8 +91,8 @@ def cumulate_config(num_hashes: int, hash_bits: int, channels: int, budget: int)
         if smem(cs, num_hashes) <= budget:
             return cs, num_hashes, 1, min(8, num_hashes)
     per_block = (budget - smem(1, 0) - 4 * 8 * 32) // (4 * buckets)
-    if per_block < 1:
-        raise ValueError(f"hash_bits={hash_bits}: one bucket table ({4 * buckets} bytes) exceeds shared memory")
+    if per_block < 1:  # CudaBackend.max_hash_bits keeps every call away from this (tests/test_limits.py)
+        raise RuntimeError(f"hash_bits={hash_bits}: one bucket table ({4 * buckets} bytes) exceeds {budget} bytes")
     groups = math.ceil(num_hashes / per_block)
     hashes = math.ceil(num_hashes / groups)
     return 1, hashes, groups, min(8, hashes)
@@ -183,29 +102,14 @@ def cumulation_smem(cs: int, hashes: int, warps: int, hash_bits: int) -> int:
     return 4 * (hashes * (1 << hash_bits) * cs + 32 * cs + warps * 32 * cs)
 
 
-def cumulate(
-    read_codes, write_codes, values, *, read_mask, write_mask, order: str, hash_bits: int, device_type: str = "cuda"
-):
+def cumulate(read_codes, write_codes, values, *, read_mask, write_mask, order: str, hash_bits: int):
     torch = _torch()
-    values = floats("values", values, ndim=3, device_type=device_type)
+    values = values.contiguous()
     batch, n_write, channels = values.shape
-    read_codes = codes_arg("read_codes", read_codes, like=values, device_type=device_type)
-    write_codes = codes_arg("write_codes", write_codes, like=values, device_type=device_type)
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {tuple(ORDERS)}, got {order!r}")
-    tau = int(hash_bits)
-    check_hash_bits(tau, MAX_HASH_BITS_TABLES)
-    b_r, m, n_read = read_codes.shape
-    if b_r != batch or tuple(write_codes.shape) != (batch, m, n_write):
-        raise ValueError(
-            f"codes must be [B, m, N] matching values [B, Nw, C] = {_shape(values)}: got read_codes "
-            f"{_shape(read_codes)}, write_codes {_shape(write_codes)}"
-        )
-    if order != "none" and n_read != n_write:
-        raise ValueError(f"order={order!r} needs as many readers as writers, got Nr={n_read}, Nw={n_write}")
-    check_grid(batch=batch, num_hashes=m)
-    read_mask = mask_arg("read_mask", read_mask, batch, n_read, like=values, device_type=device_type)
-    write_mask = mask_arg("write_mask", write_mask, batch, n_write, like=values, device_type=device_type)
+    read_codes, write_codes = read_codes.contiguous(), write_codes.contiguous()
+    tau = hash_bits
+    m, n_read = read_codes.shape[1], read_codes.shape[2]
+    read_mask, write_mask = _mask(read_mask), _mask(write_mask)
 
     cs, hashes, groups, warps = cumulate_config(m, tau, channels, _smem_budget(values.device))
     out = torch.empty((batch, n_read, channels), dtype=torch.float32, device=values.device)
@@ -238,27 +142,8 @@ def cumulate(
 # ---- the pairwise pieces: sampled gradients and YOSO-E -------------------------------------------------
 
 
-def _qkv(q, k, v, device_type):
-    q = floats("q", q, ndim=3, device_type=device_type)
-    k = floats("k", k, ndim=3, like=q, device_type=device_type)
-    v = floats("v", v, ndim=3, like=q, device_type=device_type)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    batch, n_query, dim = q.shape
-    if k.shape[0] != batch or k.shape[2] != dim or v.shape[0] != batch or v.shape[1] != k.shape[1]:
-        raise ValueError(
-            f"q [B, Nq, D], k [B, Nk, D], v [B, Nk, Dv] do not match: {_shape(q)}, {_shape(k)}, {_shape(v)}"
-        )
-    check_dims(D=dim, Dv=v.shape[2])
-    check_grid(batch=batch)
-    return q, k, v
-
-
-def _grad(grad, q, v, device_type):
-    grad = floats("grad", grad, ndim=3, like=q, device_type=device_type)
-    expected = (q.shape[0], q.shape[1], v.shape[2])
-    if tuple(grad.shape) != expected:
-        raise ValueError(f"grad must have shape [{', '.join(map(str, expected))}] (B, Nq, Dv), got {_shape(grad)}")
+def _grad(grad):
+    """The output gradient as the kernels read it: contiguous float32."""
     return grad.float().contiguous()
 
 
@@ -287,29 +172,14 @@ def sampled_grads(
     hash_bits: int,
     backward: str,
     max_ratio: float,
-    device_type: str = "cuda",
 ):
     torch = _torch()
-    q, k, v = _qkv(q, k, v, device_type)
-    grad = _grad(grad, q, v, device_type)
+    q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), _grad(grad)
     batch, n_query, dim = q.shape
     n_key, value_dim = k.shape[1], v.shape[2]
-    q_codes = codes_arg("q_codes", q_codes, like=q, device_type=device_type)
-    k_codes = codes_arg("k_codes", k_codes, like=q, device_type=device_type)
-    m = q_codes.shape[1]
-    if tuple(q_codes.shape) != (batch, m, n_query) or tuple(k_codes.shape) != (batch, m, n_key):
-        raise ValueError(
-            f"q_codes must be [B, m, Nq] = [{batch}, m, {n_query}] and k_codes [{batch}, m, {n_key}], "
-            f"got {_shape(q_codes)} and {_shape(k_codes)}"
-        )
-    if backward not in ("lower_bound", "exact"):
-        raise ValueError(f"backward must be 'lower_bound' or 'exact', got {backward!r}")
-    if causal and n_query != n_key:
-        raise ValueError(f"causal=True needs as many queries as keys, got Nq={n_query}, Nk={n_key}")
-    tau = int(hash_bits)
-    check_hash_bits(tau, MAX_HASH_BITS_TABLES)
-    query_mask = mask_arg("query_mask", query_mask, batch, n_query, like=q, device_type=device_type)
-    key_mask = mask_arg("key_mask", key_mask, batch, n_key, like=q, device_type=device_type)
+    q_codes, k_codes = q_codes.contiguous(), k_codes.contiguous()
+    m, tau = q_codes.shape[1], hash_bits
+    query_mask, key_mask = _mask(query_mask), _mask(key_mask)
 
     # Per hash, each side sorted by (code, position) -- a stable sort of the codes -- and the run of
     # every bucket: the kernel's block for bucket c reads q_order[start[c]:start[c + 1]].
@@ -337,17 +207,12 @@ def sampled_grads(
     return dq, dk
 
 
-def expectation_forward(q, k, v, *, query_mask, key_mask, causal: bool, hash_bits: int, device_type: str = "cuda"):
+def expectation_forward(q, k, v, *, query_mask, key_mask, causal: bool, hash_bits: int):
     torch = _torch()
-    q, k, v = _qkv(q, k, v, device_type)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, n_query, dim = q.shape
     n_key, value_dim = k.shape[1], v.shape[2]
-    if causal and n_query != n_key:
-        raise ValueError(f"causal=True needs as many queries as keys, got Nq={n_query}, Nk={n_key}")
-    if not 1 <= int(hash_bits) <= 64:
-        raise ValueError(f"hash_bits must be a positive int, got {hash_bits}")
-    query_mask = mask_arg("query_mask", query_mask, batch, n_query, like=q, device_type=device_type)
-    key_mask = mask_arg("key_mask", key_mask, batch, n_key, like=q, device_type=device_type)
+    query_mask, key_mask = _mask(query_mask), _mask(key_mask)
     tile = _tiles(dim, value_dim)
     out = torch.empty((batch, n_query, value_dim), dtype=torch.float32, device=q.device)
     smem = 4 * (tile * (dim + 1) * 2 + tile * (value_dim + 1) + tile * (tile + 1)) + 4 * 2 * tile
@@ -370,21 +235,12 @@ def expectation_backward(
     hash_bits: int,
     backward: str,
     max_ratio: float,
-    device_type: str = "cuda",
 ):
     torch = _torch()
-    q, k, v = _qkv(q, k, v, device_type)
-    grad = _grad(grad, q, v, device_type)
+    q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), _grad(grad)
     batch, n_query, dim = q.shape
     n_key, value_dim = k.shape[1], v.shape[2]
-    if backward not in ("exact", "lower_bound"):
-        raise ValueError(f"backward must be 'exact' or 'lower_bound', got {backward!r}")
-    if causal and n_query != n_key:
-        raise ValueError(f"causal=True needs as many queries as keys, got Nq={n_query}, Nk={n_key}")
-    if not 1 <= int(hash_bits) <= 64:
-        raise ValueError(f"hash_bits must be a positive int, got {hash_bits}")
-    query_mask = mask_arg("query_mask", query_mask, batch, n_query, like=q, device_type=device_type)
-    key_mask = mask_arg("key_mask", key_mask, batch, n_key, like=q, device_type=device_type)
+    query_mask, key_mask = _mask(query_mask), _mask(key_mask)
     tile = _tiles(dim, value_dim)
     exact = int(backward == "exact")
     dq = torch.empty((batch, n_query, dim), dtype=torch.float32, device=q.device)

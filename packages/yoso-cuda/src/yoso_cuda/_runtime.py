@@ -77,7 +77,7 @@ def unavailable_reason() -> str | None:
     if version // 1000 < nvrtc_major:
         return (
             f"the NVIDIA driver supports CUDA {version // 1000}.{version % 1000 // 10} but NVRTC is "
-            f"{nvrtc_major}.{nvrtc_minor}: install an nvidia-cuda-nvrtc (and cuda-bindings) of CUDA {version // 1000}"
+            f"{nvrtc_major}.{nvrtc_minor}: yoso-cuda needs a driver for CUDA {nvrtc_major} or newer (update the driver)"
         )
     count = check(driver.cuDeviceGetCount(), "cuDeviceGetCount")
     if count == 0:

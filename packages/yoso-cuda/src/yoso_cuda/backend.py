@@ -1,15 +1,27 @@
 """The ``cuda`` backend (entry point ``yoso.backends``): torch CUDA tensors through handwritten kernels.
 
-torch arrives through yoso's torch glue (``yoso::core`` custom ops with autograd), so this class only
-maps the primitives onto ``_ops``. CuPy arrays are not served: yoso-api has no CuPy glue, and a
-backend cannot add one on its own; ``torch.from_dlpack`` turns a CuPy array into a tensor without a copy.
+torch arrives through yoso's torch glue (``yoso::core`` custom ops with autograd); the primitives are
+the functions of ``yoso_cuda._ops`` (``Backend.module``), imported on first use. Arguments reach them
+already checked by the API; what the kernels cannot run although the API allows it is refused here,
+in :meth:`CudaBackend.unsupported`, before anything runs. CuPy arrays are not served: yoso-api has no
+CuPy glue, and a backend cannot add one on its own; ``torch.from_dlpack`` turns a CuPy array into a
+tensor without a copy.
 """
 
 from __future__ import annotations
 
 from yoso.backends import Backend, Call
 
-from . import __version__, _ops, _runtime
+from . import __version__, _runtime
+
+# Sampled mode: a cumulation block keeps its hashes' bucket tables (2**tau floats per hash and value
+# channel) in shared memory. At tau = 12 one table is 16 KiB and a 96 KiB block (_ops.SMEM_BUDGET)
+# still holds five; beyond, the hashes split into so many groups that their partial outputs cost more
+# than the tables save. Hashing alone would take tau <= 16 (expectation mode has no tables).
+MAX_HASH_BITS = 12
+# Every kernel puts the batch row on grid dim y or z, and the ordered cumulation and the Hadamard
+# rotations put hashes (or fewer) on grid y: CUDA allows 65535 blocks there.
+MAX_GRID_YZ = 65535
 
 
 class CudaBackend(Backend):
@@ -23,8 +35,9 @@ class CudaBackend(Backend):
     )
     devices = ("cuda",)
     dtypes = ("float16", "bfloat16", "float32")
-    max_hash_bits = _ops.MAX_HASH_BITS_TABLES  # sampled mode: bucket tables live in shared memory
-    max_head_dim = _ops.MAX_DIM
+    max_hash_bits = MAX_HASH_BITS  # the base class applies it to mode='sample' only
+    max_head_dim = 256  # D and Dv: tiles hold whole rows in shared memory; Hadamard D' <= 256 in registers
+    module = "yoso_cuda._ops"
 
     def availability(self) -> str | None:
         return _runtime.unavailable_reason()
@@ -37,65 +50,20 @@ class CudaBackend(Backend):
 
     def unsupported(self, call: Call) -> str | None:
         reason = super().unsupported(call)
-        if reason is None and call.batch > _ops.MAX_GRID_YZ:
-            limit = _ops.MAX_GRID_YZ
-            reason = f"the 'cuda' backend does not support batch={call.batch} (at most {limit} flattened leading rows)"
-        return reason
+        if reason is not None:
+            return reason
+        missing = []
+        if call.batch > MAX_GRID_YZ:
+            missing.append(f"batch={call.batch} (at most {MAX_GRID_YZ} flattened leading rows, a CUDA grid limit)")
+        if call.mode == "sample" and call.num_hashes > MAX_GRID_YZ:
+            missing.append(f"num_hashes={call.num_hashes} (at most {MAX_GRID_YZ}, a CUDA grid limit)")
+        return f"the 'cuda' backend does not support {'; '.join(missing)}" if missing else None
 
     def missing_features(self) -> list[str]:
         return super().missing_features() + [
-            f"hash_bits > {_ops.MAX_HASH_BITS_TABLES} with mode='sample'",
+            f"head dims D, Dv > {self.max_head_dim}",
+            f"hash_bits > {MAX_HASH_BITS} with mode='sample'",
+            f"more than {MAX_GRID_YZ} flattened leading rows (batch * heads)",
+            f"num_hashes > {MAX_GRID_YZ} with mode='sample'",
             "CuPy arrays (convert with torch.from_dlpack)",
         ]
-
-    # ---- primitives -------------------------------------------------------------------------------
-    def hash_codes(self, x, planes, *, hashing, num_hashes, hash_bits):
-        return _ops.hash_codes(x, planes, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits)
-
-    def cumulate(self, read_codes, write_codes, values, *, read_mask, write_mask, order, hash_bits):
-        return _ops.cumulate(
-            read_codes,
-            write_codes,
-            values,
-            read_mask=read_mask,
-            write_mask=write_mask,
-            order=order,
-            hash_bits=hash_bits,
-        )
-
-    def sampled_grads(
-        self, q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio
-    ):
-        return _ops.sampled_grads(
-            q_codes,
-            k_codes,
-            q,
-            k,
-            v,
-            grad,
-            query_mask=query_mask,
-            key_mask=key_mask,
-            causal=causal,
-            hash_bits=hash_bits,
-            backward=backward,
-            max_ratio=max_ratio,
-        )
-
-    def expectation_forward(self, q, k, v, *, query_mask, key_mask, causal, hash_bits):
-        return _ops.expectation_forward(
-            q, k, v, query_mask=query_mask, key_mask=key_mask, causal=causal, hash_bits=hash_bits
-        )
-
-    def expectation_backward(self, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
-        return _ops.expectation_backward(
-            q,
-            k,
-            v,
-            grad,
-            query_mask=query_mask,
-            key_mask=key_mask,
-            causal=causal,
-            hash_bits=hash_bits,
-            backward=backward,
-            max_ratio=max_ratio,
-        )

@@ -1,9 +1,14 @@
 """The ``triton`` backend: yoso_triton's kernels exposed to ``yoso`` (entry point ``yoso.backends``).
 
-Nothing heavy is imported here at module level: ``availability()`` imports torch and triton, and
-the kernels (``launch``) are imported on first use. Triton reads ``TRITON_INTERPRET`` when the kernels
-are imported: with ``TRITON_INTERPRET=1`` the backend runs CPU tensors in Triton's interpreter (slow;
-for tests on machines without a GPU), otherwise it runs CUDA tensors.
+Nothing heavy is imported here: ``availability()`` imports torch and triton, and the primitives are
+the functions of ``yoso_triton.launch`` (``Backend.module``), imported on first use. Arguments reach
+them already checked by the API (``yoso._validate.prepare``); what this backend cannot run although
+the API allows it is refused here, in :meth:`TritonBackend.unsupported`, before anything runs.
+
+Triton reads ``TRITON_INTERPRET`` when the kernels are imported: with ``TRITON_INTERPRET=1`` the
+backend runs CPU tensors in Triton's interpreter (slow; for tests on machines without a GPU),
+otherwise it runs CUDA tensors. This module reads it when yoso loads the backend, and ``launch``
+refuses to load if the variable has changed since.
 
 Outputs: the forward primitives (cumulation, YOSO-E forward) return float32, the accumulation dtype
 the API's glue normalises in (a half-precision Y would add one rounding before normalisation); the
@@ -19,9 +24,42 @@ from yoso.backends import Backend, Call
 
 from . import __version__
 
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Scratch for one hash's bucket tables / prefix sums and sort indices. Larger problems run hashes in
+# groups (launch.GROUP_BYTES); a single hash that needs more is refused. YOSO_TRITON_MAX_TABLE_BYTES overrides.
+DEFAULT_MAX_TABLE_BYTES = 4 << 30
+TABLE_BYTES_VAR = "YOSO_TRITON_MAX_TABLE_BYTES"
+# Grid dims y and z of a CUDA launch. Hash groups are capped at it; hashing puts cdiv(m, HB) programs
+# on grid y with HB >= 16 hashes each, which bounds num_hashes.
+MAX_GRID_YZ = 65535
+MAX_NUM_HASHES = 16 * MAX_GRID_YZ
+# Sorted token indices (b * N + n) and bucket ids (b * 2**tau + code) are int32.
+MAX_INDEX = 2**31 - 1
+
+
+def max_table_bytes() -> int:
+    value = os.environ.get(TABLE_BYTES_VAR)
+    if value is None:
+        return DEFAULT_MAX_TABLE_BYTES
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{TABLE_BYTES_VAR} must be an integer number of bytes, got {value!r}") from None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def table_bytes(batch: int, hash_bits: int, n_tokens: int, channels: int, *, prefix: bool = False) -> int:
+    """Scratch bytes one hash needs: bucket offsets and histograms, sort indices (or radix keys) and
+    tables or prefix sums (float32). ``prefix``: the ordered cumulations keep a prefix sum per token,
+    as does any cumulation with more buckets than tokens."""
+    buckets = batch << hash_bits
+    rows = buckets if (1 << hash_bits) <= n_tokens and not prefix else batch * n_tokens
+    histograms = 4 * buckets * -(-n_tokens // 128) if (1 << hash_bits) <= 1024 else 0
+    return 8 * (buckets + 1) + histograms + 24 * batch * n_tokens + 4 * rows * channels
 
 
 class TritonBackend(Backend):
@@ -33,22 +71,10 @@ class TritonBackend(Backend):
         "Triton kernels on torch tensors: bucket-sorted YOSO-m, fused YOSO-E (CUDA; CPU via TRITON_INTERPRET=1)"
     )
     dtypes = ("float16", "bfloat16", "float32")
-    devices = ("cuda",)
+    devices = ("cpu",) if INTERPRET else ("cuda",)
     max_head_dim = 256
-
-    def __init__(self) -> None:
-        # Decided once, like Triton itself decides when the kernels are imported.
-        self.interpret = _interpreting()
-        self.devices = ("cpu",) if self.interpret else ("cuda",)
-
-    def _launch(self):
-        from . import launch
-
-        if launch.INTERPRET != self.interpret:
-            raise RuntimeError(
-                "TRITON_INTERPRET changed after yoso_triton was loaded; set it before the first yoso call"
-            )
-        return launch
+    module = "yoso_triton.launch"
+    interpret = INTERPRET
 
     def availability(self) -> str | None:
         try:
@@ -82,67 +108,42 @@ class TritonBackend(Backend):
 
     def unsupported(self, call: Call) -> str | None:
         reason = super().unsupported(call)
-        if reason is not None or call.mode != "sample":
+        if reason is not None:
+            if call.device == "cpu" and not self.interpret:
+                reason += (
+                    "; it runs CPU tensors only in Triton's interpreter: "
+                    "set TRITON_INTERPRET=1 before the first yoso call"
+                )
             return reason
-        from .launch import max_table_bytes, table_bytes
-
-        need = table_bytes(call.batch, call.hash_bits, max(call.n_query, call.n_key), call.value_dim)
-        if need > max_table_bytes():
-            return (
-                f"the 'triton' backend does not support hash_bits={call.hash_bits} for {call.batch} batch rows: "
-                f"its bucket tables need {need / 2**30:.2f} GiB per hash (YOSO_TRITON_MAX_TABLE_BYTES)"
+        if call.mode != "sample":
+            return None  # YOSO-E is tiled over (query, key) blocks: no scratch beyond the outputs
+        # Sample mode cumulates values (Dv channels) written by the keys and, in the backward, output
+        # gradients (Dv channels) written by the queries; the sampled gradients sort both sides, and even
+        # the forward keeps per-reader indices. Table sizes grow with the tokens and channels, so the
+        # larger side bounds every launch (forward-only calls included: readers cost scratch too).
+        b, tau, n = call.batch, call.hash_bits, max(call.n_query, call.n_key)
+        need, limit = table_bytes(b, tau, n, call.value_dim, prefix=call.causal), max_table_bytes()
+        missing = []
+        if need > limit:
+            missing.append(
+                f"hash_bits={tau} with batch={b}, N={n}, Dv={call.value_dim}: its bucket tables need "
+                f"{_size(need)} per hash, more than {_size(limit)} ({TABLE_BYTES_VAR}); "
+                "lower hash_bits or split the batch"
             )
-        return None
+        if b << tau > MAX_INDEX:
+            missing.append(f"hash_bits={tau} with batch={b} (batch * 2**hash_bits bucket ids must fit int32)")
+        if b * n > MAX_INDEX:
+            missing.append(f"batch={b} with N={n} (batch * N token indices must fit int32)")
+        if call.num_hashes > MAX_NUM_HASHES:
+            missing.append(f"num_hashes={call.num_hashes} (at most {MAX_NUM_HASHES}, a CUDA grid limit)")
+        return f"the 'triton' backend does not support {'; '.join(missing)}" if missing else None
 
-    # ---- primitives (yoso.backends.Backend documents them) --------------------------------------
-
-    def hash_codes(self, x, planes, *, hashing, num_hashes, hash_bits):
-        return self._launch().hash_codes(x, planes, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits)
-
-    def cumulate(self, read_codes, write_codes, values, *, read_mask, write_mask, order, hash_bits):
-        return self._launch().cumulate(
-            read_codes,
-            write_codes,
-            values,
-            read_mask=read_mask,
-            write_mask=write_mask,
-            order=order,
-            hash_bits=hash_bits,
-        )
-
-    def sampled_grads(
-        self, q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio
-    ):
-        return self._launch().sampled_grads(
-            q_codes,
-            k_codes,
-            q,
-            k,
-            v,
-            grad,
-            query_mask=query_mask,
-            key_mask=key_mask,
-            causal=causal,
-            hash_bits=hash_bits,
-            backward=backward,
-            max_ratio=max_ratio,
-        )
-
-    def expectation_forward(self, q, k, v, *, query_mask, key_mask, causal, hash_bits):
-        return self._launch().expectation_forward(
-            q, k, v, query_mask=query_mask, key_mask=key_mask, causal=causal, hash_bits=hash_bits
-        )
-
-    def expectation_backward(self, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
-        return self._launch().expectation_backward(
-            q,
-            k,
-            v,
-            grad,
-            query_mask=query_mask,
-            key_mask=key_mask,
-            causal=causal,
-            hash_bits=hash_bits,
-            backward=backward,
-            max_ratio=max_ratio,
-        )
+    def missing_features(self) -> list[str]:
+        limit = max_table_bytes()
+        return super().missing_features() + [
+            f"head dims D, Dv > {self.max_head_dim}",
+            f"mode='sample' with bucket tables over {_size(limit)} per hash "
+            f"(about batch * min(2**hash_bits, N) * Dv * 4 bytes; {TABLE_BYTES_VAR})",
+            "mode='sample' with batch * 2**hash_bits or batch * N over 2**31 - 1",
+            f"mode='sample' with num_hashes > {MAX_NUM_HASHES}",
+        ]

@@ -1,9 +1,10 @@
-"""Thin wrappers that check arguments, pick block sizes, sort tokens by bucket and launch the kernels.
+"""The primitives of the ``triton`` backend: block sizes, bucket sorting and kernel launches.
 
-Every check happens before any launch (DESIGN.md §3): tensors on one device, a device this process can
-run Triton on (CUDA, or the CPU under ``TRITON_INTERPRET=1``), supported dtypes, head dims up to 256,
-and hash tables that fit. Shapes follow ``yoso.backends.Backend``: ``q, k [B, N, D]``, ``v [B, Nk, Dv]``,
-masks ``[B, N]`` bool or None, planes ``[P, ...]`` with ``P`` 1 or ``B``, codes ``[B, m, N]``.
+The functions named like the primitives of ``yoso.backends.Backend`` are the backend's primitives
+(``TritonBackend.module``) and take exactly their arguments. Those arrive checked: the API has
+validated shapes, dtypes, devices and ranges (``yoso._validate.prepare``) and
+``TritonBackend.unsupported`` has accepted the call (head dims, bucket-table memory, index and grid
+limits), so nothing here re-checks them. Inputs may be strided views: the kernels take strides.
 
 Bucket sorting (the index work behind the cumulation and the sampled gradients) is a Triton counting
 sort (``kernels/sorting.py``); for very many buckets (large 2**tau) torch's radix sort on int64 keys
@@ -13,19 +14,20 @@ sort (``kernels/sorting.py``); for very many buckets (large 2**tau) torch's radi
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 
-from . import kernels
+from . import backend, kernels
+from .backend import MAX_GRID_YZ, table_bytes
 from .kernels import INTERPRET
 
-MAX_HEAD_DIM = 256
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Scratch for one hash's bucket tables / prefix sums and sort keys; larger problems run hashes in
-# groups, and a single hash that needs more is refused before launch. YOSO_TRITON_MAX_TABLE_BYTES overrides.
-DEFAULT_MAX_TABLE_BYTES = 4 << 30
+# The backend chose its devices from TRITON_INTERPRET when yoso loaded it; Triton chose between the
+# compiler and the interpreter just now, when the kernels were imported. If the variable changed in
+# between, CPU tensors would reach compiled GPU kernels (or CUDA tensors the interpreter): refuse.
+if bool(INTERPRET) != backend.INTERPRET:
+    raise RuntimeError("TRITON_INTERPRET changed after yoso_triton was loaded; set it before the first yoso call")
+
 GROUP_BYTES = 256 << 20  # scratch a hash group aims for
 
 # Block sizes: the interpreter pays per operation, not per element, so it gets few large tiles; a GPU
@@ -34,122 +36,41 @@ GROUP_BYTES = 256 << 20  # scratch a hash group aims for
 INTERPRETER_BLOCKS = INTERPRET
 
 
-def max_table_bytes() -> int:
-    return int(os.environ.get("YOSO_TRITON_MAX_TABLE_BYTES", DEFAULT_MAX_TABLE_BYTES))
-
-
 def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(max(1, int(n))))
 
 
-# ---- checks -------------------------------------------------------------------------------------
-
-
-def runnable_device_types() -> tuple[str, ...]:
-    return ("cpu",) if INTERPRET else ("cuda",)
-
-
-def check_tensors(**tensors) -> torch.device:
-    """One device for all tensors, runnable here; float tensors in a supported dtype."""
-    given = {name: t for name, t in tensors.items() if t is not None}
-    for name, t in given.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"the 'triton' backend takes torch tensors; {name} is a {type(t).__name__}")
-    devices = {name: t.device for name, t in given.items()}
-    if len(set(devices.values())) > 1:
-        described = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"the 'triton' backend needs all tensors on one device; got {described}")
-    device = next(iter(devices.values()))
-    if device.type not in runnable_device_types():
-        if device.type == "cpu":
-            raise ValueError(
-                "the 'triton' backend runs CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 "
-                "before yoso_triton is imported (for tests), or move the tensors to a CUDA device"
-            )
-        raise ValueError(
-            f"the 'triton' backend cannot run tensors on {device}"
-            + (
-                " under TRITON_INTERPRET=1 (the interpreter runs CPU tensors)"
-                if INTERPRET
-                else " (it runs CUDA tensors)"
-            )
-        )
-    for name, t in given.items():
-        if t.is_floating_point() and t.dtype not in DTYPES and name != "planes":
-            raise TypeError(
-                f"the 'triton' backend supports float16, bfloat16 and float32; {name} is {str(t.dtype)[6:]}"
-            )
-    return device
-
-
-def check_head_dims(**dims) -> None:
-    for name, value in dims.items():
-        if value > MAX_HEAD_DIM:
-            raise ValueError(f"the 'triton' backend supports head dims up to {MAX_HEAD_DIM}; got {name}={value}")
-
-
-def table_bytes(batch: int, hash_bits: int, n_tokens: int, channels: int) -> int:
-    """Scratch bytes one hash needs: bucket offsets and histograms, sort indices (or radix keys) and
-    tables or prefix sums (float32)."""
-    buckets = batch << hash_bits
-    rows = buckets if (1 << hash_bits) <= n_tokens else batch * n_tokens
-    histograms = 4 * buckets * triton.cdiv(n_tokens, 128) if (1 << hash_bits) <= 1024 else 0
-    return 8 * (buckets + 1) + histograms + 24 * batch * n_tokens + 4 * rows * channels
-
-
-def check_tables_fit(batch: int, hash_bits: int, n_tokens: int, channels: int) -> None:
-    need, limit = table_bytes(batch, hash_bits, n_tokens, channels), max_table_bytes()
-    if need > limit or (batch << hash_bits) >= 2**31:
-        raise ValueError(
-            f"hash_bits={hash_bits} needs {need / 2**30:.2f} GiB of bucket tables per hash for {batch} batch rows "
-            f"(2**{hash_bits} buckets each), more than the 'triton' backend allows ({limit / 2**30:.2f} GiB, "
-            "YOSO_TRITON_MAX_TABLE_BYTES); lower hash_bits or split the batch"
-        )
-
-
 def _hash_group(num_hashes: int, per_hash_bytes: int) -> int:
-    return max(1, min(num_hashes, GROUP_BYTES // max(1, per_hash_bytes)))
+    """Hashes per launch: about GROUP_BYTES of scratch, and no more than grid dim y allows."""
+    return max(1, min(num_hashes, MAX_GRID_YZ, GROUP_BYTES // max(1, per_hash_bytes)))
 
 
 def _mask_arg(mask, like):
     """A bool mask as a uint8 view (Triton loads bytes), with its strides; a dummy when None."""
     if mask is None:
         return like, 0, 0, False
-    m = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
+    m = mask.view(torch.uint8)
     return m, m.stride(0), m.stride(1), True
 
 
-def _codes_int32(codes: torch.Tensor) -> torch.Tensor:
-    """Codes as int32 with unit stride along N (the kernels index tokens directly)."""
-    if codes.dtype == torch.int32 and codes.stride(-1) == 1:
-        return codes
-    return codes.to(torch.int32).contiguous()
+def _unit_stride(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (int32) with unit stride along N (the kernels index tokens directly)."""
+    return codes if codes.stride(-1) == 1 else codes.contiguous()
 
 
 # ---- hashing --------------------------------------------------------------------------------------
 
 
 def hash_codes(x, planes, *, hashing: str, num_hashes: int, hash_bits: int) -> torch.Tensor:
-    check_tensors(x=x, planes=planes)
-    batch, n, dim = x.shape
-    check_head_dims(D=dim)
-    if planes.shape[0] not in (1, batch):
-        raise ValueError(f"planes must have 1 or B={batch} leading rows, got shape {list(planes.shape)}")
+    batch, n, _ = x.shape
     codes = torch.empty((batch, num_hashes, n), dtype=torch.int32, device=x.device)
-    if hashing == "gaussian":
-        _gaussian(x, planes, codes, num_hashes, hash_bits)
-    elif hashing == "hadamard":
-        _hadamard(x, planes, codes, num_hashes, hash_bits)
-    else:
-        raise ValueError(f"hashing must be 'gaussian' or 'hadamard', got {hashing!r}")
+    (_gaussian if hashing == "gaussian" else _hadamard)(x, planes, codes, num_hashes, hash_bits)
     return codes
 
 
 def _gaussian(x, planes, codes, m, tau):
     batch, n, dim = x.shape
     groups = planes.shape[0]
-    if tuple(planes.shape[1:]) != (m, tau, dim):
-        raise ValueError(f"gaussian planes must be [P, {m}, {tau}, {dim}], got {list(planes.shape)}")
     flat = planes.reshape(groups, m * tau, dim).to(torch.float32).contiguous()
     # Many short rows with their own planes: per-token planes (a token tile would span several sets).
     gather = groups > 1 and n < 16
@@ -194,12 +115,8 @@ def _gaussian(x, planes, codes, m, tau):
 
 def _hadamard(x, planes, codes, m, tau):
     batch, n, dim = x.shape
-    groups, rotations, three, d_pad = planes.shape
-    if three != 3 or d_pad != _pow2(dim, 1):
-        raise ValueError(f"hadamard planes must be [P, R, 3, {_pow2(dim, 1)}], got {list(planes.shape)}")
-    per = d_pad // tau
-    if per < 1 or rotations * per < m:
-        raise ValueError(f"hadamard planes with {rotations} rotations of {d_pad} give fewer than m={m} hashes")
+    groups, rotations, _, d_pad = planes.shape
+    per = d_pad // tau  # hashes per rotation
     diag = planes.to(torch.float32).contiguous()
     rows = batch * n * rotations
     bt = min(_pow2(rows), 2048 if INTERPRETER_BLOCKS else 32)
@@ -354,23 +271,14 @@ class Sorted:
 
 
 def cumulate(read_codes, write_codes, values, *, read_mask, write_mask, order: str, hash_bits: int):
-    check_tensors(
-        read_codes=read_codes, write_codes=write_codes, values=values, read_mask=read_mask, write_mask=write_mask
-    )
-    if order not in ("none", "causal", "anticausal"):
-        raise ValueError(f"order must be 'none', 'causal' or 'anticausal', got {order!r}")
     batch, m, n_read = read_codes.shape
     n_write, channels = values.shape[1], values.shape[2]
-    check_head_dims(C=channels)
-    check_tables_fit(batch, hash_bits, n_write, channels)
-    if order != "none" and n_read != n_write:
-        raise ValueError(f"order={order!r} needs as many readers as writers, got {n_read} and {n_write}")
-    read_codes, write_codes = _codes_int32(read_codes), _codes_int32(write_codes)
+    read_codes, write_codes = _unit_stride(read_codes), _unit_stride(write_codes)
     # Tables when buckets are fewer than tokens; otherwise prefix sums read at each bucket's end
     # (their size does not grow with 2**tau).
     tables = order == "none" and (1 << hash_bits) <= n_write
     rows = (batch << hash_bits) if tables else batch * n_write
-    group = _hash_group(m, table_bytes(batch, hash_bits, n_write, channels))
+    group = _hash_group(m, table_bytes(batch, hash_bits, n_write, channels, prefix=not tables))
     out = torch.empty((batch, n_read, channels), dtype=torch.float32, device=values.device)
     wmask, smb, smn, has_wmask = _mask_arg(write_mask, values)
     rmask, rmb, rmn, has_rmask = _mask_arg(read_mask, values)
@@ -445,14 +353,9 @@ def _row_norms(x, mask):
 
 
 def sampled_grads(q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
-    check_tensors(q_codes=q_codes, k_codes=k_codes, q=q, k=k, v=v, grad=grad, query_mask=query_mask, key_mask=key_mask)
-    if backward not in ("lower_bound", "exact"):
-        raise ValueError(f"backward must be 'lower_bound' or 'exact', got {backward!r}")
     batch, m, n_q = q_codes.shape
     n_k, dim, dv = k.shape[1], q.shape[2], v.shape[2]
-    check_head_dims(D=dim, Dv=dv)
-    check_tables_fit(batch, hash_bits, max(n_q, n_k), 1)
-    q_codes, k_codes = _codes_int32(q_codes), _codes_int32(k_codes)
+    q_codes, k_codes = _unit_stride(q_codes), _unit_stride(k_codes)
     weight_max = max_ratio if backward == "exact" else hash_bits / 2
     g_norm, q_norm = _row_norms(grad, query_mask), _row_norms(q, query_mask)
     v_norm, k_norm = _row_norms(v, key_mask), _row_norms(k, key_mask)
@@ -534,16 +437,9 @@ def _expectation_blocks(n_q, n_k, dim, dv):
     return (64, 32) if wide else (64, 64)
 
 
-def _expectation_common(q, k, v, grad, query_mask, key_mask):
-    check_tensors(q=q, k=k, v=v, grad=grad, query_mask=query_mask, key_mask=key_mask)
-    check_head_dims(D=q.shape[2], Dv=v.shape[2])
-    return _mask_arg(query_mask, q), _mask_arg(key_mask, k)
-
-
 def expectation_forward(q, k, v, *, query_mask, key_mask, causal, hash_bits):
-    (qmask, qmb, qmn, has_qmask), (kmask, kmb, kmn, has_kmask) = _expectation_common(
-        q, k, v, None, query_mask, key_mask
-    )
+    qmask, qmb, qmn, has_qmask = _mask_arg(query_mask, q)
+    kmask, kmb, kmn, has_kmask = _mask_arg(key_mask, k)
     batch, n_q, dim = q.shape
     n_k, dv = k.shape[1], v.shape[2]
     out = torch.empty((batch, n_q, dv), dtype=torch.float32, device=q.device)
@@ -579,11 +475,8 @@ def expectation_forward(q, k, v, *, query_mask, key_mask, causal, hash_bits):
 
 
 def expectation_backward(q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
-    if backward not in ("exact", "lower_bound"):
-        raise ValueError(f"backward must be 'exact' or 'lower_bound', got {backward!r}")
-    (qmask, qmb, qmn, has_qmask), (kmask, kmb, kmn, has_kmask) = _expectation_common(
-        q, k, v, grad, query_mask, key_mask
-    )
+    qmask, qmb, qmn, has_qmask = _mask_arg(query_mask, q)
+    kmask, kmb, kmn, has_kmask = _mask_arg(key_mask, k)
     batch, n_q, dim = q.shape
     n_k, dv = k.shape[1], v.shape[2]
     dq = torch.empty((batch, n_q, dim), dtype=q.dtype, device=q.device)

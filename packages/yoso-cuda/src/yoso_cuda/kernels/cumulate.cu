@@ -2,7 +2,7 @@
 // (zero rows where read_mask is False). The same kernel serves the forward (readers = queries,
 // writers = keys, values = v) and the roles-swapped backward (readers = keys, values = grad).
 //
-// Design (DESIGN.md section 4): no float atomics anywhere. A block owns one batch row, a group of
+// Design: no float atomics anywhere, so results are bitwise reproducible (docs/testing.md). A block owns one batch row, a group of
 // hashes and a slice of CS value channels, and keeps that group's bucket tables
 // T_s[bucket][CS] in shared memory. It sweeps the sequence in chunks of 32 positions (lane = position):
 //   * a reader adds T_s[its code] (the state before the chunk) plus, for the ordered cumulations,

@@ -1,6 +1,6 @@
 """Device helpers shared by the kernels: matrix products at the right precision and the collision math.
 
-Precision rules (DESIGN.md §3, fp32 accumulation everywhere):
+Precision rules (fp32 accumulation everywhere; the tolerances they meet: docs/testing.md):
 
 * float32 operands multiply with ``input_precision="ieee"``: TF32 would round hash projections and
   attention weights to 10 mantissa bits, far outside the float32 tolerance.

@@ -1,12 +1,12 @@
 """The LSH cumulation on tokens sorted by bucket: segment sums, then one gather per reader and hash.
 
-For each hash, the writers are sorted by (bucket, position) (``launch.sort_by_bucket``), so every
+For each hash, the writers are sorted by (bucket, position) (``launch.Sorted``), so every
 bucket is one contiguous segment of the sorted order. A bucket id folds the batch row in
 (``b * 2**tau + code``), so one launch serves all rows. No float atomics anywhere, so results are
 bitwise reproducible (torch.equal across runs, as gradient checkpointing needs):
 
 * ``bucket_sums_kernel`` (TOTALS): ``T[bucket] = sum of the segment`` -- the hash tables of
-  DESIGN.md §1. A program owns ``BB`` consecutive buckets; each chunk of its sorted tokens is added
+  docs/math.md. A program owns ``BB`` consecutive buckets; each chunk of its sorted tokens is added
   as ``onehot[BB, BT] @ V[BT, C]`` (a tensor-core product; the one-hot factor is exact).
 * ``bucket_sums_kernel`` (PREFIX): the inclusive prefix sum within each segment, in sequence order
   (``causal``) or reversed (``anticausal``): ``same_bucket_lower_triangle[BT, BT] @ V`` per chunk,
