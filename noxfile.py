@@ -101,7 +101,7 @@ def lint(session: nox.Session) -> None:
 @nox.parametrize("backend", list(BACKENDS))
 def tests(session: nox.Session, backend: str) -> None:
     spec = BACKENDS[backend]
-    session.install(TORCH, "pytest", "-e", REFERENCE, "-e", f"{API}[plot]", *spec["install"])
+    session.install(TORCH, "pytest", "-e", REFERENCE, "-e", API, *spec["install"])
     tmp = session.create_tmp()
     env = {"YOSO_TEST_BACKENDS": backend, "YOSO_TEST_REQUIRE": "1"}
     env.update({name: value.format(tmp=tmp) for name, value in spec.get("env", {}).items()})

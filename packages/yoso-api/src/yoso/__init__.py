@@ -9,8 +9,8 @@ Model layers (a torch layer, a Flax NNX module, Hugging Face integrations) are t
 distribution (``import yoso_models``), built on this API; ``import yoso`` imports none of torch, flax or
 transformers.
 
-``yoso info`` lists the installed backends and why any cannot run; ``yoso demo`` shows YOSO-m
-converging to YOSO-E as the number of hashes grows.
+``yoso info`` lists the installed backends, what arrays each serves and why any cannot run; ``yoso demo``
+and ``yoso bench`` come with the ``yoso-bench`` distribution.
 """
 
 from ._api import attention, attention_vjp, backend_for, hash_codes

@@ -258,7 +258,7 @@ def from_host(x):
         return None
     if isinstance(x, np.ndarray):
         return jax.device_put(x, jax.devices("cpu")[0])
-    return jax.dlpack.from_dlpack(x.contiguous())
+    return jax.dlpack.from_dlpack(x.detach().contiguous())
 
 
 # ---- the glue object used by yoso.attention -------------------------------------------------------

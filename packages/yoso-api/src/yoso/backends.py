@@ -130,6 +130,12 @@ class Backend:
         missing += [f"dtype {d}" for d in FLOAT_DTYPES if d not in self.dtypes]
         if not self.supports_causal:
             missing.append("causal=True")
+        if self.max_head_dim is not None:
+            missing.append(f"head dims D, Dv > {self.max_head_dim}")
+        if self.max_hash_bits < 16:
+            missing.append(f"hash_bits > {self.max_hash_bits} with mode='sample'")
+        if "tables" not in self.lower_bound_forms:
+            missing.append("the table form of the lower-bound gradient (linear in N): pairs only")
         return missing
 
     # ---- compute primitives (the math: docs/math.md; the plain statement: yoso_reference) -------------
@@ -146,11 +152,14 @@ class Backend:
     lower_bound_forms: ClassVar[tuple[str, ...]] = ("pairs",)
 
     def _function(self, primitive: str):
-        if self.module is None:
-            raise NotImplementedError(f"the {self.name!r} backend does not implement {primitive}")
-        import importlib
+        implementation = self.__dict__.get("_implementation")
+        if implementation is None:
+            if self.module is None:
+                raise NotImplementedError(f"the {self.name!r} backend does not implement {primitive}")
+            import importlib
 
-        return getattr(importlib.import_module(self.module), primitive)
+            implementation = self.__dict__["_implementation"] = importlib.import_module(self.module)
+        return getattr(implementation, primitive)
 
     def hash_codes(self, x, planes, *, hashing: str, num_hashes: int, hash_bits: int):
         """Codes ``[B, m, N]`` (int32) of unit rows ``x [B, N, D]``."""
@@ -194,7 +203,6 @@ class Backend:
         ``form`` (lower bound only): ``"auto"`` lets the backend choose by cost, ``"pairs"`` or
         ``"tables"`` (one of :attr:`lower_bound_forms`) forces one -- for tests and benchmarks.
         """
-        kwargs = {} if form == "auto" else {"form": form}
         return self._function("sampled_grads")(
             q_codes,
             k_codes,
@@ -208,7 +216,7 @@ class Backend:
             hash_bits=hash_bits,
             backward=backward,
             max_ratio=max_ratio,
-            **kwargs,
+            form=form,
         )
 
     def expectation_forward(self, q, k, v, *, query_mask, key_mask, causal, hash_bits):

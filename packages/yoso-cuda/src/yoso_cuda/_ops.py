@@ -172,6 +172,7 @@ def sampled_grads(
     hash_bits: int,
     backward: str,
     max_ratio: float,
+    form: str = "auto",  # the pair form is the only one here (CudaBackend.lower_bound_forms)
 ):
     torch = _torch()
     q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), _grad(grad)

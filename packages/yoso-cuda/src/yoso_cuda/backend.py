@@ -61,8 +61,6 @@ class CudaBackend(Backend):
 
     def missing_features(self) -> list[str]:
         return super().missing_features() + [
-            f"head dims D, Dv > {self.max_head_dim}",
-            f"hash_bits > {MAX_HASH_BITS} with mode='sample'",
             f"more than {MAX_GRID_YZ} flattened leading rows (batch * heads)",
             f"num_hashes > {MAX_GRID_YZ} with mode='sample'",
             "CuPy arrays (convert with torch.from_dlpack)",

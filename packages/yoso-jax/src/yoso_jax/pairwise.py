@@ -256,9 +256,12 @@ def sampled_grads_on(cumulate, *, dense_max_n: int):
     tokens and the dense pair form below; the exact estimator always needs the pairs.
     """
 
-    def sampled_grads(q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
+    def sampled_grads(
+        q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio, form="auto"
+    ):
         args = (q_codes, k_codes, q, k, v, grad, query_mask, key_mask)
-        if backward == "lower_bound" and max(q.shape[1], k.shape[1]) > dense_max_n:
+        tables = form == "tables" or (form == "auto" and max(q.shape[1], k.shape[1]) > dense_max_n)
+        if backward == "lower_bound" and tables:
             return lower_bound_grads(*args, cumulate=cumulate, causal=causal, hash_bits=hash_bits)
         return dense_sampled_grads(
             *args, causal=causal, hash_bits=hash_bits, backward=backward, max_ratio=float(max_ratio)

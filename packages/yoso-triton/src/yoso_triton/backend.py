@@ -141,7 +141,6 @@ class TritonBackend(Backend):
     def missing_features(self) -> list[str]:
         limit = max_table_bytes()
         return super().missing_features() + [
-            f"head dims D, Dv > {self.max_head_dim}",
             f"mode='sample' with bucket tables over {_size(limit)} per hash "
             f"(about batch * min(2**hash_bits, N) * Dv * 4 bytes; {TABLE_BYTES_VAR})",
             "mode='sample' with batch * 2**hash_bits or batch * N over 2**31 - 1",

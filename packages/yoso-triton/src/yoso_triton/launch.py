@@ -352,7 +352,10 @@ def _row_norms(x, mask):
     return norms if mask is None else torch.where(mask, norms, torch.zeros_like(norms))
 
 
-def sampled_grads(q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio):
+def sampled_grads(
+    q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio, form="auto"
+):
+    # form: the pair form is the only one here (TritonBackend.lower_bound_forms)
     batch, m, n_q = q_codes.shape
     n_k, dim, dv = k.shape[1], q.shape[2], v.shape[2]
     q_codes, k_codes = _unit_stride(q_codes), _unit_stride(k_codes)
