@@ -150,6 +150,7 @@ def sampled_grads(
     hash_bits: int,
     backward: str = "lower_bound",
     max_ratio: float,
+    form: str = "auto",  # only the pair form is written here so far (ReferenceBackend.lower_bound_forms)
 ):
     """The sampled gradient of YOSO-m w.r.t. unit ``q`` and ``k`` -> ``(dq, dk)``.
 
