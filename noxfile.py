@@ -1,12 +1,15 @@
-"""Sessions: lint, tests (one per backend, each in its own environment), integrations, demo, bench.
+"""Sessions: lint, api, tests (one per backend, each in its own environment), models, demo, bench.
 
-    python -m nox                   # what CI runs: lint, tests, integrations
+    python -m nox                   # what CI runs: lint, api, tests, models
     python -m nox -s demo           # yoso demo on the NumPy reference
     python -m nox -s bench -- --quick --out DIR   # yoso bench (posargs go to it; default: full CPU grid)
     python -m nox -s "tests(backend='reference')"
 
-torch is pinned (its CPU wheel is on this machine's disk; an unpinned torch pulls a multi-GB CUDA
-build). Override with YOSO_TORCH_SPEC, e.g. YOSO_TORCH_SPEC="torch==2.14.1".
+Environments are made with uv where it is installed (hard-linked packages: one copy of torch on disk for
+every session, seconds per install), else with virtualenv and pip. Tests run on two processes
+(pytest-xdist; YOSO_TEST_WORKERS overrides). torch is pinned (its CPU wheel is on this machine's disk;
+an unpinned torch pulls a multi-GB CUDA build). Override with YOSO_TORCH_SPEC, e.g.
+YOSO_TORCH_SPEC="torch==2.14.1".
 """
 
 from __future__ import annotations
@@ -14,21 +17,49 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 
 import nox
 
-nox.options.sessions = ["lint", "tests", "integrations"]
+nox.options.sessions = ["lint", "api", "tests", "models"]
 nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "uv|virtualenv"
 
 TORCH = os.environ.get("YOSO_TORCH_SPEC", "torch==2.13.0")
 JAX = "jax==0.10.2"  # Pallas changes between releases: the kernels are tested against this one
+TRITON = "triton==3.7.1"  # the release torch 2.13 is built against
+# The Hugging Face integrations and the Flax module are tested against these, in the models session.
+TRANSFORMERS = os.environ.get("YOSO_TRANSFORMERS_SPEC", "transformers==5.23.0")
+FLAX = "flax==0.12.8"
+TEST_TOOLS = ("pytest", "pytest-xdist")
+
 API = "packages/yoso-api"
 REFERENCE = "packages/yoso-reference"
+JAX_BACKENDS = "packages/yoso-jax"
 BENCH = "packages/yoso-bench"  # yoso bench and yoso demo (subcommands through the yoso.commands entry points)
 MODELS = "packages/yoso-models"  # yoso_models.nn, .nnx, .transformers
-# The Hugging Face integrations are tested against this version, installed in the integrations session only.
-TRANSFORMERS = os.environ.get("YOSO_TRANSFORMERS_SPEC", "transformers==5.23.0")
-FLAX = "flax==0.12.8"  # yoso_models.nnx is tested against this release (with JAX above)
+
+
+def _pip_find_links() -> None:
+    """Let uv see the wheel directories pip is configured with (this is where the CPU torch wheel lies on
+    machines that carry one: uv does not read pip's configuration)."""
+    if "UV_FIND_LINKS" in os.environ:
+        return
+    found = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=False
+    ).stdout
+    links = [line.split("=", 1)[1].strip("'\" ") for line in found.splitlines() if ".find-links=" in line]
+    links = [path for entry in links for path in entry.split() if os.path.isdir(path)]
+    if links:
+        os.environ["UV_FIND_LINKS"] = " ".join(dict.fromkeys(links))
+
+
+_pip_find_links()
+
+
+def _pytest(session: nox.Session, *args: str, env: dict | None = None) -> None:
+    workers = os.environ.get("YOSO_TEST_WORKERS", "2")
+    session.run("pytest", "-n", workers, "-q", *args, *session.posargs, env=env or {})
 
 
 def _no_gpu_reason() -> str | None:
@@ -42,34 +73,38 @@ def _no_gpu_reason() -> str | None:
     return None if "GPU " in listed else "nvidia-smi lists no GPU"
 
 
-TRITON = "triton==3.7.1"  # the release torch 2.13 is built against
-
 # Per backend: what to install besides the API and the reference (the oracle every backend is
 # compared with), which tests to run besides the conformance suite, and optionally:
 #   "env"    -- variables for every command of the session ("{tmp}": the session's tmp dir);
-#   "runs"   -- a list of extra variables, one conformance run each (the backend's own tests then
-#               run once more with "env" alone);
+#   "runs"   -- a list of extra variables, one conformance run each (default: one run with "env" alone);
 #   "checks" -- commands to run before the tests;
 #   "needs"  -- a function saying why the conformance suite cannot run on this machine (None: it can).
 BACKENDS = {
     "reference": {"install": [], "tests": [f"{REFERENCE}/tests"]},
     "jax": {
-        "install": ["-e", "packages/yoso-jax", JAX],
-        "tests": ["packages/yoso-jax/tests"],
-        # float64 (x64: the tight tolerances), then float32; the backend's own tests (jit/vmap/grad, both
-        # of the package's backends) in JAX's default setting.
-        "runs": [{"JAX_ENABLE_X64": "1"}, {"JAX_ENABLE_X64": "1", "YOSO_TEST_DTYPE": "float32"}],
+        "install": ["-e", JAX_BACKENDS, JAX],
+        "tests": [f"{JAX_BACKENDS}/tests"],
+        # float64 (x64: the tight tolerances) from every caller framework; float32 from JAX arrays (NumPy
+        # and torch reach the same compiled core, which the first run checked); the package's own tests
+        # (jit/vmap/grad, both of its backends) in JAX's default setting.
+        "runs": [
+            {"JAX_ENABLE_X64": "1"},
+            {"JAX_ENABLE_X64": "1", "YOSO_TEST_DTYPE": "float32", "YOSO_TEST_FRAMEWORKS": "jax"},
+        ],
+        # JAX's persistent compilation cache across the runs: programs that do not depend on the run's
+        # setting compile once.
         "env": {
             "JAX_COMPILATION_CACHE_DIR": "{tmp}/jax-compilation-cache",
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
         },
     },
-    # The Pallas kernels, interpreted on the CPU: the suite in float64.
+    # The Pallas kernels, interpreted on the CPU, in float64 from JAX arrays (the glue that serves NumPy
+    # and torch callers is the jax backend's, tested above).
     "pallas": {
-        "install": ["-e", "packages/yoso-jax", JAX],
+        "install": ["-e", JAX_BACKENDS, JAX],
         "tests": [],
-        "runs": [{"JAX_ENABLE_X64": "1"}],
+        "runs": [{"JAX_ENABLE_X64": "1", "YOSO_TEST_FRAMEWORKS": "jax"}],
     },
     # No GPU in CI: Triton's interpreter runs the kernels on CPU tensors. It issues many tiny NumPy
     # products, which multithreaded BLAS makes ~100x slower on a busy machine.
@@ -98,10 +133,20 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
+def api(session: nox.Session) -> None:
+    """yoso-api's own tests, once (selection, plugins, the yoso command, bad input from NumPy, torch and JAX
+    callers), and yoso-bench's (yoso bench on a tiny grid, yoso demo)."""
+    packages = ["-e", REFERENCE, "-e", API, "-e", JAX_BACKENDS, "-e", f"{BENCH}[plot]"]
+    session.install(TORCH, JAX, *TEST_TOOLS, *packages)
+    _pytest(session, f"{API}/tests", f"{BENCH}/tests")
+
+
+@nox.session
 @nox.parametrize("backend", list(BACKENDS))
 def tests(session: nox.Session, backend: str) -> None:
+    """The conformance suite (and the backend's own tests) for one backend."""
     spec = BACKENDS[backend]
-    session.install(TORCH, "pytest", "-e", REFERENCE, "-e", API, *spec["install"])
+    session.install(TORCH, *TEST_TOOLS, "-e", REFERENCE, "-e", API, *spec["install"])
     tmp = session.create_tmp()
     env = {"YOSO_TEST_BACKENDS": backend, "YOSO_TEST_REQUIRE": "1"}
     env.update({name: value.format(tmp=tmp) for name, value in spec.get("env", {}).items()})
@@ -111,27 +156,21 @@ def tests(session: nox.Session, backend: str) -> None:
     reason = spec["needs"]() if "needs" in spec else None
     if reason is not None:
         session.log(f"conformance suite for {backend!r} not run: {reason} (it runs where a GPU is present)")
-        session.run("pytest", *spec["tests"], *session.posargs, env=env)
-        return
-    if "runs" not in spec:
-        session.run("pytest", "conformance", *spec["tests"], *session.posargs, env=env)
-        return
-    for extra in spec["runs"]:
-        session.run("yoso", "info", env={**env, **extra})
-        session.run("pytest", "conformance", *session.posargs, env={**env, **extra})
+    else:
+        for extra in spec.get("runs", [{}]):
+            _pytest(session, "conformance", env={**env, **extra})
     if spec["tests"]:
-        session.run("pytest", *spec["tests"], *session.posargs, env=env)
+        _pytest(session, *spec["tests"], env=env)
 
 
 @nox.session
-def integrations(session: nox.Session) -> None:
-    """yoso-api's own tests (selection, errors, the yoso command), yoso-bench's (yoso bench on a tiny grid, yoso
-    demo) and yoso-models' (yoso_models.nn, yoso_models.transformers on tiny random models without downloads,
-    yoso_models.nnx on the jax backend, a smoke run of examples/listops.py)."""
-    packages = ["-e", REFERENCE, "-e", "packages/yoso-jax", "-e", API, "-e", f"{BENCH}[plot]"]
-    session.install(TORCH, TRANSFORMERS, FLAX, JAX, "pytest", *packages, "-e", f"{MODELS}[torch,flax,transformers]")
+def models(session: nox.Session) -> None:
+    """yoso-models' tests: yoso_models.nn, yoso_models.transformers (tiny random models, no downloads),
+    yoso_models.nnx (Flax NNX, on the jax backend), a smoke run of examples/listops.py."""
+    packages = ["-e", REFERENCE, "-e", API, "-e", JAX_BACKENDS, "-e", f"{MODELS}[torch,flax,transformers]"]
+    session.install(TORCH, TRANSFORMERS, FLAX, JAX, *TEST_TOOLS, *packages)
     env = {"YOSO_TEST_REQUIRE_TRANSFORMERS": "1", "YOSO_TEST_REQUIRE_FLAX": "1", "HF_HUB_OFFLINE": "1"}
-    session.run("pytest", f"{API}/tests", f"{BENCH}/tests", f"{MODELS}/tests", *session.posargs, env=env)
+    _pytest(session, f"{MODELS}/tests", env=env)
 
 
 @nox.session
@@ -144,7 +183,12 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """yoso bench over every backend in BACKENDS that can run here; ``nox -s bench -- --quick --out DIR``."""
-    backends = [arg for spec in BACKENDS.values() for arg in spec["install"]]
+    backends = []
+    for spec in BACKENDS.values():
+        args = iter(spec["install"])
+        for arg in args:
+            item = [arg, next(args)] if arg == "-e" else [arg]
+            backends += [] if item[-1] in backends else item
     session.install(TORCH, "-e", REFERENCE, "-e", API, "-e", f"{BENCH}[plot]", *backends)
     session.run("yoso", "info")
     session.run("yoso", "bench", *(session.posargs or ["--out", "bench-out"]))

@@ -3,6 +3,7 @@
     pytest conformance --backend reference --backend triton
     YOSO_TEST_BACKENDS=reference,triton pytest conformance
     pytest conformance --dtype float32   # or YOSO_TEST_DTYPE=float32: float32 even where float64 exists
+    YOSO_TEST_FRAMEWORKS=jax pytest conformance --backend pallas   # only these caller frameworks
 
 Backends that cannot run here are skipped with their reason, unless ``--require-backend`` (or
 ``YOSO_TEST_REQUIRE=1``) is given: CI sets it, so a backend that fails to load is a failure, not a
@@ -39,6 +40,12 @@ def _selected(config) -> list[str]:
     return [n.strip() for n in names if n.strip()]
 
 
+def _frameworks(backend) -> tuple[str, ...]:
+    """The caller frameworks to test a backend through: all it serves, or those in YOSO_TEST_FRAMEWORKS."""
+    wanted = [f.strip() for f in os.environ.get("YOSO_TEST_FRAMEWORKS", "").split(",") if f.strip()]
+    return tuple(f for f in backend.frameworks if not wanted or f in wanted)
+
+
 def _required(config) -> bool:
     return config.getoption("--require-backend") or os.environ.get("YOSO_TEST_REQUIRE") == "1"
 
@@ -67,7 +74,7 @@ def pytest_generate_tests(metafunc):
         params, ids = [], []
         for name in _selected(metafunc.config):
             backend, reason = _load(name)
-            frameworks = backend.frameworks if backend is not None else (only or "?",)
+            frameworks = _frameworks(backend) if backend is not None else (only or "?",)
             for framework in frameworks:
                 if only in (None, framework):
                     params.append((name, framework))
