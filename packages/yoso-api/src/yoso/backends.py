@@ -51,6 +51,9 @@ class Call:
     num_hashes: int
     hash_bits: int
     requires_grad: bool
+    # Calls that work on the bucket tables themselves -- a recurrent state carried between calls, or a
+    # sequence split across processes -- need the `bucket_tables` / `read_buckets` primitives.
+    tables: bool = False
 
 
 class Backend:
@@ -118,6 +121,10 @@ class Backend:
                 self.max_head_dim is None or max(call.dim, call.value_dim) <= self.max_head_dim,
                 f"head dims D={call.dim}, Dv={call.value_dim} (at most {self.max_head_dim})",
             ),
+            (
+                self.has_tables or not call.tables,
+                "bucket-table access (a recurrent state or a split sequence: no bucket_tables primitive)",
+            ),
         ]
         missing = [what for ok, what in checks if not ok]
         return f"the {self.name!r} backend does not support {'; '.join(missing)}" if missing else None
@@ -136,6 +143,8 @@ class Backend:
             missing.append(f"hash_bits > {self.max_hash_bits} with mode='sample'")
         if "tables" not in self.lower_bound_forms:
             missing.append("the table form of the lower-bound gradient (linear in N): pairs only")
+        if not self.has_tables:
+            missing.append("bucket-table access: initial_state/output_final_state, sequence parallelism")
         return missing
 
     # ---- compute primitives (the math: docs/math.md; the plain statement: yoso_reference) -------------
@@ -150,6 +159,8 @@ class Backend:
     # The forms of the lower-bound gradient the backend computes (docs/math.md#lower-bound): "pairs" (per
     # colliding pair) and "tables" (per-bucket tables of outer products: linear in N whatever the buckets).
     lower_bound_forms: ClassVar[tuple[str, ...]] = ("pairs",)
+    # Whether `bucket_tables` and `read_buckets` are implemented (recurrent state, sequence parallelism).
+    has_tables: ClassVar[bool] = False
 
     def _function(self, primitive: str):
         implementation = self.__dict__.get("_implementation")
@@ -180,6 +191,24 @@ class Backend:
             order=order,
             hash_bits=hash_bits,
         )
+
+    def bucket_tables(self, codes, values, *, mask, hash_bits: int, outer=None):
+        """Per-hash bucket sums ``T[b, s, c] = sum_{n: codes[b, s, n] = c} mask[b, n] values[b, n]``.
+
+        ``codes [B, m, N]``, ``values [B, N, C]`` -> ``[B, m, 2**hash_bits, C]`` in the accumulation dtype;
+        with ``outer [B, N, F]`` each token adds ``values[b, n] (x) outer[b, n]`` -> ``[B, m, 2**tau, C, F]``
+        (the lower bound's tables of outer products, never materialised per token by a fast backend).
+        No ``1/m``: tables add up across calls and processes.
+        """
+        return self._function("bucket_tables")(codes, values, mask=mask, hash_bits=hash_bits, outer=outer)
+
+    def read_buckets(self, codes, tables, *, mask, weights=None):
+        """``(1/m) sum_s tables[b, s, codes[b, s, n]]`` -> ``[B, N, C]``, zero rows where ``mask`` is False.
+
+        With ``weights [B, N, C]`` and tables ``[B, m, 2**tau, C, F]``, the read rows are contracted with
+        the weights: ``(1/m) sum_s sum_c weights[b, n, c] tables[b, s, codes[b, s, n], c]`` -> ``[B, N, F]``.
+        """
+        return self._function("read_buckets")(codes, tables, mask=mask, weights=weights)
 
     def sampled_grads(
         self,

@@ -25,6 +25,7 @@ class JaxBackend(Backend):
     frameworks = ("jax", "numpy", "torch")
     devices = ("cpu", "cuda")
     module = "yoso_jax.xla"
+    has_tables = True
     description = "JAX (XLA): scatter/gather hash tables in jax.numpy, the fast CPU path; float64 needs jax_enable_x64"
 
     def serves(self, call) -> bool:

@@ -17,7 +17,7 @@ Modules:
 """
 
 from .attention import attention, attention_and_grads, unit_rows, unit_rows_vjp
-from .cumulation import ORDERS, cumulate
+from .cumulation import ORDERS, bucket_tables, cumulate, read_buckets
 from .hashing import (
     gaussian_codes,
     hadamard_codes,
@@ -50,6 +50,7 @@ __all__ = [
     "attention",
     "attention_and_grads",
     "attention_mask",
+    "bucket_tables",
     "collision_derivative",
     "collision_matrix",
     "collision_probability",
@@ -65,6 +66,7 @@ __all__ = [
     "lower_bound_derivative",
     "num_rotations",
     "padded_dim",
+    "read_buckets",
     "sampled_grads",
     "sylvester_hadamard",
     "triple_collision_probability",

@@ -104,3 +104,47 @@ def _mean_bucket_sums(read_codes, write_codes, values, order, hash_bits) -> np.n
         perm, start, stop = _reader_ranges(read_codes[:, s], write_codes[:, s], order, 1 << hash_bits)
         out += _run_sums(values, perm, start, stop)
     return out / num_hashes
+
+
+def bucket_tables(
+    codes: np.ndarray,
+    values: np.ndarray,
+    *,
+    mask: np.ndarray | None = None,
+    hash_bits: int,
+    outer: np.ndarray | None = None,
+) -> np.ndarray:
+    """The bucket tables themselves: ``T[b, s, c] = sum_{n: codes[b, s, n] = c} mask[b, n] values[b, n]``.
+
+    ``codes [B, m, N]``, ``values [B, N, C]`` -> ``[B, m, 2**hash_bits, C]``; with ``outer [B, N, F]``
+    every token adds the outer product ``values[b, n] (x) outer[b, n]`` -> ``[B, m, 2**hash_bits, C, F]``
+    (the lower bound's ``A_s[b] = sum_j v_j k_j^T``). These are the recurrent state of causal YOSO-m and
+    what processes holding parts of one sequence add up; reading them back is :func:`read_buckets`, and
+    ``read_buckets(r, bucket_tables(w, values))`` is ``cumulate(r, w, values, order="none")``.
+    """
+    batch, num_hashes, n = codes.shape
+    tokens = _masked(values, mask).astype(np.float64)
+    if outer is not None:
+        tokens = tokens[..., :, None] * _masked(outer, mask).astype(np.float64)[..., None, :]
+    tables = np.zeros((batch, num_hashes, 1 << hash_bits) + tokens.shape[2:], dtype=np.float64)
+    rows = np.arange(batch)[:, None]
+    for s in range(num_hashes):
+        np.add.at(tables[:, s], (rows, codes[:, s]), tokens)  # unbuffered: repeated buckets add up
+    return tables.astype(_accumulate_dtype(values.dtype))
+
+
+def read_buckets(
+    codes: np.ndarray, tables: np.ndarray, *, mask: np.ndarray | None = None, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """``(1/m) sum_s tables[b, s, codes[b, s, n]]`` -> ``[B, N, C]``, zero rows where ``mask`` is False.
+
+    With ``weights [B, N, C]`` (and tables of outer products ``[B, m, 2**tau, C, F]``) each row read is
+    contracted with the token's weights: ``(1/m) sum_s sum_c weights[b, n, c] tables[b, s, h, c]`` -> ``[B, N, F]``
+    (the lower bound's ``G_i^T A_s[h_s(q_i)]``).
+    """
+    batch, num_hashes, n = codes.shape
+    read = tables[np.arange(batch)[:, None, None], np.arange(num_hashes)[None, :, None], codes]  # [B, m, N, ...]
+    read = read.astype(np.float64).mean(axis=1)
+    if weights is not None:
+        read = np.einsum("bnc,bncf->bnf", weights.astype(np.float64), read)
+    return _masked(read, mask).astype(tables.dtype)
