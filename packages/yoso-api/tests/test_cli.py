@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import yoso
@@ -148,3 +150,19 @@ def test_missing_yoso_bench_names_the_package(commands, capsys, command):
     capsys.readouterr()
     assert cli.main([]) == 0
     assert "(not installed: pip install yoso-bench)" in capsys.readouterr().out
+
+
+def test_info_says_which_backend_serves_each_array_type(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["automatic_choice"]
+    numpy_f64 = next(r for r in rows if r["framework"] == "numpy" and r["dtype"] == "float64")
+    assert numpy_f64["backend"] == yoso.backend_for(*(np.zeros((1, 4, 8)),) * 3)
+    assert all(r["backend"] or r["reason"] for r in rows)
+    assert cli.main(["info"]) == 0
+    assert "a call with default options runs on" in capsys.readouterr().out
+
+
+def test_info_into_a_closed_pipe_is_quiet():
+    pipeline = f"{sys.executable} -m yoso info | head -1"
+    done = subprocess.run(pipeline, shell=True, capture_output=True, text=True, check=False)
+    assert done.stdout.startswith("yoso ") and "Traceback" not in done.stderr, done.stderr

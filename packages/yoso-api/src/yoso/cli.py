@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import sys
+import warnings
 
 from . import __version__, backends
 
@@ -82,8 +83,44 @@ def gpu_names() -> list[str] | str:
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
+# The calls `yoso info` asks automatic selection about: each installed framework's arrays, on the CPU and,
+# where torch sees one, a CUDA device; the default options, in float32 and float64.
+_CHOICE_DTYPES = ("float32", "float64")
+
+
+def _choice_rows() -> list[dict]:
+    """Which backend ``yoso.attention`` would run a default call on, per caller array type (no compute)."""
+    import numpy as np
+
+    from ._api import backend_for
+    from .testing import to_framework
+
+    placements = [(f, "cpu") for f in ("numpy", "torch", "jax") if f == "numpy" or _package_version(f)]
+    if isinstance(gpu_names(), list):
+        placements.append(("torch", "cuda"))
+    rows = []
+    x = np.zeros((1, 4, 8))
+    for framework, device in placements:
+        for dtype in _CHOICE_DTYPES:
+            row = {"framework": framework, "device": device, "dtype": dtype}
+            try:
+                with warnings.catch_warnings():  # JAX warns when float64 is off; the row says so instead
+                    warnings.simplefilter("ignore")
+                    arrays = [to_framework(x, framework, device, dtype) for _ in range(3)]
+                if str(arrays[0].dtype).removeprefix("torch.") != dtype:
+                    hint = " (jax_enable_x64 is off)" if framework == "jax" else ""
+                    row["backend"], row["reason"] = None, f"{framework} gives {arrays[0].dtype} arrays{hint}"
+                else:
+                    row["backend"] = backend_for(*arrays)
+            except Exception as exc:  # a framework that cannot make such arrays here, or no backend serves them
+                row["backend"], row["reason"] = None, f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+    return rows
+
+
 def info() -> dict:
-    """What ``yoso info --json`` prints: versions, CPU, GPUs, the selected backend and every backend's status."""
+    """What ``yoso info --json`` prints: versions, CPU, GPUs, the selected backend, every backend's status and,
+    per caller array type, the backend automatic selection picks."""
     explicit = backends.explicit_choice()
     try:
         default = backends.get_backend()
@@ -98,6 +135,7 @@ def info() -> dict:
         "selected_backend": default,
         "selected_by": "set_backend/YOSO_BACKEND" if explicit else "automatic (highest priority available)",
         "backends": backends.status(),
+        "automatic_choice": _choice_rows() if not explicit else [],
     }
 
 
@@ -108,6 +146,11 @@ def _print_info(data: dict) -> None:
     gpus = data["gpus"]
     print(f"gpus: {', '.join(gpus) if isinstance(gpus, list) else gpus}")
     print(f"default backend: {data['selected_backend']} ({data['selected_by']})")
+    if data["automatic_choice"]:
+        print("a call with default options runs on (yoso.backend_for):")
+        for row in data["automatic_choice"]:
+            where = f"{row['framework']} {row['dtype']} on {row['device']}"
+            print(f"  {where:<28} {row['backend'] or 'none: ' + row['reason']}")
     print("backends:")
     if not data["backends"]:
         print("  none installed (pip install yoso-reference)")
@@ -220,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, RuntimeError) as exc:
         print(f"yoso {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `yoso info | head`: the reader left; stop writing, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0 if status is None else int(status)
 
 
