@@ -15,7 +15,7 @@ import yoso_reference as ref
 from yoso.testing import max_ratio, to_framework, to_numpy
 
 # Relative error allowed against the float64 oracle, by the dtype the backend computed in.
-# DESIGN.md §3: float32 "well under 1e-4".
+# docs/testing.md#tolerances: float32 well under 1e-4.
 REL_TOL = {"float64": 1e-10, "float32": 2e-5}
 
 

@@ -121,7 +121,7 @@ def test_seed_is_framework_independent(torch_target):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(torch_target, dtype):
     """Half inputs: output and gradients in the input dtype; error within 2x that of the reference
-    run on the same half-precision inputs (DESIGN.md §3). Expectation mode: no hash ties to flip."""
+    run on the same half-precision inputs (docs/testing.md#tolerances). Expectation mode: no hash ties to flip."""
     if str(dtype).removeprefix("torch.") not in torch_target.backend.dtypes:
         pytest.skip(f"{torch_target.name} does not support {dtype}")
     q, k, v = _qkv(torch_target, (2, 33, 16), dtype=torch.float32)

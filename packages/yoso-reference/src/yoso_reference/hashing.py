@@ -1,6 +1,6 @@
 """Hash codes: SimHash with Gaussian hyperplanes, and the fast structured (Hadamard) rotation.
 
-Conventions shared by every backend (DESIGN.md §1):
+Conventions shared by every backend (docs/math.md#hash-functions):
 
 * ``x`` is ``[B, N, D]`` (already unit-normalised by the caller; scale never changes a sign).
 * Gaussian planes are ``[P, m, tau, D]`` with ``P`` either 1 (shared) or ``B`` (one set per batch row).
