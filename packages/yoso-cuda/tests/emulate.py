@@ -89,7 +89,7 @@ class Emulator:
         folder.mkdir(exist_ok=True)
         library = folder / f"kernels-{key}.so"
         if not library.exists():
-            cpp = folder / f"kernels-{key}.cpp"
+            cpp = folder / f"kernels-{key}.{os.getpid()}.cpp"  # per process: parallel test workers
             cpp.write_text(source)
             partial = folder / f"kernels-{key}.{os.getpid()}.so"
             cmd = [cxx, "-std=c++17", *flags, "-shared", "-fPIC", "-w", f"-I{HERE}", str(cpp), "-o", str(partial)]

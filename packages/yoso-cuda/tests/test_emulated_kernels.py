@@ -101,11 +101,17 @@ def _assert_matches(pb, *, causal, form, dtype=torch.float32):
     return got
 
 
+@pytest.mark.parametrize("blocks", [2048, 1], ids=["block-per-bucket", "one-block-loops"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("form", ["pairs", "tables", "auto"])
-def test_forms_match_the_reference_on_skewed_buckets(run, form, causal):
-    """Bucket 1 holds ~60% of each side (> one 32-row tile); masks on both sides."""
+def test_forms_match_the_reference_on_skewed_buckets(run, monkeypatch, form, causal, blocks):
+    """Bucket 1 holds ~60% of each side (> one 32-row tile); masks on both sides. With a grid of one
+    bucket block per row, the table kernel's blocks walk every bucket in turn (_plans.table_grid)."""
+    monkeypatch.setattr(_plans, "TABLE_BLOCKS", blocks)
     _assert_matches(_problem(0), causal=causal, form=form)
+    if form != "pairs":
+        grids = {grid for _p, name, grid, *_ in run.launches if name.startswith("sampled_grads_tables")}
+        assert grids == {(4, 2, 2) if blocks == 2048 else (1, 2, 2)}
     names = {name.split("<")[0] for _program, name, *_ in run.launches}
     assert names == {"pairs": {"sampled_grads_hash"}, "tables": {"sampled_grads_tables"}}.get(
         form, {"sampled_grads_hash", "sampled_grads_tables"}

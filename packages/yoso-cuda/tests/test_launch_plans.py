@@ -139,11 +139,23 @@ def test_forced_tables_launch_only_the_table_kernel(launches, causal, dim, dv):
     tile, ds = _plans.table_plan(dim, dv, 96 * 1024)  # min(SMEM_BUDGET, the recorder's 99 KiB opt-in)
     for s, (_name, grid, smem, args) in enumerate(_kernels(launches)):
         assert launches[s][2] == f"sampled_grads_tables<float, {tile}, {ds}>"
-        assert grid == (2**tau, 2 * math.ceil(dim / ds), 2)  # (buckets, dq and dk slices, batch)
+        assert grid == (2**tau, 2 * math.ceil(dim / ds), 2)  # (bucket blocks, dq and dk slices, batch)
         assert smem == _plans.table_smem(tile, ds, dv) <= _ops.SMEM_BUDGET
         assert args[FORM].value == _plans.FORMS["tables"] and args[HASH].value == s
         assert args[CAUSAL].value == int(causal)
         assert args[SLICES].value == math.ceil(dim / ds) and args[SCALE].value == pytest.approx(0.5 * tau / m)
+
+
+@pytest.mark.parametrize(
+    "batch, tau, dim, blocks", [(64, 8, 64, 16), (1, 8, 64, 256), (64, 12, 256, 4), (4096, 3, 1, 1)]
+)
+def test_table_grid_caps_the_bucket_blocks(launches, batch, tau, dim, blocks):
+    """Few buckets take the table form in "auto": about TABLE_BLOCKS blocks per launch, each looping over
+    buckets x, x + gridDim.x, ..., rather than 2^tau blocks per batch row that nearly all return at once."""
+    _grads(batch=batch, n_query=3, n_key=3, dim=dim, dv=8, m=1, tau=tau, backward="lower_bound")
+    (grid,) = [grid for name, grid, _smem, _args in _kernels(launches) if name == "sampled_grads_tables"]
+    slices = math.ceil(dim / _plans.table_plan(dim, 8)[1])
+    assert grid == (blocks, 2 * slices, batch) == _plans.table_grid(tau, slices, batch)
 
 
 def test_auto_launches_both_kernels_per_hash_in_hash_order(launches):

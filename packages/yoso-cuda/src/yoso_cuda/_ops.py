@@ -227,7 +227,7 @@ def sampled_grads(
             _runtime.launch(q.device, "sampled_grads", pair_name, (buckets, batch), THREADS, pair_smem, pair_args)
         if code != FORMS["pairs"]:
             table_args = args + [_runtime.i32(slices), _runtime.f32(0.5 * tau / m)]
-            grid = (buckets, 2 * slices, batch)
+            grid = _plans.table_grid(tau, slices, batch)
             _runtime.launch(q.device, "sampled_tables", table_name, grid, THREADS, table_smem, table_args)
     return dq, dk
 

@@ -43,8 +43,18 @@ def table_slices(dim: int, plan: tuple[int, int]) -> int:
     return math.ceil(dim / plan[1])
 
 
+# Blocks of one table-kernel launch (about 15 per SM of an H100): each block loops over buckets
+# x, x + gridDim.x, ... so that the launch stays cheap when few buckets take the table form.
+TABLE_BLOCKS = 2048
+
+
+def table_grid(hash_bits: int, slices: int, batch: int) -> tuple[int, int, int]:
+    """The table kernel's grid: (bucket blocks per row, dq and dk slices, batch rows)."""
+    return min(1 << hash_bits, max(1, TABLE_BLOCKS // (2 * slices * batch))), 2 * slices, batch
+
+
 def bucket_form(form: int, n_query: int, n_key: int, dim: int, value_dim: int) -> str:
-    """"pairs" or "tables": what the kernels decide for one bucket (use_tables in common.cuh, same
+    """ "pairs" or "tables": what the kernels decide for one bucket (use_tables in common.cuh, same
     float64 arithmetic): forced, or, for "auto", the table form where it costs fewer multiply-adds,
     2 (nq + nk) D Dv against nq nk (Dv + 2 D)."""
     if form != FORMS["auto"]:

@@ -14,8 +14,8 @@
 // reader's row is not written at all (dq, dk start as zeros).
 //
 // The caller sorts each side of hash s by (code, position), as for the pair kernel, so a bucket's
-// readers and writers are each in position order. One block takes one (bucket, role, column slice) of
-// one batch row and walks them in tiles of TILE rows:
+// readers and writers are each in position order. One block takes a (bucket, role, column slice) of
+// one batch row at a time and walks them in tiles of TILE rows:
 //   * no order: S is summed over every writer tile, then applied to every reader tile;
 //   * causal / anticausal: the reader tiles are walked in the order's direction (anticausal: from the
 //     end) with S holding the writers already passed. For a reader tile whose furthest position is
@@ -29,8 +29,8 @@
 // dk; hashes run as successive launches on one stream. Every sum has a fixed order: bitwise
 // reproducible.
 //
-// grid (2^tau, 2 * slices, B), slices = ceil(D / DS): blockIdx.y < slices is dq's slice y, the rest dk's.
-// 256 threads. Shared memory (fp32, then int; _plans.table_smem must agree):
+// grid (<= 2^tau, 2 * slices, B), slices = ceil(D / DS): block x takes buckets x, x + gridDim.x, ...;
+// blockIdx.y < slices is dq's slice y, the rest dk's. 256 threads. Shared memory (fp32, then int; _plans.table_smem must agree):
 //   Zs[TILE][Dv+1], Xs[TILE][Dv+1], Ys[TILE][DS+1], S[Dv][DS], W[TILE][TILE+1]; r_pos, w_pos, r_ok [TILE].
 // Thread t owns column col = t % DS of the slice and the rows (of S, of the reader tile)
 // t / DS + k * (256 / DS), k = 0, 1, ...
@@ -95,6 +95,7 @@ __device__ __forceinline__ void table_role(const TZ* __restrict__ Z, const TX* _
   const int col = threadIdx.x % DS;
   const int group = threadIdx.x / DS;
 
+  __syncthreads();  // the block's previous bucket is done with shared memory
   for (int e = threadIdx.x; e < Dv * DS; e += blockDim.x) S[e] = 0.f;
 
   auto load_readers = [&](int t0, int count) {
@@ -227,27 +228,31 @@ __global__ void __launch_bounds__(256) sampled_grads_tables(
     int D, int Dv, int tau, int s, int causal, int form, int slices, float scale) {
   extern __shared__ float4 smem4[];
   const int buckets = 1 << tau;
-  const int bucket = blockIdx.x;
   const int b = blockIdx.z;
   const bool dq_role = (int)blockIdx.y < slices;
   const int d0 = (dq_role ? (int)blockIdx.y : (int)blockIdx.y - slices) * DS;
-  const i64 run = ((i64)b * m + s) * (buckets + 1) + bucket;
-  const int qa = q_start[run], qb = q_start[run + 1];
-  const int ka = k_start[run], kb = k_start[run + 1];
-  if (qa >= qb || ka >= kb) return;                          // no colliding pair (block-uniform)
-  if (!use_tables(form, qb - qa, kb - ka, D, Dv)) return;   // the pair kernel's bucket
   const int* queries = q_order + ((i64)b * m + s) * Nq;
   const int* keys = k_order + ((i64)b * m + s) * Nk;
   float* smem = reinterpret_cast<float*>(smem4);
-  if (dq_role) {
-    const Walk readers{queries, qa, 1, qb - qa};
-    const Walk writers{keys, ka, 1, kb - ka};
-    table_role<TILE, DS, float, T, T>(grad, v, k, dq, (i64)b * Nq, (i64)b * Nk, readers, writers, query_mask,
-                                      key_mask, D, Dv, d0, causal ? WALK_CAUSAL : WALK_NONE, scale, smem);
-  } else {  // anticausal walks both runs from the end
-    const Walk readers = causal ? Walk{keys, kb - 1, -1, kb - ka} : Walk{keys, ka, 1, kb - ka};
-    const Walk writers = causal ? Walk{queries, qb - 1, -1, qb - qa} : Walk{queries, qa, 1, qb - qa};
-    table_role<TILE, DS, T, float, T>(v, grad, q, dk, (i64)b * Nk, (i64)b * Nq, readers, writers, key_mask,
-                                      query_mask, D, Dv, d0, causal ? WALK_ANTICAUSAL : WALK_NONE, scale, smem);
+  // Block x takes buckets x, x + gridDim.x, ...: in "auto" most buckets are usually the pair kernel's,
+  // and a grid of 2^tau blocks per row, nearly all returning at once, would cost more to schedule than
+  // the few table buckets take (the launcher caps gridDim.x, _plans.table_grid).
+  for (int bucket = blockIdx.x; bucket < buckets; bucket += gridDim.x) {
+    const i64 run = ((i64)b * m + s) * (buckets + 1) + bucket;
+    const int qa = q_start[run], qb = q_start[run + 1];
+    const int ka = k_start[run], kb = k_start[run + 1];
+    if (qa >= qb || ka >= kb) continue;                          // no colliding pair (block-uniform)
+    if (!use_tables(form, qb - qa, kb - ka, D, Dv)) continue;   // the pair kernel's bucket
+    if (dq_role) {
+      const Walk readers{queries, qa, 1, qb - qa};
+      const Walk writers{keys, ka, 1, kb - ka};
+      table_role<TILE, DS, float, T, T>(grad, v, k, dq, (i64)b * Nq, (i64)b * Nk, readers, writers, query_mask,
+                                        key_mask, D, Dv, d0, causal ? WALK_CAUSAL : WALK_NONE, scale, smem);
+    } else {  // anticausal walks both runs from the end
+      const Walk readers = causal ? Walk{keys, kb - 1, -1, kb - ka} : Walk{keys, ka, 1, kb - ka};
+      const Walk writers = causal ? Walk{queries, qb - 1, -1, qb - qa} : Walk{queries, qa, 1, qb - qa};
+      table_role<TILE, DS, T, float, T>(v, grad, q, dk, (i64)b * Nk, (i64)b * Nq, readers, writers, key_mask,
+                                        query_mask, D, Dv, d0, causal ? WALK_ANTICAUSAL : WALK_NONE, scale, smem);
+    }
   }
 }
