@@ -237,3 +237,20 @@ def test_every_head_dim_has_an_instantiated_table_plan():
                 assert 2 * _plans.table_slices(dim, plan) <= 32
     assert _plans.table_plan(64, 64) == (32, 64)  # D = 64 in one slice
     assert _plans.table_plan(256, 256) == (16, 32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_skewed_buckets_launch_the_same_plan(launches, causal):
+    """The plan never depends on the bucket sizes (the kernels read them on the device, no host sync):
+    one bucket holding every token, far more than a tile, launches exactly what spread codes do."""
+    q, k, v = torch.randn(2, 300, 64), torch.randn(2, 300, 64), torch.randn(2, 300, 64)
+    kw = dict(query_mask=None, key_mask=None, causal=causal, hash_bits=4, backward="lower_bound", max_ratio=40.0)
+    plans = []
+    for codes in (torch.randint(0, 16, (2, 3, 300), dtype=torch.int32), torch.full((2, 3, 300), 7, dtype=torch.int32)):
+        launches.clear()
+        _ops.sampled_grads(codes, codes, q, k, v, torch.randn(2, 300, 64), **kw)
+        _check(launches, 6)
+        plans.append(
+            [(name, grid, smem, [a.value for a in args[12:]]) for _d, _p, name, grid, _b, smem, args in launches]
+        )
+    assert plans[0] == plans[1]
