@@ -174,7 +174,7 @@ def test_auto_form_takes_each_bucket_as_the_rule_says(causal):
     """One hash: every row of form="auto" is bitwise that row of the form _plans.bucket_form names."""
     from yoso_cuda import _plans
 
-    pb = _skewed(np.random.default_rng(14), n_query=200, n_key=200, dim=4, dv=4, m=1, tau=3, skew=0.5)
+    pb = _skewed(np.random.default_rng(14), n_query=200, n_key=200, dim=4, dv=4, m=1, tau=6, skew=0.5)
     grads = {
         form: [x.cpu() for x in _lower_bound(pb, causal=causal, form=form)] for form in ("pairs", "tables", "auto")
     }
