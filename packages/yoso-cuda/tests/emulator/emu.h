@@ -31,6 +31,7 @@ inline emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 
 inline float __uint_as_float(unsigned u) {

@@ -30,7 +30,8 @@
 // reproducible.
 //
 // grid (<= 2^tau, 2 * slices, B), slices = ceil(D / DS): block x takes buckets x, x + gridDim.x, ...;
-// blockIdx.y < slices is dq's slice y, the rest dk's. 256 threads. Shared memory (fp32, then int; _plans.table_smem must agree):
+// blockIdx.y < slices is dq's slice y, the rest dk's. 256 threads. Shared memory (fp32, then int;
+// _plans.table_smem must agree):
 //   Zs[TILE][Dv+1], Xs[TILE][Dv+1], Ys[TILE][DS+1], S[Dv][DS], W[TILE][TILE+1]; r_pos, w_pos, r_ok [TILE].
 // Thread t owns column col = t % DS of the slice and the rows (of S, of the reader tile)
 // t / DS + k * (256 / DS), k = 0, 1, ...
@@ -73,18 +74,23 @@ __device__ __forceinline__ void load_walk_rows(float* dst, int ld, const T* __re
   }
 }
 
+// One (bucket, role, slice). Not inlined: a kernel instantiation holds two roles, and inlining both
+// doubled its machine code and tripled its compile time (NVRTC at first use) for one call per bucket.
+// Shared memory is taken from the extern symbol here, not passed in, so that every access to it
+// stays a shared-memory instruction whatever the compiler infers about pointer arguments.
 template <int TILE, int DS, typename TZ, typename TX, typename TY>
-__device__ __forceinline__ void table_role(const TZ* __restrict__ Z, const TX* __restrict__ X,
+__device__ __noinline__ void table_role(const TZ* __restrict__ Z, const TX* __restrict__ X,
                                            const TY* __restrict__ Y, float* __restrict__ out, i64 r_row0,
                                            i64 w_row0, const Walk readers, const Walk writers,
                                            const unsigned char* __restrict__ r_mask,
                                            const unsigned char* __restrict__ w_mask, int D, int Dv, int d0,
-                                           int order, float scale, float* smem) {
+                                           int order, float scale) {
   constexpr int GROUPS = 256 / DS;        // thread t is in row group t / DS
   constexpr int S_ROWS = 256 / GROUPS;    // rows of S per thread: ceil(Dv / GROUPS) <= 256 / GROUPS
   constexpr int R_ROWS = TILE / GROUPS;   // reader rows per thread
   static_assert(256 % DS == 0 && TILE % GROUPS == 0, "a block's 256 threads must tile [TILE][DS] exactly");
-  float* Zs = smem;
+  extern __shared__ float4 smem4[];
+  float* Zs = reinterpret_cast<float*>(smem4);
   float* Xs = Zs + TILE * (Dv + 1);
   float* Ys = Xs + TILE * (Dv + 1);
   float* S = Ys + TILE * (DS + 1);
@@ -226,14 +232,12 @@ __global__ void __launch_bounds__(256) sampled_grads_tables(
     const int* __restrict__ k_start, const unsigned char* __restrict__ query_mask,
     const unsigned char* __restrict__ key_mask, float* __restrict__ dq, float* __restrict__ dk, int m, int Nq, int Nk,
     int D, int Dv, int tau, int s, int causal, int form, int slices, float scale) {
-  extern __shared__ float4 smem4[];
   const int buckets = 1 << tau;
   const int b = blockIdx.z;
   const bool dq_role = (int)blockIdx.y < slices;
   const int d0 = (dq_role ? (int)blockIdx.y : (int)blockIdx.y - slices) * DS;
   const int* queries = q_order + ((i64)b * m + s) * Nq;
   const int* keys = k_order + ((i64)b * m + s) * Nk;
-  float* smem = reinterpret_cast<float*>(smem4);
   // Block x takes buckets x, x + gridDim.x, ...: in "auto" most buckets are usually the pair kernel's,
   // and a grid of 2^tau blocks per row, nearly all returning at once, would cost more to schedule than
   // the few table buckets take (the launcher caps gridDim.x, _plans.table_grid).
@@ -247,12 +251,12 @@ __global__ void __launch_bounds__(256) sampled_grads_tables(
       const Walk readers{queries, qa, 1, qb - qa};
       const Walk writers{keys, ka, 1, kb - ka};
       table_role<TILE, DS, float, T, T>(grad, v, k, dq, (i64)b * Nq, (i64)b * Nk, readers, writers, query_mask,
-                                        key_mask, D, Dv, d0, causal ? WALK_CAUSAL : WALK_NONE, scale, smem);
+                                        key_mask, D, Dv, d0, causal ? WALK_CAUSAL : WALK_NONE, scale);
     } else {  // anticausal walks both runs from the end
       const Walk readers = causal ? Walk{keys, kb - 1, -1, kb - ka} : Walk{keys, ka, 1, kb - ka};
       const Walk writers = causal ? Walk{queries, qb - 1, -1, qb - qa} : Walk{queries, qa, 1, qb - qa};
       table_role<TILE, DS, T, float, T>(v, grad, q, dk, (i64)b * Nk, (i64)b * Nq, readers, writers, key_mask,
-                                        query_mask, D, Dv, d0, causal ? WALK_ANTICAUSAL : WALK_NONE, scale, smem);
+                                        query_mask, D, Dv, d0, causal ? WALK_ANTICAUSAL : WALK_NONE, scale);
     }
   }
 }
