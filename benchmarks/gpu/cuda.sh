@@ -3,8 +3,8 @@
 # (sm_80+) whose python3 already has a CUDA build of torch, cuda-bindings and nvidia-cuda-nvrtc
 # (no network needed: only this repository's packages are installed, without dependencies).
 #
-#   bash benchmarks/gpu/cuda.sh            # everything: install, build, tests, sanitizers, benchmark
-#   bash benchmarks/gpu/cuda.sh sanitize   # one step: install | build | conformance | sanitize | bench
+#   bash benchmarks/gpu/cuda.sh            # everything: install, build, tests, sanitizers, forms, benchmark
+#   bash benchmarks/gpu/cuda.sh sanitize   # one step: install | build | conformance | sanitize | forms | bench
 #
 # Results go to $OUT (default: bench-out/), one file per step. Exit status: non-zero if any step failed.
 set -uo pipefail
@@ -33,9 +33,10 @@ install() {
 }
 
 build() {  # every instantiation for sm_80 and sm_90, and the cache for this GPU's architecture
-  local arch
+  local arch archs=(--arch sm_80 --arch sm_90)
   arch=$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(); print(f'sm_{a}{b}')")
-  run build "$PY" -m yoso_cuda.build --arch sm_80 --arch sm_90 --arch "$arch" --populate-cache
+  case "$arch" in sm_80|sm_90) ;; *) archs+=(--arch "$arch") ;; esac  # each program once per architecture
+  run build "$PY" -m yoso_cuda.build "${archs[@]}" --populate-cache
 }
 
 conformance() {  # the whole suite on CUDA tensors, then the backend's own tests (GPU ones included)
@@ -43,7 +44,7 @@ conformance() {  # the whole suite on CUDA tensors, then the backend's own tests
   run cuda-tests "$PY" -m pytest packages/yoso-cuda/tests -q -p no:cacheprovider
 }
 
-sanitize() {  # every kernel family under memcheck and racecheck (small shapes; see cuda_kernels.py)
+sanitize() {  # every kernel family (table form included) under memcheck and racecheck: small shapes, cuda_kernels.py
   run kernels "$PY" benchmarks/gpu/cuda_kernels.py
   for tool in memcheck racecheck; do
     run "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 20 \
@@ -51,12 +52,16 @@ sanitize() {  # every kernel family under memcheck and racecheck (small shapes; 
   done
 }
 
+forms() {  # the lower bound's pair and table forms and the per-bucket choice, timed (see cuda_forms.py)
+  run forms "$PY" benchmarks/gpu/cuda_forms.py
+}
+
 bench() {  # the speed table (yoso bench: CUDA events, L2 flushed, fwd and fwd+bwd, peak memory)
   run bench yoso bench --backend cuda --backend triton --device cuda --dtype bfloat16 --batch 4 --heads 16 \
     --dim 64 --num-hashes 32 --hash-bits 8 --n 1024,2048,4096,8192,16384,32768,65536 --out "$OUT/cuda"
 }
 
-steps=("${@:-install build conformance sanitize bench}")
+steps=("${@:-install build conformance sanitize forms bench}")
 for step in ${steps[*]}; do
   [ "$step" = install ] || "$PY" -c "import yoso_cuda" 2>/dev/null || install
   "$step"

@@ -3,14 +3,19 @@
 The driver for compute-sanitizer (memcheck, racecheck) in ``cuda.sh``: small enough to finish under
 the sanitizers, yet covering every code path -- each dtype, Gaussian tau pads 4..16, Hadamard slot
 counts 1..8, cumulation in one or several hash groups with 1, 2, 4 channels per block and all three
-orders over several chunks, both pairwise tile sizes, both gradient estimators, masks, causal.
-Exit status 1 if any result is off (float32 inputs: relative error 2e-5; half inputs: 2e-2).
+orders over several chunks, both pairwise tile sizes, both gradient estimators, masks, causal, and the
+lower bound's table form (sampled_tables.cu: every (TILE, DS) plan, buckets of many tiles, forced and
+chosen per bucket). Every kernel reads inputs the reference also gets (the half-precision inputs
+rounded first) and computes in fp32, so every comparison is at relative error 2e-5.
+Exit status 1 if any result is off.
 
-    python benchmarks/gpu/cuda_kernels.py
+    python benchmarks/gpu/cuda_kernels.py                  # everything
+    python benchmarks/gpu/cuda_kernels.py --only tables    # one family: hash cumulate pairwise tables
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import numpy as np
@@ -20,6 +25,10 @@ from yoso_cuda.backend import CudaBackend
 import yoso
 import yoso_reference as ref
 
+FAMILIES = ("hash", "cumulate", "pairwise", "tables")
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--only", action="append", choices=FAMILIES, help="run only these kernel families")
+families = set(parser.parse_args().only or FAMILIES)
 cuda = CudaBackend()
 rng = np.random.default_rng(0)
 failures = []
@@ -44,13 +53,12 @@ def report(name, got, want, tol):
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TOL = {"float32": 2e-5, "float16": 2e-2, "bfloat16": 2e-2}
 
 for dname, dtype in DTYPES.items():
     # Hashing: codes compared exactly (tie-free enough at these sizes that a mismatch rate > 1% fails).
     hash_cases = [("gaussian", 33, 3), ("gaussian", 64, 8), ("gaussian", 60, 11), ("gaussian", 256, 16)]
     hash_cases += [("hadamard", 16, 4), ("hadamard", 64, 8), ("hadamard", 100, 5), ("hadamard", 256, 8)]
-    for hashing, dim, tau in hash_cases:
+    for hashing, dim, tau in hash_cases if "hash" in families else ():
         x = ref.unit_rows(rng.standard_normal((2, 45, dim)))
         planes = yoso.hash_planes(12, tau, dim, hashing=hashing, seed=1)[None]
         got = cuda.hash_codes(dev(x, dtype), dev(planes), hashing=hashing, num_hashes=12, hash_bits=tau)
@@ -62,7 +70,7 @@ for dname, dtype in DTYPES.items():
             failures.append(f"hash {hashing} {dname} D={dim}")
 
     # Cumulation: (m, tau, C) chosen to reach CS = 4, 2, 1 and the split-group path.
-    for m, tau, channels in [(4, 3, 17), (32, 8, 64), (8, 12, 5), (3, 1, 1)]:
+    for m, tau, channels in [(4, 3, 17), (32, 8, 64), (8, 12, 5), (3, 1, 1)] if "cumulate" in families else ():
         for order in ("none", "causal", "anticausal"):
             n = 70
             qc, kc = rng.integers(0, 2**tau, (2, m, n)), rng.integers(0, 2**tau, (2, m, n))
@@ -75,7 +83,7 @@ for dname, dtype in DTYPES.items():
             report(f"cumulate {dname} m={m} tau={tau} C={channels} {order}", got, want, 2e-5)
 
     # Pairwise kernels: tile 32 (D + Dv <= 256) and tile 16.
-    for dim, dv in [(20, 12), (64, 64), (256, 200)]:
+    for dim, dv in [(20, 12), (64, 64), (256, 200)] if "pairwise" in families else ():
         for causal in (False, True):
             n = 50
             q, k = ref.unit_rows(rng.standard_normal((2, n, dim))), ref.unit_rows(rng.standard_normal((2, n, dim)))
@@ -101,11 +109,37 @@ for dname, dtype in DTYPES.items():
                 est = "exact" if backward == "exact" else "lower_bound"
                 got = cuda.sampled_grads(dev(qc, torch.int32), dev(kc, torch.int32), dev(q, dtype), dev(k, dtype),
                                          dev(v, dtype), dev(g), **masks, causal=causal, hash_bits=tau, backward=est,
-                                         max_ratio=30.0)  # fmt: skip
+                                         max_ratio=30.0, form="pairs")  # fmt: skip
                 want = ref.sampled_grads(qc, kc, rq, rk, rv, g, query_mask=qm, key_mask=km, causal=causal,
                                          hash_bits=tau, backward=est, max_ratio=30.0)  # fmt: skip
                 for name, a, b in zip(("dq", "dk"), got, want):
                     report(f"sampled {est} {name} {dname} D={dim} Dv={dv} causal={causal}", a, b, 2e-5)
+
+    # The lower bound's table form: a bucket holding 60% of each side (several tiles), the rest spread;
+    # head dims reaching every (TILE, DS) plan (_plans.table_plan: (32, 64), (32, 32), (16, 32)) and
+    # several column slices; forced tables, and "auto" (both kernels in each hash step).
+    table_dims = [(64, 64), (100, 200)] + ([(20, 12), (1, 7)] if dname == "float32" else [])  # dtype: loads only
+    for dim, dv in table_dims if "tables" in families else ():
+        for causal in (False, True):
+            n_query, n_key = (70, 70) if causal else (45, 83)
+            tau, m = 2, 3
+            qc, kc = rng.integers(0, 2**tau, (2, m, n_query)), rng.integers(0, 2**tau, (2, m, n_key))
+            qc[..., rng.random(n_query) < 0.6] = 1
+            kc[..., rng.random(n_key) < 0.6] = 1
+            q = ref.unit_rows(rng.standard_normal((2, n_query, dim)))
+            k = ref.unit_rows(rng.standard_normal((2, n_key, dim)))
+            v, g = rng.standard_normal((2, n_key, dv)), rng.standard_normal((2, n_query, dv))
+            qm, km = rng.random((2, n_query)) < 0.8, rng.random((2, n_key)) < 0.8
+            masks = dict(query_mask=dev(qm, torch.bool), key_mask=dev(km, torch.bool))
+            rq, rk, rv = (host(a, dtype) for a in (q, k, v))
+            want = ref.sampled_grads(qc, kc, rq, rk, rv, g, query_mask=qm, key_mask=km, causal=causal,
+                                     hash_bits=tau, backward="lower_bound", max_ratio=20.0)  # fmt: skip
+            for form in ("tables", "auto"):
+                got = cuda.sampled_grads(dev(qc, torch.int32), dev(kc, torch.int32), dev(q, dtype), dev(k, dtype),
+                                         dev(v, dtype), dev(g), **masks, causal=causal, hash_bits=tau,
+                                         backward="lower_bound", max_ratio=20.0, form=form)  # fmt: skip
+                for name, a, b in zip(("dq", "dk"), got, want):
+                    report(f"lower bound {form} {name} {dname} D={dim} Dv={dv} causal={causal}", a, b, 2e-5)
 
 torch.cuda.synchronize()
 print(f"{len(failures)} failed" if failures else "all kernels agree with yoso_reference")

@@ -45,6 +45,26 @@ def test_build_one_program_for_sm90(capsys):
     assert "ok   sm_90  cumulate.cu" in out and "all compiled: 1/1" in out
 
 
+@pytest.mark.parametrize(
+    "arch, name", [(80, "sampled_grads_tables<half_t, 32, 64>"), (90, "sampled_grads_tables<bf16_t, 16, 32>")]
+)
+def test_table_kernel_compiles(arch, name):
+    """The table-form kernel for sm_80 and sm_90, one instantiation each (CI's full build does all of
+    _kernels.PROGRAMS["sampled_tables"], every (TILE, DS) of _plans.TABLE_CONFIGS for every dtype)."""
+    assert name in _kernels.PROGRAMS["sampled_tables"].names
+    binary = _compile.compile_uncached(_kernels.Program("sampled_tables.cu", (name,)), arch)
+    assert binary.kind == "cubin" and binary.lowered[name].startswith("_Z20sampled_grads_tables")
+
+
+def test_build_lists_every_table_configuration():
+    from yoso_cuda._plans import TABLE_CONFIGS
+
+    names = set(_kernels.PROGRAMS["sampled_tables"].names)
+    assert names == {
+        f"sampled_grads_tables<{t}, {a}, {b}>" for t in _kernels.ELEMENT_TYPES.values() for a, b in TABLE_CONFIGS
+    }
+
+
 def test_build_refuses_old_architectures(capsys):
     assert build.main(["--arch", "sm_75"]) == 2
     assert "sm_80 and newer" in capsys.readouterr().err

@@ -100,6 +100,135 @@ def test_sampled_grads_tiles_with_crowded_buckets(dim, dv, backward):
     assert _rel(dq.cpu(), want[0]) < 2e-5 and _rel(dk.cpu(), want[1]) < 2e-5
 
 
+# ---- the lower bound's two forms (pairs, tables) and their per-bucket choice ----------------------------
+
+
+def _skewed(rng, batch=2, n_query=301, n_key=301, dim=64, dv=48, m=3, tau=3, skew=0.6):
+    """A _problem whose bucket 1 holds a share ``skew`` of each side (many tiles), the rest spread."""
+    pb = _problem(rng, batch=batch, n=max(n_query, n_key), dim=dim, dv=dv, m=m, tau=tau)
+    pb = dict(pb, q=pb["q"][:, :n_query], g=pb["g"][:, :n_query], qc=pb["qc"][..., :n_query], qm=pb["qm"][:, :n_query])
+    pb = dict(pb, k=pb["k"][:, :n_key], v=pb["v"][:, :n_key], kc=pb["kc"][..., :n_key], km=pb["km"][:, :n_key])
+    pb["qc"][..., rng.random(n_query) < skew] = 1
+    pb["kc"][..., rng.random(n_key) < skew] = 1
+    return pb
+
+
+def _lower_bound(pb, *, causal, form, dtype=torch.float32):
+    return _cuda().sampled_grads(
+        _t(pb["qc"], torch.int32), _t(pb["kc"], torch.int32), *(_t(pb[x], dtype) for x in ("q", "k", "v")), _t(pb["g"]),
+        query_mask=_t(pb["qm"], torch.bool), key_mask=_t(pb["km"], torch.bool), causal=causal, hash_bits=pb["tau"],
+        backward="lower_bound", max_ratio=10.0 * pb["tau"], form=form,
+    )  # fmt: skip
+
+
+def _lower_bound_reference(pb, *, causal, dtype=torch.float32):
+    q, k, v = (_t(pb[x], dtype).double().cpu().numpy() for x in ("q", "k", "v"))  # what the kernels saw
+    return ref.sampled_grads(
+        pb["qc"], pb["kc"], q, k, v, pb["g"], query_mask=pb["qm"], key_mask=pb["km"], causal=causal,
+        hash_bits=pb["tau"], backward="lower_bound", max_ratio=10.0 * pb["tau"],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["pairs", "tables", "auto"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dim, dv", [(64, 48), (64, 64), (256, 256), (33, 7), (1, 200)])
+def test_lower_bound_forms_on_skewed_buckets(form, causal, dim, dv):
+    """Every (TILE, DS) plan, odd sizes, masks, one bucket holding 60% of the tokens (many tiles)."""
+    pb = _skewed(np.random.default_rng(10), dim=dim, dv=dv)
+    got = _lower_bound(pb, causal=causal, form=form)
+    for g, w in zip(got, _lower_bound_reference(pb, causal=causal)):
+        assert _rel(g.cpu(), w) < 2e-5
+
+
+@pytest.mark.parametrize("form", ["tables", "auto"])
+def test_lower_bound_forms_cross_attention(form):
+    pb = _skewed(np.random.default_rng(11), n_query=129, n_key=300, m=2)
+    got = _lower_bound(pb, causal=False, form=form)
+    for g, w in zip(got, _lower_bound_reference(pb, causal=False)):
+        assert _rel(g.cpu(), w) < 2e-5
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_lower_bound_tables_on_one_giant_bucket(causal):
+    """Clustered tokens: every token of every hash in one bucket (the pair form's worst case)."""
+    pb = _skewed(np.random.default_rng(12), batch=1, n_query=2000, n_key=2000, m=2, tau=4, skew=1.0)
+    for form in ("tables", "auto"):
+        got = _lower_bound(pb, causal=causal, form=form)
+        for g, w in zip(got, _lower_bound_reference(pb, causal=causal)):
+            assert _rel(g.cpu(), w) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_lower_bound_forms_half_precision(dtype, causal):
+    """fp16/bf16 q, k, v; fp32 arithmetic: as accurate as fp32 on the rounded inputs."""
+    pb = _skewed(np.random.default_rng(13), dim=96, dv=80)
+    for form in ("tables", "auto"):
+        got = _lower_bound(pb, causal=causal, form=form, dtype=dtype)
+        for g, w in zip(got, _lower_bound_reference(pb, causal=causal, dtype=dtype)):
+            assert _rel(g.cpu(), w) < 2e-5
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_auto_form_takes_each_bucket_as_the_rule_says(causal):
+    """One hash: every row of form="auto" is bitwise that row of the form _plans.bucket_form names."""
+    from yoso_cuda import _plans
+
+    pb = _skewed(np.random.default_rng(14), n_query=200, n_key=200, dim=4, dv=4, m=1, tau=6, skew=0.5)
+    grads = {
+        form: [x.cpu() for x in _lower_bound(pb, causal=causal, form=form)] for form in ("pairs", "tables", "auto")
+    }
+    seen = set()
+    for side, codes in ((0, pb["qc"]), (1, pb["kc"])):
+        for b in range(codes.shape[0]):
+            for row, code in enumerate(codes[b, 0]):
+                sizes = int((pb["qc"][b, 0] == code).sum()), int((pb["kc"][b, 0] == code).sum())
+                form = _plans.bucket_form(_plans.FORMS["auto"], *sizes, 4, 4)
+                seen.add(form)
+                assert torch.equal(grads["auto"][side][b, row], grads[form][side][b, row]), (side, b, row, form)
+    assert seen == {"pairs", "tables"}
+
+
+def test_lower_bound_forms_are_bitwise_reproducible_and_ignore_masked_content():
+    pb = _skewed(np.random.default_rng(15))
+    dirty = dict(pb)
+    for x, mask in (("q", "qm"), ("g", "qm"), ("k", "km"), ("v", "km")):
+        dirty[x] = np.where(pb[mask][..., None], pb[x], np.nan)
+    for causal in (False, True):
+        for form in ("pairs", "tables", "auto"):
+            first = _lower_bound(pb, causal=causal, form=form)
+            second = _lower_bound(pb, causal=causal, form=form)
+            third = _lower_bound(dirty, causal=causal, form=form)
+            for a, b, c in zip(first, second, third):
+                assert torch.equal(a, b) and torch.equal(a, c)
+            assert (first[0][_t(~pb["qm"], torch.bool)] == 0).all() and (first[1][_t(~pb["km"], torch.bool)] == 0).all()
+
+
+def test_api_backward_takes_the_table_form_where_buckets_are_big(monkeypatch):
+    """yoso.attention's backward calls sampled_grads(form="auto"). With tau = 1 on 3000 tokens every bucket
+    holds ~1500 of them, far past the break-even size (~43 at D = Dv = 32): "auto" is then bitwise the
+    forced table form, and agrees with the pair form to rounding."""
+    import functools
+
+    from yoso_cuda import _ops
+
+    import yoso
+
+    q, k, v = (torch.randn(1, 2, 3000, 32, device="cuda", requires_grad=True) for _ in range(3))
+    weights = torch.randn(1, 2, 3000, 32, device="cuda")
+    sampled_grads = _ops.sampled_grads
+
+    def grads(form):
+        monkeypatch.setattr(_ops, "sampled_grads", functools.partial(sampled_grads, form=form))
+        with yoso.set_backend("cuda"):
+            out = yoso.attention(q, k, v, seed=4, num_hashes=4, hash_bits=1, causal=True)
+        return torch.autograd.grad((out * weights).sum(), (q, k, v))
+
+    auto, tables, pairs = grads("auto"), grads("tables"), grads("pairs")
+    for a, t, p in zip(auto, tables, pairs):
+        assert torch.equal(a, t) and _rel(a.cpu(), p.cpu()) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hashing", ["gaussian", "hadamard"])
 def test_half_precision_hashing_matches_on_the_rounded_inputs(dtype, hashing):

@@ -7,9 +7,11 @@ The primitives run on CPU tensors with the launcher replaced by a recorder: they
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from yoso_cuda import _ops, _runtime
+from yoso_cuda import _ops, _plans, _runtime
 from yoso_cuda._kernels import PROGRAMS
 from yoso_cuda.backend import MAX_GRID_YZ, MAX_HASH_BITS
 
@@ -70,7 +72,7 @@ def test_pairwise_launches(launches, dim, dv, backward):
     dq, dk = _ops.sampled_grads(codes, codes, q, k, v, g, **masks, causal=True, hash_bits=3, backward=backward,
                                 max_ratio=30.0)  # fmt: skip
     assert dq.shape == q.shape and dk.shape == k.shape
-    _check(launches, 5)  # one launch per hash
+    _check(launches, 5 if backward == "exact" else 10)  # per hash: pairs, and (lower bound, auto) tables
     launches.clear()
     y = _ops.expectation_forward(q, k, v, **masks, causal=False, hash_bits=8)
     grads = _ops.expectation_backward(q, k, v, g, **masks, causal=True, hash_bits=8, backward=backward,
@@ -97,3 +99,158 @@ def test_launches_at_the_limits_the_backend_accepts(launches):
     _ops.expectation_forward(x, x, x, **kw)
     _ops.expectation_backward(x, x, x, x, **kw, backward="lower_bound", max_ratio=10.0)
     _check(launches)
+
+
+# ---- the lower bound's two forms ---------------------------------------------------------------------
+# Launch arguments (ctypes, in the kernels' parameter order): 12 pointers, then m, Nq, Nk, D, Dv, tau,
+# s, causal, form; the pair kernel adds max_ratio, 1/m; the table kernel slices, scale.
+HASH, CAUSAL, FORM, SLICES, SCALE = 18, 19, 20, 21, 22
+
+
+def _grads(n_query=30, n_key=30, dim=64, dv=64, m=4, tau=3, batch=2, causal=False, **kw):
+    q, k, v = torch.randn(batch, n_query, dim), torch.randn(batch, n_key, dim), torch.randn(batch, n_key, dv)
+    qc = torch.randint(0, 2**tau, (batch, m, n_query), dtype=torch.int32)
+    kc = torch.randint(0, 2**tau, (batch, m, n_key), dtype=torch.int32)
+    kw = dict(query_mask=None, key_mask=None, causal=causal, hash_bits=tau, max_ratio=10.0 * tau) | kw
+    return _ops.sampled_grads(qc, kc, q, k, v, torch.randn(batch, n_query, dv), **kw)
+
+
+def _kernels(launches):
+    return [(name.split("<")[0], grid, smem, args) for _device, _program, name, grid, _block, smem, args in launches]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_forced_pairs_launch_only_the_pair_kernel(launches, causal):
+    _grads(m=4, causal=causal, backward="lower_bound", form="pairs")
+    _check(launches, 4)
+    for name, grid, _smem, args in _kernels(launches):
+        assert name == "sampled_grads_hash" and grid == (8, 2)
+        assert args[FORM].value == _plans.FORMS["pairs"] and args[CAUSAL].value == int(causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dim, dv", [(64, 64), (256, 256), (1, 1), (200, 17), (17, 200), (64, 256), (33, 7)])
+def test_forced_tables_launch_only_the_table_kernel(launches, causal, dim, dv):
+    m, tau = 3, 5
+    dq, dk = _grads(n_query=30, n_key=20, dim=dim, dv=dv, m=m, tau=tau, causal=causal, backward="lower_bound",
+                    form="tables")  # fmt: skip
+    assert dq.shape == (2, 30, dim) and dk.shape == (2, 20, dim)
+    _check(launches, m)
+    tile, ds = _plans.table_plan(dim, dv, 96 * 1024)  # min(SMEM_BUDGET, the recorder's 99 KiB opt-in)
+    for s, (_name, grid, smem, args) in enumerate(_kernels(launches)):
+        assert launches[s][2] == f"sampled_grads_tables<float, {tile}, {ds}>"
+        assert grid == (2**tau, 2 * math.ceil(dim / ds), 2)  # (bucket blocks, dq and dk slices, batch)
+        assert smem == _plans.table_smem(tile, ds, dv) <= _ops.SMEM_BUDGET
+        assert args[FORM].value == _plans.FORMS["tables"] and args[HASH].value == s
+        assert args[CAUSAL].value == int(causal)
+        assert args[SLICES].value == math.ceil(dim / ds) and args[SCALE].value == pytest.approx(0.5 * tau / m)
+
+
+@pytest.mark.parametrize(
+    "batch, tau, dim, blocks", [(64, 8, 64, 16), (1, 8, 64, 256), (64, 12, 256, 4), (4096, 3, 1, 1)]
+)
+def test_table_grid_caps_the_bucket_blocks(launches, batch, tau, dim, blocks):
+    """Few buckets take the table form in "auto": about TABLE_BLOCKS blocks per launch, each looping over
+    buckets x, x + gridDim.x, ..., rather than 2^tau blocks per batch row that nearly all return at once."""
+    _grads(batch=batch, n_query=3, n_key=3, dim=dim, dv=8, m=1, tau=tau, backward="lower_bound")
+    (grid,) = [grid for name, grid, _smem, _args in _kernels(launches) if name == "sampled_grads_tables"]
+    slices = math.ceil(dim / _plans.table_plan(dim, 8)[1])
+    assert grid == (blocks, 2 * slices, batch) == _plans.table_grid(tau, slices, batch)
+
+
+def test_auto_launches_both_kernels_per_hash_in_hash_order(launches):
+    """Each hash step runs the pair kernel and the table kernel; both decide per bucket (use_tables)."""
+    _grads(m=5, backward="lower_bound")
+    _check(launches, 10)
+    kernels = _kernels(launches)
+    assert [k[0] for k in kernels] == ["sampled_grads_hash", "sampled_grads_tables"] * 5
+    assert [k[3][HASH].value for k in kernels] == [s for s in range(5) for _ in range(2)]
+    assert all(k[3][FORM].value == _plans.FORMS["auto"] for k in kernels)
+
+
+def test_half_inputs_pick_their_instantiations(launches):
+    for dtype, t in ((torch.float16, "half_t"), (torch.bfloat16, "bf16_t")):
+        launches.clear()
+        q = torch.randn(1, 40, 96, dtype=dtype)
+        codes = torch.zeros(1, 2, 40, dtype=torch.int32)
+        _ops.sampled_grads(codes, codes, q, q, q[..., :48], torch.randn(1, 40, 48), query_mask=None, key_mask=None,
+                           causal=True, hash_bits=1, backward="lower_bound", max_ratio=10.0)  # fmt: skip
+        _check(launches, 4)
+        assert {name.split(",")[0] for _d, _p, name, *_ in launches} == {
+            f"sampled_grads_hash<{t}",
+            f"sampled_grads_tables<{t}",
+        }
+
+
+def test_exact_gradient_is_pairs_only(launches):
+    _grads(m=3, backward="exact", form="auto")
+    _check(launches, 3)
+    assert {k[0] for k in _kernels(launches)} == {"sampled_grads_hash"}
+    with pytest.raises(ValueError, match="form='tables' needs backward='lower_bound'"):
+        _grads(backward="exact", form="tables")
+
+
+def test_unknown_form_is_refused_naming_it(launches):
+    with pytest.raises(ValueError, match=r"form must be one of 'pairs', 'tables', 'auto', got 'table'"):
+        _grads(backward="lower_bound", form="table")
+    assert not launches
+
+
+@pytest.mark.parametrize(
+    "n_query, n_key, dim, dv, form",
+    [
+        (0, 100, 64, 64, "pairs"),  # (no pair at all: both kernels return before deciding)
+        (16, 16, 64, 64, "pairs"),  # unrelated tokens at tau = log2(N / 16): pairs
+        (85, 85, 64, 64, "pairs"),  # 85^2 * 192 = 1.387e6 < 2 * 170 * 4096 = 1.393e6
+        (86, 86, 64, 64, "tables"),
+        (1, 10**6, 64, 64, "pairs"),  # one query: its pairs are cheaper than building the keys' table
+        (341, 341, 256, 256, "pairs"),  # the break-even size grows with the head dims: 4 D Dv / (Dv + 2 D)
+        (342, 342, 256, 256, "tables"),
+        (1, 1, 1, 1, "pairs"),
+        (2, 2, 1, 1, "tables"),
+    ],
+)
+def test_bucket_form_decision(n_query, n_key, dim, dv, form):
+    """The per-bucket rule (use_tables in common.cuh, mirrored by _plans.bucket_form): the table form where
+    2 (nq + nk) D Dv < nq nk (Dv + 2 D); forced forms override it."""
+    auto = _plans.FORMS["auto"]
+    assert _plans.bucket_form(auto, n_query, n_key, dim, dv) == form
+    pairs = n_query * n_key * (dv + 2 * dim)
+    tables = 2 * (n_query + n_key) * dim * dv
+    assert (tables < pairs) == (form == "tables")
+    for forced in ("pairs", "tables"):
+        assert _plans.bucket_form(_plans.FORMS[forced], n_query, n_key, dim, dv) == forced
+
+
+def test_every_head_dim_has_an_instantiated_table_plan():
+    """Whatever D, Dv <= 256 and the device's budget (sm_80+ opt in to at least 99 KiB), the planner picks
+    a (TILE, DS) that the build instantiates, within the budget, with a grid CUDA takes."""
+    names = set(PROGRAMS["sampled_tables"].names)
+    for budget in (96 * 1024, 72 * 1024):
+        for dv in range(1, 257):
+            for dim in (1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 200, 255, 256):
+                plan = _plans.table_plan(dim, dv, budget)
+                assert plan is not None, (dim, dv, budget)
+                tile, ds = plan
+                assert _plans.table_smem(tile, ds, dv) <= budget
+                assert f"sampled_grads_tables<bf16_t, {tile}, {ds}>" in names
+                assert 2 * _plans.table_slices(dim, plan) <= 32
+    assert _plans.table_plan(64, 64) == (32, 64)  # D = 64 in one slice
+    assert _plans.table_plan(256, 256) == (16, 32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_skewed_buckets_launch_the_same_plan(launches, causal):
+    """The plan never depends on the bucket sizes (the kernels read them on the device, no host sync):
+    one bucket holding every token, far more than a tile, launches exactly what spread codes do."""
+    q, k, v = torch.randn(2, 300, 64), torch.randn(2, 300, 64), torch.randn(2, 300, 64)
+    kw = dict(query_mask=None, key_mask=None, causal=causal, hash_bits=4, backward="lower_bound", max_ratio=40.0)
+    plans = []
+    for codes in (torch.randint(0, 16, (2, 3, 300), dtype=torch.int32), torch.full((2, 3, 300), 7, dtype=torch.int32)):
+        launches.clear()
+        _ops.sampled_grads(codes, codes, q, k, v, torch.randn(2, 300, 64), **kw)
+        _check(launches, 6)
+        plans.append(
+            [(name, grid, smem, [a.value for a in args[12:]]) for _d, _p, name, grid, _b, smem, args in launches]
+        )
+    assert plans[0] == plans[1]

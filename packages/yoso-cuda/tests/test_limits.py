@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from yoso_cuda import _ops
+from yoso_cuda import _ops, _plans
 from yoso_cuda.backend import MAX_GRID_YZ, MAX_HASH_BITS, CudaBackend
 
 from yoso import backends
@@ -79,6 +79,35 @@ def test_cumulation_plans():
     assert _ops.cumulate_config(32, 8, 64, budget)[:3] == (2, 32, 1)  # the default: one group, 2 channels
     assert _ops.cumulate_config(32, 12, 64, budget)[2] > 1  # tau = 12: hashes split over groups
     assert _ops.cumulate_config(6000, 3, 2, budget)[2] > 1
+
+
+def test_lower_bound_forms_are_declared():
+    """Both forms of the lower bound (docs/math.md#lower-bound): yoso info no longer lists "pairs only"."""
+    assert CudaBackend.lower_bound_forms == ("pairs", "tables")
+    assert not any("table form" in f for f in CudaBackend().missing_features())
+
+
+@pytest.mark.parametrize("dim", [1, 16, 33, 64, 100, 128, 255, 256])
+@pytest.mark.parametrize("value_dim", [1, 7, 64, 128, 200, 256])
+def test_every_accepted_head_dim_has_a_table_plan(dim, value_dim):
+    """unsupported() accepts D, Dv <= 256 with the lower bound: the table kernel then always has a plan
+    within the shared-memory budget (the per-bucket choice may give any bucket to it)."""
+    assert _reason(dim=dim, value_dim=value_dim) is None
+    tile, ds = _plans.table_plan(dim, value_dim)
+    assert _plans.table_smem(tile, ds, value_dim) <= _plans.SMEM_BUDGET
+
+
+def test_table_form_limits_are_refused_before_compute(monkeypatch):
+    """If the table kernel's tiles did not fit (here: a budget cut to 40 KiB), a sampled lower-bound
+    backward would be refused naming the head dims -- and only that kind of call."""
+    monkeypatch.setattr(_plans, "SMEM_BUDGET", 40 * 1024)
+    reason = _reason(dim=64, value_dim=256)
+    assert reason is not None and "D=64, Dv=256 with backward='lower_bound'" in reason, reason
+    assert "40960 bytes of shared memory" in reason
+    assert _reason(dim=64, value_dim=256, backward="exact") is None  # pairs only
+    assert _reason(dim=64, value_dim=256, requires_grad=False) is None  # no backward at all
+    assert _reason(dim=64, value_dim=256, mode="expectation") is None  # no sampled gradient
+    assert _reason(dim=64, value_dim=64) is None  # small tables still fit
 
 
 def test_missing_features_list_the_limits():

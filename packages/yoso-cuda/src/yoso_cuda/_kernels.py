@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._plans import TABLE_CONFIGS
+
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 HEADERS = ("common.cuh",)
 
@@ -46,6 +48,8 @@ def _programs() -> dict[str, Program]:
     cumulate += [f"cumulate_scan<{t}, {c}, {o}>" for t in types for c in CHANNEL_SLICES for o in ORDERS.values()]
     cumulate += ["cumulate_sum_groups"]
     sampled = [f"sampled_grads_hash<{t}, {e}, {tile}>" for t in types for e in (0, 1) for tile, _ in TILES]
+    # Every (TILE, DS) _plans.table_plan may choose, whatever the device's shared-memory budget.
+    tables = [f"sampled_grads_tables<{t}, {tile}, {ds}>" for t in types for tile, ds in TABLE_CONFIGS]
     expectation = [f"expectation_forward<{t}, {a}, {b}>" for t in types for a, b in TILES]
     expectation += [
         f"expectation_{kind}<{t}, {e}, {a}, {b}>"
@@ -58,6 +62,7 @@ def _programs() -> dict[str, Program]:
         "hashing": Program("hashing.cu", tuple(hashing)),
         "cumulate": Program("cumulate.cu", tuple(cumulate)),
         "sampled_grads": Program("sampled_grads.cu", tuple(sampled)),
+        "sampled_tables": Program("sampled_tables.cu", tuple(tables)),
         "expectation": Program("expectation.cu", tuple(expectation)),
     }
 

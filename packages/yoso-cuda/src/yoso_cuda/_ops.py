@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import math
 
-from . import _runtime
+from . import _plans, _runtime
 from ._kernels import ELEMENT_TYPES, ORDERS
+from ._plans import FORMS, SMEM_BUDGET
 
 THREADS = 256
-SMEM_BUDGET = 96 * 1024  # per block; leaves room for two blocks per SM on sm_80/sm_90
 
 
 def _torch():
@@ -172,8 +172,12 @@ def sampled_grads(
     hash_bits: int,
     backward: str,
     max_ratio: float,
-    form: str = "auto",  # the pair form is the only one here (CudaBackend.lower_bound_forms)
+    form: str = "auto",
 ):
+    # form: "auto" decides per bucket on the device (use_tables in common.cuh), "pairs" / "tables" force
+    # one form for every bucket. Not an API-validated argument (only tests and benchmarks pass it), so
+    # it is checked here: _plans.lower_bound_form raises ValueError naming it.
+    code = _plans.lower_bound_form(form, backward)
     torch = _torch()
     q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), _grad(grad)
     batch, n_query, dim = q.shape
@@ -183,7 +187,8 @@ def sampled_grads(
     query_mask, key_mask = _mask(query_mask), _mask(key_mask)
 
     # Per hash, each side sorted by (code, position) -- a stable sort of the codes -- and the run of
-    # every bucket: the kernel's block for bucket c reads q_order[start[c]:start[c + 1]].
+    # every bucket: a kernel's block for bucket c reads q_order[start[c]:start[c + 1]]. Both forms use
+    # the same runs, and decide from their lengths which of them takes the bucket.
     buckets = 1 << tau
     bounds = torch.arange(buckets + 1, dtype=torch.int32, device=q.device).expand(batch, m, buckets + 1).contiguous()
 
@@ -196,15 +201,34 @@ def sampled_grads(
     k_order, k_start = runs(k_codes)
     dq = torch.zeros((batch, n_query, dim), dtype=torch.float32, device=q.device)
     dk = torch.zeros((batch, n_key, dim), dtype=torch.float32, device=q.device)
-    tile = _tiles(dim, value_dim)
-    smem = _pair_smem(tile, tile, dim, value_dim, q_grad=True, k_value=True, weights=1) + 4 * 2 * tile
-    name = f"sampled_grads_hash<{element_type(q)}, {int(backward == 'exact')}, {tile}>"
     pointers = [q, k, v, grad, q_order, q_start, k_order, k_start, query_mask, key_mask, dq, dk]
-    for s in range(m):  # one launch per hash: within a hash every row lies in one bucket (one writer)
-        args = [_runtime.pointer(t) for t in pointers]
-        args += [_runtime.i32(x) for x in (m, n_query, n_key, dim, value_dim, tau, s, int(causal))]
-        args += [_runtime.f32(max_ratio), _runtime.f32(1.0 / m)]
-        _runtime.launch(q.device, "sampled_grads", name, (buckets, batch), THREADS, smem, args)
+    t = element_type(q)
+    sizes = (m, n_query, n_key, dim, value_dim, tau)
+    if code != FORMS["tables"]:
+        tile = _tiles(dim, value_dim)
+        pair_smem = _pair_smem(tile, tile, dim, value_dim, q_grad=True, k_value=True, weights=1) + 4 * 2 * tile
+        pair_name = f"sampled_grads_hash<{t}, {int(backward == 'exact')}, {tile}>"
+    if code != FORMS["pairs"]:
+        plan = _plans.table_plan(dim, value_dim, _smem_budget(q.device))
+        if plan is None:  # CudaBackend.unsupported keeps every call away from this (tests/test_limits.py)
+            raise RuntimeError(f"no table-form plan fits D={dim}, Dv={value_dim} in shared memory")
+        table_tile, ds = plan
+        slices = _plans.table_slices(dim, plan)
+        table_smem = _plans.table_smem(table_tile, ds, value_dim)
+        table_name = f"sampled_grads_tables<{t}, {table_tile}, {ds}>"
+    # One step per hash: within a hash every row lies in one bucket, and each bucket is done by one
+    # block of one of the two kernels (the only writer of its rows), so the steps add the hashes into
+    # dq, dk in a fixed order.
+    for s in range(m):
+        args = [_runtime.pointer(x) for x in pointers]
+        args += [_runtime.i32(x) for x in (*sizes, s, int(causal), code)]
+        if code != FORMS["tables"]:
+            pair_args = args + [_runtime.f32(max_ratio), _runtime.f32(1.0 / m)]
+            _runtime.launch(q.device, "sampled_grads", pair_name, (buckets, batch), THREADS, pair_smem, pair_args)
+        if code != FORMS["pairs"]:
+            table_args = args + [_runtime.i32(slices), _runtime.f32(0.5 * tau / m)]
+            grid = _plans.table_grid(tau, slices, batch)
+            _runtime.launch(q.device, "sampled_tables", table_name, grid, THREADS, table_smem, table_args)
     return dq, dk
 
 

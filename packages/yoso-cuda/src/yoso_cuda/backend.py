@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from yoso.backends import Backend, Call
 
-from . import __version__, _runtime
+from . import __version__, _plans, _runtime
 
 # Sampled mode: a cumulation block keeps its hashes' bucket tables (2**tau floats per hash and value
-# channel) in shared memory. At tau = 12 one table is 16 KiB and a 96 KiB block (_ops.SMEM_BUDGET)
+# channel) in shared memory. At tau = 12 one table is 16 KiB and a 96 KiB block (_plans.SMEM_BUDGET)
 # still holds five; beyond, the hashes split into so many groups that their partial outputs cost more
 # than the tables save. Hashing alone would take tau <= 16 (expectation mode has no tables).
 MAX_HASH_BITS = 12
@@ -38,6 +38,9 @@ class CudaBackend(Backend):
     max_hash_bits = MAX_HASH_BITS  # the base class applies it to mode='sample' only
     max_head_dim = 256  # D and Dv: tiles hold whole rows in shared memory; Hadamard D' <= 256 in registers
     module = "yoso_cuda._ops"
+    # sampled_grads(form="auto") takes, per bucket, whichever costs less: the colliding pairs
+    # (sampled_grads.cu) or the bucket's D x Dv tables (sampled_tables.cu, the lower bound only).
+    lower_bound_forms = ("pairs", "tables")
 
     def availability(self) -> str | None:
         return _runtime.unavailable_reason()
@@ -57,6 +60,16 @@ class CudaBackend(Backend):
             missing.append(f"batch={call.batch} (at most {MAX_GRID_YZ} flattened leading rows, a CUDA grid limit)")
         if call.mode == "sample" and call.num_hashes > MAX_GRID_YZ:
             missing.append(f"num_hashes={call.num_hashes} (at most {MAX_GRID_YZ}, a CUDA grid limit)")
+        if call.mode == "sample" and call.requires_grad and call.backward == "lower_bound":
+            # The table form (sampled_tables.cu) holds a Dv x DS table and tiles of Dv-wide rows in shared
+            # memory. Within D, Dv <= 256 a plan always fits (tests/test_limits.py); this is the guard
+            # should the limits change. Its grid (2^tau, 2 ceil(D / DS) <= 32, batch) is within CUDA's
+            # by the hash_bits and batch limits above.
+            if _plans.table_plan(call.dim, call.value_dim) is None:
+                missing.append(
+                    f"head dims D={call.dim}, Dv={call.value_dim} with backward='lower_bound' (the table-form "
+                    f"gradient's tiles need more than {_plans.SMEM_BUDGET} bytes of shared memory)"
+                )
         return f"the 'cuda' backend does not support {'; '.join(missing)}" if missing else None
 
     def missing_features(self) -> list[str]:

@@ -25,6 +25,23 @@ typedef long long i64;
 constexpr unsigned FULL_MASK = 0xffffffffu;
 constexpr float PI_F = 3.14159265358979323846f;
 
+// The forms of the lower-bound gradient (docs/math.md#lower-bound), chosen per bucket; the values are
+// _plans.FORMS on the Python side.
+constexpr int FORM_PAIRS = 0;
+constexpr int FORM_TABLES = 1;
+constexpr int FORM_AUTO = 2;
+
+// Whether a bucket of nq queries and nk keys (of one hash) takes the table form: forced, or (auto) when
+// its tables cost fewer multiply-adds than its pairs: 2 (nq + nk) D Dv against nq nk (Dv + 2 D). The pair
+// and the table kernels both ask this with the same arguments, so every bucket is done by exactly one of
+// them. In double, where the products cannot overflow; _plans.bucket_form computes the same expression.
+__device__ __forceinline__ bool use_tables(int form, int nq, int nk, int D, int Dv) {
+  if (form != FORM_AUTO) return form == FORM_TABLES;
+  const double pairs = (double)nq * (double)nk * (double)(Dv + 2 * D);
+  const double tables = 2.0 * (double)(nq + nk) * (double)D * (double)Dv;
+  return tables < pairs;
+}
+
 // A row is kept unless a mask is given and says False.
 __device__ __forceinline__ bool kept(const unsigned char* mask, i64 index) { return mask == nullptr || mask[index] != 0; }
 

@@ -12,6 +12,8 @@
 // launches on one stream, so the sums over hashes have a fixed order and results are reproducible.
 // Causal (j <= i): runs are sorted by position, so key tiles past the query tile's last position stop
 // the sweep.
+// form (lower bound only; FORM_* in common.cuh): a bucket for which use_tables() says yes is left to
+// sampled_grads_tables (sampled_tables.cu), which runs in the same hash step and owns those rows.
 //
 // grid (2^tau, B); 256 threads. TILE = 32 when D + Dv <= 256, else 16. Shared memory:
 // Qs[TILE][D+1], Gs[TILE][Dv+1], Ks[TILE][D+1], Vs[TILE][Dv+1], W[TILE][TILE+1], positions and flags.
@@ -23,7 +25,7 @@ __global__ void __launch_bounds__(256) sampled_grads_hash(
     const int* __restrict__ q_order, const int* __restrict__ q_start, const int* __restrict__ k_order,
     const int* __restrict__ k_start, const unsigned char* __restrict__ query_mask,
     const unsigned char* __restrict__ key_mask, float* __restrict__ dq, float* __restrict__ dk, int m, int Nq, int Nk,
-    int D, int Dv, int tau, int s, int causal, float max_ratio, float inv_m) {
+    int D, int Dv, int tau, int s, int causal, int form, float max_ratio, float inv_m) {
   constexpr int TPR = 256 / TILE;  // threads per row
   constexpr int MAXC = 256 / TPR;  // columns per thread: D, Dv <= 256
   extern __shared__ float4 smem4[];
@@ -44,6 +46,7 @@ __global__ void __launch_bounds__(256) sampled_grads_hash(
   const int qa = q_start[run], qb = q_start[run + 1];
   const int ka = k_start[run], kb = k_start[run + 1];
   if (qa >= qb || ka >= kb) return;  // no colliding pair in this bucket (block-uniform)
+  if (use_tables(form, qb - qa, kb - ka, D, Dv)) return;  // the table kernel's bucket
   const int* queries = q_order + ((i64)b * m + s) * Nq;
   const int* keys = k_order + ((i64)b * m + s) * Nk;
   const int row = threadIdx.x / TPR;
