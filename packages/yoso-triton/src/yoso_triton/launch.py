@@ -6,6 +6,9 @@ validated shapes, dtypes, devices and ranges (``yoso._validate.prepare``) and
 ``TritonBackend.unsupported`` has accepted the call (head dims, bucket-table memory, index and grid
 limits), so nothing here re-checks them. Inputs may be strided views: the kernels take strides.
 
+The sampled lower-bound gradient comes in two forms (docs/math.md#lower-bound), chosen per bucket by
+``sampled_grads``: pair by pair (``kernels/pairs.py``) or through per-bucket tables (``kernels/tables.py``).
+
 Bucket sorting (the index work behind the cumulation and the sampled gradients) is a Triton counting
 sort (``kernels/sorting.py``); for very many buckets (large 2**tau) torch's radix sort on int64 keys
 ``(b * 2**tau + code) * N + position`` takes over (see ``SORT``).
@@ -436,6 +439,13 @@ def _plan_bytes(batch, hash_bits, n_q, n_k):
 def sampled_grads(
     q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio, form="auto"
 ):
+    """dq, dk per hash group: queries and keys sorted by (bucket, position), then the pair kernel
+    (``kernels/pairs.py``) over the pair-form buckets and the table kernel (``kernels/tables.py``, dq and
+    dk sides) over the table-form ones, all adding into the same int64 fixed-point rows.
+
+    ``form`` (docs/math.md#lower-bound): ``"auto"`` chooses per bucket by cost (``_table_buckets``; the
+    exact estimator always takes pairs), ``"pairs"`` / ``"tables"`` force one form for every bucket.
+    """
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
     if form == "tables" and backward != "lower_bound":

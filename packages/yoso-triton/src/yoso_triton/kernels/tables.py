@@ -12,14 +12,14 @@ table over tiles of the bucket's writers (``T += Wd^T Wx``, a ``tl.dot``), then 
 the bucket's readers (``out = Rx T^T``). Causal: the writers a reader sees are those at or before it
 (dq: keys j <= i) or at or after it (dk: queries i >= j, ``REVERSE``: the walk runs backwards through
 the bucket). Readers are walked in tiles in that order, carrying the running (prefix) table of the
-writers strictly before the tile's first reader; the writers between the tile's first and last
-reader are taken densely, pair by pair with the causal mask -- chunked linear attention within one
-bucket. Queries and keys are sorted by (bucket, position) per hash (``launch.Sorted``), so a bucket's
+writer tiles that lie wholly before the reader tile's first reader; the remaining writers up to the
+tile's last reader are taken densely, pair by pair with the causal mask -- chunked linear attention
+within one bucket. Queries and keys are sorted by (bucket, position) per hash (``launch.Sorted``), so a bucket's
 tokens are one contiguous, position-ordered segment of each sort.
 
-Work per bucket: ``2 (n_readers + n_writers) D Dv`` multiply-adds per side (plus the causal
-diagonal tiles), whatever the bucket sizes -- against ``n_q n_k (Dv + 2D)`` for the pair form
-(``pairs.py``); ``launch.sampled_grads`` chooses per bucket.
+Work per bucket: ``(n_readers + n_writers) D Dv`` multiply-adds per side, ``2 (n_q + n_k) D Dv`` for
+both (plus the causal diagonal tiles), whatever the bucket sizes -- against ``n_q n_k (Dv + 2D)``
+for the pair form (``pairs.py``); ``launch.sampled_grads`` chooses per bucket.
 
 Tables of ``D x Dv`` fp32 do not fit registers for D = Dv = 256, so each program owns one
 ``BD x BDV`` tile of the table (grid axis 2): it produces the ``BD`` output columns that tile
