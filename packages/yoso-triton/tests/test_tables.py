@@ -156,7 +156,7 @@ def test_forms_match_the_oracle(backend, device, tiling, rng, case, causal, form
 def test_auto_mixes_the_forms(backend, device, tiling, rng, plans, causal):
     """Skewed codes: the crowded bucket (longer than any tile) takes the table form, the sparse ones the
     pair form, in the same call; the result equals the oracle and both forced forms."""
-    batch, n, dim, dv, m, tau = 2, 150, 8, 8, 2, 3
+    batch, n, dim, dv, m, tau = 2, 180, 8, 8, 2, 3  # bucket 0: ~150 tokens, more than either tiling's tile
     pb = _problem(rng, batch, n, n, dim, dv, m, tau, skew=True)
     got = _grads(backend, device, pb, tau, causal=causal, form="auto")
     table = torch.cat(plans, dim=0).numpy()  # [m, B * 2**tau]
