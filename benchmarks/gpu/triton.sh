@@ -2,8 +2,10 @@
 # The whole GPU check of the `triton` backend, in one call, on a machine with an NVIDIA GPU:
 #   1. install (the image's CUDA torch + triton if present, else a venv: torch 2.13.0 + triton 3.7.1)
 #   2. the conformance suite and the kernel tests on CUDA tensors
-#   3. compute-sanitizer memcheck and racecheck on the main kernels (benchmarks/gpu/triton_sanitize.py)
-#   4. the speed table: yoso bench at the target shape
+#   3. compute-sanitizer memcheck and racecheck on the main kernels (benchmarks/gpu/triton_sanitize.py),
+#      both forms of the lower-bound gradient included
+#   4. the speed table: yoso bench at the target shape; the two forms of the lower-bound
+#      gradient, and the per-bucket choice, timed alone (benchmarks/gpu/triton_forms.py)
 #
 #   OUT=/path/for/results bash benchmarks/gpu/triton.sh        (default OUT: ./bench-out)
 #
@@ -61,6 +63,7 @@ unset PYTORCH_NO_CUDA_MEMORY_CACHING
 # 4. speed table (yoso bench: forward and forward+backward vs torch SDPA, peak memory)
 step bench "$PY" -m yoso.cli bench --backend triton --device cuda --dtype bfloat16 --batch 4 --heads 16 --dim 64 \
     --num-hashes 32 --hash-bits 8 --n 1024,2048,4096,8192,16384,32768,65536 --out "$OUT/triton"
+step forms "$PY" benchmarks/gpu/triton_forms.py --out "$OUT/triton"
 
 if ((${#failed[@]})); then
     echo "triton GPU check: FAILED steps: ${failed[*]}" | tee -a "$LOG/steps.txt"

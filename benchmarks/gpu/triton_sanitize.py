@@ -4,7 +4,8 @@
     compute-sanitizer --tool racecheck python benchmarks/gpu/triton_sanitize.py
 
 Shapes are odd on purpose (partial tiles, D and Dv not powers of two, masks, several buckets per
-tile and buckets longer than a tile) so out-of-bounds accesses in the masked edges would show.
+tile and buckets longer than a tile, both forms of the lower-bound gradient and the per-bucket mix)
+so out-of-bounds accesses in the masked edges would show.
 Run once without the sanitizer first: Triton then compiles outside it (and caches the binaries).
 """
 
@@ -44,12 +45,19 @@ def main() -> None:
             qs, ks = qc[:, :, :nk], kc  # causal orders need as many readers as writers
             backend.cumulate(qs, ks, v, read_mask=qm[:, :nk], write_mask=km, order="causal", hash_bits=tau)
             backend.cumulate(ks, qs, v, read_mask=km, write_mask=qm[:, :nk], order="anticausal", hash_bits=tau)
-            for backward in ("lower_bound", "exact"):
+            # Both forms of the lower bound, forced and chosen per bucket, on the hashed codes and on
+            # skewed ones (80% of the tokens in bucket 0: a bucket longer than any tile, so "auto" runs
+            # the table kernel and the pair kernel, on the sort without the table buckets, in one call).
+            skewed = (torch.where(torch.rand(qc.shape, device=dev, generator=g) < 0.8, 0, qc), kc.clone())
+            skewed[1][torch.rand(kc.shape, device=dev, generator=g) < 0.8] = 0
+            runs = [(backward, form, (qc, kc)) for backward, form in (("exact", "auto"), ("lower_bound", "pairs"))]
+            runs += [("lower_bound", form, codes) for form in ("tables", "auto") for codes in ((qc, kc), skewed)]
+            for backward, form, (qcodes, kcodes) in runs:
                 for causal in (False, True):
                     nq = nk if causal else n
                     backend.sampled_grads(
-                        qc[:, :, :nq],
-                        kc,
+                        qcodes[:, :, :nq],
+                        kcodes,
                         q[:, :nq],
                         k,
                         v,
@@ -60,6 +68,7 @@ def main() -> None:
                         hash_bits=tau,
                         backward=backward,
                         max_ratio=max_ratio(tau),
+                        form=form,
                     )
         for causal in (False, True):
             nq = nk if causal else n

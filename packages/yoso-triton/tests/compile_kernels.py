@@ -8,6 +8,7 @@ constants) to ``triton.compile`` for the target -- Triton's bundled ptxas needs 
     python packages/yoso-triton/tests/compile_kernels.py            # a quick set (CI)
     python packages/yoso-triton/tests/compile_kernels.py --full     # every dtype, shape and option
     python ... --arch 80                                            # another target (default 90)
+    python ... --resources bucket_table_grads_kernel                # ptxas registers/spills, shared memory
 
 Exit status 1 if any kernel fails to compile. Must run without TRITON_INTERPRET=1.
 """
@@ -24,6 +25,13 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument(
+        "--resources",
+        metavar="KERNEL",
+        action="append",
+        default=[],
+        help="print the registers, spills (ptxas -v) and shared memory of each configuration of KERNEL",
+    )
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_kernels.py compiles for a GPU: run it without TRITON_INTERPRET=1", file=sys.stderr)
@@ -64,13 +72,22 @@ def main() -> int:
                     signature[p.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
                 else:
                     signature[p.name] = "fp32"
-            key = (self.__name__, tuple(sorted(signature.items())), tuple(sorted(map(str, constants.items()))))
+            # Launch options (num_warps, num_stages) shape the compiled kernel as much as the constants.
+            options = {name: kwargs[name] for name in ("num_warps", "num_stages") if name in kwargs}
+            key = (
+                self.__name__,
+                tuple(sorted(signature.items())),
+                tuple(sorted(map(str, constants.items()))),
+                tuple(sorted(options.items())),
+            )
             if key in seen:
                 return
             start = time.perf_counter()
             try:
-                triton.compile(ASTSource(self, signature, constants), target=target)
+                compiled = triton.compile(ASTSource(self, signature, constants), target=target, options=options)
                 seen[key] = time.perf_counter() - start
+                if self.__name__ in args.resources:
+                    resources(self.__name__, constants, signature, compiled)
             except Exception as exc:  # report them all, then fail
                 seen[key] = 0.0
                 failures.append(f"{self.__name__} {constants}: {type(exc).__name__}: {exc}")
@@ -78,15 +95,46 @@ def main() -> int:
 
         return call
 
+    def resources(name, constants, signature, compiled):
+        """ptxas -v on the kernel's PTX: registers per thread and spill bytes (no GPU needed)."""
+        import re
+        import subprocess
+        import tempfile
+
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+            ptx.write(compiled.asm["ptx"])
+            ptx.flush()
+            arch = f"sm_{args.arch}a" if args.arch >= 90 else f"sm_{args.arch}"
+            done = subprocess.run(
+                [get_ptxas(args.arch).path, "-v", f"-arch={arch}", ptx.name, "-o", os.devnull],
+                capture_output=True,
+                text=True,
+            )
+        used = re.search(r"Used (\d+) registers", done.stderr)
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
+        dtype = signature[next(iter(signature))]  # the first argument: an input tensor
+        print(
+            f"RESOURCES {name} {dtype} {dict(sorted((k, v) for k, v in constants.items()))}: "
+            f"{used.group(1) if used else '?'} registers, spills {spills.groups() if spills else '?'}, "
+            f"shared {compiled.metadata.shared} bytes, {compiled.metadata.num_warps} warps, "
+            f"{compiled.metadata.num_stages} stages",
+            flush=True,
+        )
+
     # CPU tensors (the launch functions never ask the device), GPU tiles, and no launches: every
-    # kernel call compiles instead.
+    # kernel call compiles instead. Nothing runs, so the sorts' index arrays hold garbage: the pair
+    # kernel's view without the table buckets (a gather by bucket id) is skipped -- only shapes matter.
     launch.INTERPRETER_BLOCKS = False
     JITFunction.__getitem__ = compile_instead
+    launch._without = lambda srt, table: srt
 
     gen = torch.Generator().manual_seed(0)
     # (dtype, batch, n, dim, dv, [(tau, m)], per-row planes too): the quick set reaches every branch of
     # every kernel -- split/fp32/per-token hashing, narrow and wide Hadamard, tables and prefix sums,
-    # both sorts' block shapes, all estimators and orders -- in about 60 configurations.
+    # both sorts' block shapes, all estimators and orders, both forms of the lower bound (the table
+    # kernel: full and causal, both walk directions, either mask) -- in about 70 configurations.
     cases = [
         (torch.bfloat16, 2, 300, 64, 64, [(8, 32)], False),
         (torch.float32, 3, 7, 33, 17, [(2, 5)], True),
@@ -117,7 +165,7 @@ def main() -> int:
                     launch.cumulate(
                         codes, codes, v, read_mask=masks[0], write_mask=masks[1], order=order, hash_bits=tau
                     )
-            for backward in ("lower_bound", "exact"):
+            for backward, form in (("lower_bound", "auto"), ("lower_bound", "tables"), ("exact", "auto")):
                 for causal in (False, True):
                     launch.sampled_grads(
                         codes,
@@ -132,6 +180,7 @@ def main() -> int:
                         hash_bits=tau,
                         backward=backward,
                         max_ratio=max_ratio(tau),
+                        form=form,
                     )
         for causal in (False, True):
             launch.expectation_forward(q, k, v, query_mask=mask, key_mask=mask, causal=causal, hash_bits=8)

@@ -74,6 +74,8 @@ class TritonBackend(Backend):
     devices = ("cpu",) if INTERPRET else ("cuda",)
     max_head_dim = 256
     module = "yoso_triton.launch"
+    # Both forms of the lower-bound gradient; form="auto" chooses per bucket (launch.sampled_grads).
+    lower_bound_forms = ("pairs", "tables")
     interpret = INTERPRET
 
     def availability(self) -> str | None:

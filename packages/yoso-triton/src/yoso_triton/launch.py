@@ -6,6 +6,9 @@ validated shapes, dtypes, devices and ranges (``yoso._validate.prepare``) and
 ``TritonBackend.unsupported`` has accepted the call (head dims, bucket-table memory, index and grid
 limits), so nothing here re-checks them. Inputs may be strided views: the kernels take strides.
 
+The sampled lower-bound gradient comes in two forms (docs/math.md#lower-bound), chosen per bucket by
+``sampled_grads``: pair by pair (``kernels/pairs.py``) or through per-bucket tables (``kernels/tables.py``).
+
 Bucket sorting (the index work behind the cumulation and the sampled gradients) is a Triton counting
 sort (``kernels/sorting.py``); for very many buckets (large 2**tau) torch's radix sort on int64 keys
 ``(b * 2**tau + code) * N + position`` takes over (see ``SORT``).
@@ -352,79 +355,251 @@ def _row_norms(x, mask):
     return norms if mask is None else torch.where(mask, norms, torch.zeros_like(norms))
 
 
+# The forms of the lower-bound gradient (docs/math.md#lower-bound): "auto" chooses per bucket, "pairs"
+# and "tables" force one form for every bucket (tests, benchmarks).
+FORMS = ("auto", "pairs", "tables")
+
+# A test hook: when set, called as ``on_plan(hashes, table)`` for each hash group, ``table`` a bool
+# ``[g, B * 2**tau]`` marking the buckets that took the table form (all False: pairs only).
+on_plan = None
+
+
+class _Segments:
+    """A sort's index arrays as the pair kernel reads them (``Sorted`` or a subset of its buckets)."""
+
+    def __init__(self, perm, bucket, start, n_buckets):
+        self.perm, self.bucket, self.start, self.n_buckets = perm, bucket, start, n_buckets
+
+
+def _table_buckets(sq, sk, form, dim, dv, hash_bits, n_q, n_k):
+    """``(table [g, B * 2**tau] bool, per_row)``: the buckets that take the table form, and a bound on how
+    many one row of one hash can have (it sizes the launch grid without reading the flags back).
+
+    A bucket with ``n_q`` queries and ``n_k`` keys costs ``n_q n_k (Dv + 2D)`` multiply-adds in pair form
+    (the coupling G.v, then dq += C k and dk += C^T q) and ``2 (n_q + n_k) D Dv`` in table form (build and
+    apply a D x Dv table, for dq and for dk); "auto" takes the cheaper. Tables win only where
+    ``n_q n_k / (n_q + n_k) > c = 2 D Dv / (Dv + 2D)``, which needs more than ``c`` tokens on each
+    side, so at most ``N / (floor(c) + 1)`` such buckets fit in a row. Buckets without a query or
+    without a key have no pair and take no form.
+    """
+    nq = sq.start[:, 1:] - sq.start[:, :-1]
+    nk = sk.start[:, 1:] - sk.start[:, :-1]
+    if form == "tables":
+        return (nq > 0) & (nk > 0), min(1 << hash_bits, n_q, n_k)
+    least = (2 * dim * dv) // (dv + 2 * dim)  # floor(c)
+    per_row = min(1 << hash_bits, n_q // (least + 1), n_k // (least + 1))
+    fq, fk = nq.to(torch.float64), nk.to(torch.float64)  # exact: products of counts below 2**53
+    cheaper = 2.0 * (fq + fk) * (dim * dv) < fq * fk * (dv + 2 * dim)
+    # (nq, nk > floor(c) follows from `cheaper`; stated again so that rounding cannot break the bound.)
+    return cheaper & (nq > least) & (nk > least), per_row
+
+
+def _bucket_list(table, per_row, batch):
+    """``[g, L]`` int32: each hash's table-form buckets in increasing order, then -1 (``L`` programs)."""
+    g, n_buckets = table.shape
+    device = table.device
+    count = table.sum(1, dtype=torch.int32)
+    length = batch * per_row
+    if INTERPRETER_BLOCKS:  # on the CPU reading the count back is free: no programs without a bucket
+        length = min(length, int(count.max()))
+    if length == 0:
+        return None
+    # A stable partition of the bucket ids (table buckets first): a permutation, so the scatter writes
+    # every slot once.
+    ranks = torch.cumsum(table, 1, dtype=torch.int32)
+    others = torch.arange(1, n_buckets + 1, dtype=torch.int32, device=device) - ranks
+    dest = torch.where(table, ranks - 1, count[:, None] + others - 1).long()
+    ids = torch.arange(n_buckets, dtype=torch.int32, device=device).expand(g, n_buckets)
+    order = torch.empty((g, n_buckets), dtype=torch.int32, device=device).scatter_(1, dest, ids)
+    listed = torch.arange(length, device=device)[None, :] < count[:, None]
+    return torch.where(listed, order[:, :length], -1).contiguous()
+
+
+def _without(srt, table):
+    """The sort with the tokens of the table-form buckets moved past the end (stable): the pair kernel
+    then visits only the pair-form buckets, which look empty to it otherwise."""
+    g, tokens = srt.perm.shape
+    dropped = torch.gather(table, 1, srt.bucket.long())
+    kept = torch.cumsum(~dropped, 1, dtype=torch.int32)
+    position = torch.arange(1, tokens + 1, dtype=torch.int32, device=table.device)
+    dest = torch.where(dropped, kept[:, -1:] + position - kept - 1, kept - 1).long()
+    perm = torch.empty_like(srt.perm).scatter_(1, dest, srt.perm)
+    bucket = torch.empty_like(srt.bucket).scatter_(1, dest, srt.bucket)
+    counts = torch.where(table, 0, srt.start[:, 1:] - srt.start[:, :-1])
+    start = torch.cat([srt.start[:, :1], torch.cumsum(counts, 1, dtype=torch.int32)], dim=1)
+    return _Segments(perm, bucket, start, srt.n_buckets)
+
+
+def _plan_bytes(batch, hash_bits, n_q, n_k):
+    """Scratch per hash of the per-bucket choice (flags, costs, the bucket list; the pair kernel's copy of
+    both sorts): about 50 bytes per bucket and 35 per token and side."""
+    return 50 * (batch << hash_bits) + 35 * batch * (n_q + n_k)
+
+
 def sampled_grads(
     q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio, form="auto"
 ):
-    # form: the pair form is the only one here (TritonBackend.lower_bound_forms)
+    """dq, dk per hash group: queries and keys sorted by (bucket, position), then the pair kernel
+    (``kernels/pairs.py``) over the pair-form buckets and the table kernel (``kernels/tables.py``, dq and
+    dk sides) over the table-form ones, all adding into the same int64 fixed-point rows.
+
+    ``form`` (docs/math.md#lower-bound): ``"auto"`` chooses per bucket by cost (``_table_buckets``; the
+    exact estimator always takes pairs), ``"pairs"`` / ``"tables"`` force one form for every bucket.
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
+    if form == "tables" and backward != "lower_bound":
+        raise ValueError(
+            f"form='tables' needs backward='lower_bound', got backward={backward!r}: the exact estimator "
+            "weighs every pair by its own cosine, so it has no table form (docs/math.md#sampled-true-gradient)"
+        )
     batch, m, n_q = q_codes.shape
     n_k, dim, dv = k.shape[1], q.shape[2], v.shape[2]
     q_codes, k_codes = _unit_stride(q_codes), _unit_stride(k_codes)
     weight_max = max_ratio if backward == "exact" else hash_bits / 2
     g_norm, q_norm = _row_norms(grad, query_mask), _row_norms(q, query_mask)
     v_norm, k_norm = _row_norms(v, key_mask), _row_norms(k, key_mask)
+    # Bounds on |dq_i|, |dk_j| summed over every partial result (hashes, table tiles): each partial is
+    # bounded by the same terms |G_i| |v_j| |k_j| (Cauchy-Schwarz over the Dv slices of a table).
     scale_q = _fixed_point_scales(weight_max * g_norm.amax(1) * (v_norm * k_norm).sum(1))
     scale_k = _fixed_point_scales(weight_max * v_norm.amax(1) * (g_norm * q_norm).sum(1))
     dq_acc = torch.zeros((batch * n_q, dim), dtype=torch.int64, device=q.device)
     dk_acc = torch.zeros((batch * n_k, dim), dtype=torch.int64, device=q.device)
     qmask, qmb, qmn, has_qmask = _mask_arg(query_mask, q)
     kmask, kmb, kmn, has_kmask = _mask_arg(key_mask, k)
-    group = _hash_group(m, table_bytes(batch, hash_bits, max(n_q, n_k), 0))
+    tables = backward == "lower_bound" and form != "pairs"
+    per_hash = table_bytes(batch, hash_bits, max(n_q, n_k), 0)
+    if tables:
+        per_hash += _plan_bytes(batch, hash_bits, n_q, n_k)
+    group = _hash_group(m, per_hash)
     dp, dvp = _pow2(dim), _pow2(dv)
     if INTERPRETER_BLOCKS:
         bb, br, bw = min(_pow2(batch << hash_bits), 1024), 256, 256
+        tr = tw = 128
+        bd, bdv = dp, dvp
     else:
         br = bw = 32 if max(dp, dvp) > 128 else 64
         # Enough buckets per program to fill a tile: ~N / 2**tau tokens per bucket and row.
         per_bucket = max(1, max(n_q, n_k) >> hash_bits)
         bb = min(64, 1 << max(0, int(math.log2(max(1, br // per_bucket)))))
+        # Table form: a 64 x 64 fp32 tile of the D x Dv table per program, on 8 warps (benchmarks/NOTES.md:
+        # 4 warps spill); fp32 inputs multiply on CUDA cores (ieee), whose operands live in registers:
+        # 32-token tiles.
+        tr = tw = 32 if q.dtype == torch.float32 else 64
+        bd, bdv = min(dp, 64), min(dvp, 64)
+    table_tiles = triton.cdiv(dim, bd) * triton.cdiv(dv, bdv)
     for s0 in range(0, m, group):
         hashes = slice(s0, min(m, s0 + group))
+        g = hashes.stop - hashes.start
         sq, sk = Sorted(q_codes, hashes, hash_bits), Sorted(k_codes, hashes, hash_bits)
-        kernels.bucket_pair_grads_kernel[(triton.cdiv(sq.n_buckets, bb), hashes.stop - hashes.start)](
-            q,
-            k,
-            v,
-            grad,
-            qmask,
-            kmask,
-            sq.perm,
-            sq.bucket,
-            sq.start,
-            sk.perm,
-            sk.bucket,
-            sk.start,
-            dq_acc,
-            dk_acc,
-            scale_q,
-            scale_k,
-            sq.n_buckets,
-            batch * n_q,
-            batch * n_k,
-            n_q,
-            n_k,
-            dim,
-            dv,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *grad.stride(),
-            qmb,
-            qmn,
-            kmb,
-            kmn,
-            1.0 / m,
-            float(max_ratio),
-            TAU=hash_bits,
-            EXACT=backward == "exact",
-            CAUSAL=bool(causal),
-            HAS_QMASK=has_qmask,
-            HAS_KMASK=has_kmask,
-            BB=bb,
-            BR=br,
-            BW=bw,
-            DP=dp,
-            DVP=dvp,
+        pair_q, pair_k, listed = sq, sk, None
+        if tables:
+            table, per_row = _table_buckets(sq, sk, form, dim, dv, hash_bits, n_q, n_k)
+            if on_plan is not None:
+                on_plan(hashes, table)
+            if per_row > 0:
+                listed = _bucket_list(table, per_row, batch)
+            if form == "tables":
+                pair_q = None
+            elif listed is not None:
+                pair_q, pair_k = _without(sq, table), _without(sk, table)
+        elif on_plan is not None:
+            on_plan(hashes, torch.zeros((g, sq.n_buckets), dtype=torch.bool, device=q.device))
+        if pair_q is not None:
+            kernels.bucket_pair_grads_kernel[(triton.cdiv(sq.n_buckets, bb), g)](
+                q,
+                k,
+                v,
+                grad,
+                qmask,
+                kmask,
+                pair_q.perm,
+                pair_q.bucket,
+                pair_q.start,
+                pair_k.perm,
+                pair_k.bucket,
+                pair_k.start,
+                dq_acc,
+                dk_acc,
+                scale_q,
+                scale_k,
+                sq.n_buckets,
+                batch * n_q,
+                batch * n_k,
+                n_q,
+                n_k,
+                dim,
+                dv,
+                *q.stride(),
+                *k.stride(),
+                *v.stride(),
+                *grad.stride(),
+                qmb,
+                qmn,
+                kmb,
+                kmn,
+                1.0 / m,
+                float(max_ratio),
+                TAU=hash_bits,
+                EXACT=backward == "exact",
+                CAUSAL=bool(causal),
+                HAS_QMASK=has_qmask,
+                HAS_KMASK=has_kmask,
+                BB=bb,
+                BR=br,
+                BW=bw,
+                DP=dp,
+                DVP=dvp,
+            )
+        if listed is None:
+            continue
+        # dq: queries read tables of the keys' k v^T (keys j <= i when causal); dk: keys read tables of
+        # the queries' q G^T (queries i >= j: the walk runs backwards).
+        sides = (
+            (grad, k, v, (qmask, qmb, qmn, has_qmask), (kmask, kmb, kmn, has_kmask), sq, sk, dq_acc, scale_q, False),
+            (v, q, grad, (kmask, kmb, kmn, has_kmask), (qmask, qmb, qmn, has_qmask), sk, sq, dk_acc, scale_k, True),
         )
+        for rx, wd, wx, rmask, wmask, rsort, wsort, acc, scale, reverse in sides:
+            kernels.bucket_table_grads_kernel[(listed.shape[1], g, table_tiles)](
+                rx,
+                wd,
+                wx,
+                rmask[0],
+                wmask[0],
+                rsort.perm,
+                rsort.start,
+                wsort.perm,
+                wsort.start,
+                listed,
+                acc,
+                scale,
+                rsort.start.stride(0),
+                listed.stride(0),
+                triton.cdiv(dv, bdv),
+                rsort.perm.shape[1],
+                wsort.perm.shape[1],
+                rx.shape[1],
+                wd.shape[1],
+                dim,
+                dv,
+                *rx.stride(),
+                *wd.stride(),
+                *wx.stride(),
+                rmask[1],
+                rmask[2],
+                wmask[1],
+                wmask[2],
+                hash_bits / 2 / m,
+                CAUSAL=bool(causal),
+                REVERSE=bool(causal) and reverse,
+                HAS_RMASK=rmask[3],
+                HAS_WMASK=wmask[3],
+                BR=tr,
+                BW=tw,
+                BD=bd,
+                BDV=bdv,
+                num_warps=8,
+            )
     dq = dq_acc.view(batch, n_q, dim).double() / scale_q.double()[:, None, None]
     dk = dk_acc.view(batch, n_k, dim).double() / scale_k.double()[:, None, None]
     return dq.to(q.dtype), dk.to(k.dtype)

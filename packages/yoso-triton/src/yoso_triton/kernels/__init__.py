@@ -10,6 +10,7 @@ from .expectation import expectation_dkdv_kernel, expectation_dq_kernel, expecta
 from .hashing import gaussian_codes_kernel, hadamard_codes_kernel
 from .pairs import bucket_pair_grads_kernel
 from .sorting import bucket_histogram_kernel, bucket_reader_index_kernel, bucket_scatter_kernel
+from .tables import bucket_table_grads_kernel
 
 __all__ = [
     "INTERPRET",
@@ -19,6 +20,7 @@ __all__ = [
     "bucket_reader_index_kernel",
     "bucket_scatter_kernel",
     "bucket_sums_kernel",
+    "bucket_table_grads_kernel",
     "expectation_dkdv_kernel",
     "expectation_dq_kernel",
     "expectation_forward_kernel",

@@ -12,17 +12,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import dot, dot_split, importance_ratio, one_minus_angle, power
+from ._common import device, dot, dot_split, importance_ratio, one_minus_angle, power
 
 
-@triton.jit
+@device
 def _rows(ptr, b, idx, stride_b, stride_n, stride_d, width, keep, WP: tl.constexpr):
     cols = tl.arange(0, WP)
     offs = b * stride_b + idx.to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_d
     return tl.load(ptr + offs, mask=keep[:, None] & (cols[None, :] < width), other=0.0)
 
 
-@triton.jit
+@device
 def _keep(mask_ptr, b, idx, n, stride_b, stride_n, HAS_MASK: tl.constexpr):
     ok = idx < n
     if HAS_MASK:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import dot, indicator
+from ._common import device, dot, indicator
 
 
-@triton.jit
+@device
 def _pack_bits(proj, first_bit, TAU: tl.constexpr, C: tl.constexpr, HB: tl.constexpr, N_BITS):
     """``[BT, C]`` projections -> ``[BT, HB]`` codes; column ``c`` is bit ``(c - first_bit) % TAU`` of
     hash ``(c - first_bit) // TAU``; only columns ``first_bit <= c < first_bit + N_BITS`` count."""
@@ -99,7 +99,7 @@ def gaussian_codes_kernel(
     tl.store(out, codes, mask=valid[:, None] & (s[None, :] < m))
 
 
-@triton.jit
+@device
 def _fwht(u, BT: tl.constexpr, DP: tl.constexpr, LOG_D: tl.constexpr):
     """Unnormalised Walsh-Hadamard transform of each row's first ``2**LOG_D`` columns (in place).
 

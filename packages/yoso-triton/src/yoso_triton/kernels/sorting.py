@@ -21,8 +21,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import device
 
-@triton.jit
+
+@device
 def _block(
     codes_ptr,
     j,
@@ -54,7 +56,7 @@ def _block(
     return key, code, row.to(tl.int64), n, ok, blk
 
 
-@triton.jit
+@device
 def _offset_rows(row, code, j, n_rows, n_blocks, blk, TAU: tl.constexpr):
     """Flat index of (hash j, row, code, block) in the ``[g, B, 2**tau, NB]`` histogram layout."""
     return ((j * n_rows + row) * (1 << TAU) + code) * n_blocks + blk
@@ -87,7 +89,7 @@ def bucket_histogram_kernel(
     tl.store(hist_ptr + dest, counts, mask=row < n_rows)
 
 
-@triton.jit
+@device
 def _rank_in_block(key, ok, BN: tl.constexpr):
     """For each lane: how many earlier valid lanes hold the same key."""
     lane = tl.arange(0, BN)
