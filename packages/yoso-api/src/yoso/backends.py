@@ -232,6 +232,11 @@ class Backend:
         ``form`` (lower bound only): ``"auto"`` lets the backend choose by cost, ``"pairs"`` or
         ``"tables"`` (one of :attr:`lower_bound_forms`) forces one -- for tests and benchmarks.
         """
+        if form != "auto" and (form not in self.lower_bound_forms or (form == "tables" and backward != "lower_bound")):
+            raise ValueError(
+                f"form={form!r}: the {self.name!r} backend computes {' and '.join(self.lower_bound_forms)} forms"
+                " of the lower bound (the exact estimator only pairs: its weights depend on each pair)"
+            )
         return self._function("sampled_grads")(
             q_codes,
             k_codes,
