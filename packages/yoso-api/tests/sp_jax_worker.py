@@ -69,6 +69,34 @@ def run_case(case, world: int) -> list[str]:
     return [f"world {world} {f}" for f in compare(case, full, part, slices, d)]
 
 
+def run_whole(world: int = 4) -> list[str]:
+    """Whole arrays under jax.jit with a mesh set (pjit style): a (dp, sp) mesh of Auto axes, the batch
+    over dp and the sequence over sp; the result and gradients equal the one-device ones."""
+    from jax.sharding import AxisType
+
+    case = next(c for c in cases_for("jax", 4) if c.name == "causal-ring")
+    d = data(case)
+    masks = {n: jnp.asarray(d[n]) for n in ("key_padding_mask", "query_mask")}
+    opts = dict(options(case), planes=d["planes"], **masks)
+    q, k, v, g = (jnp.asarray(d[n]) for n in ("q", "k", "v", "cotangent"))
+
+    def loss(q, k, v, **extra):
+        out = yoso.attention(q, k, v, **opts, **extra)
+        return jnp.sum(out * g), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    full = dict(out=np.asarray(out), dq=np.asarray(grads[0]), dk=np.asarray(grads[1]), dv=np.asarray(grads[2]))
+    mesh = jax.make_mesh((2, world // 2), ("dp", "sp"), axis_types=(AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh):
+        rows = NamedSharding(mesh, P("dp", None, "sp", None))
+        inputs = [jax.device_put(x, rows) for x in (q, k, v)]
+        fn = jax.jit(jax.value_and_grad(lambda *a: loss(*a, axis_name="sp"), argnums=(0, 1, 2), has_aux=True))
+        (_, out), grads = fn(*inputs)
+    part = dict(out=np.asarray(out), dq=np.asarray(grads[0]), dk=np.asarray(grads[1]), dv=np.asarray(grads[2]))
+    slices = dict(out=(0, case.n), dq=(0, case.n), dk=(0, case.n), dv=(0, case.n))
+    return [f"whole arrays {f}" for f in compare(case, full, part, slices, d)]
+
+
 def errors() -> dict:
     """Refusals inside shard_map."""
     mesh = jax.make_mesh((4,), ("sp",))
@@ -94,6 +122,15 @@ def errors() -> dict:
         "planes differs along the mesh axis",
         in_map(lambda x: yoso.attention(x, x, x, planes=jnp.ones((2, 2, 4)) * x[0, :1, :1], axis_name="sp"), True),
     )
+    # Whole arrays whose batch is sharded explicitly (sharding in types) are refused, saying what works.
+    explicit = jax.make_mesh((2, 2), ("dp", "sp"))
+    with jax.set_mesh(explicit):
+        y = jax.device_put(jnp.ones((2, 8, 4)), NamedSharding(explicit, P("dp", "sp", None)))
+        try:
+            jax.jit(lambda y: yoso.attention(y, y, y, seed=0, axis_name="sp"))(y)
+            found["explicit batch"] = "no error"
+        except ValueError as exc:
+            found["explicit batch"] = "ok" if "sharded explicitly" in str(exc) else str(exc)
     # ... and the jax backend's loops say what to do (until they carry varying types).
     try:
         jax.jit(in_map(lambda x: yoso.attention(x, x, x, seed=0, num_hashes=2, hash_bits=2, axis_name="sp"), True))(x)
@@ -114,6 +151,7 @@ def main() -> int:
                     result["failures"] += run_case(case, world)
                 except Exception:
                     result["failures"].append(f"world {world} {case.name}: {traceback.format_exc()}")
+        result["failures"] += run_whole()
         result["errors"] = errors()
     except Exception:
         result["failures"].append(traceback.format_exc())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from . import _jax_glue as jg
 from . import _sequence_parallel as sp
@@ -149,22 +150,67 @@ def _core_bwd(config, residuals, grad):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layouts", "out_shape"))
-def _attention(arrays, *, config: _Config, layouts, out_shape):
-    q, k, v, planes, query_mask, key_mask = jg._resolve_all(arrays, layouts)
+def _local(q, k, v, planes, query_mask, key_mask, config: _Config):
+    """One device's slice: masks, unit rows, the core and the output normalisation, as for one device."""
     q = jg._keep_rows(q, query_mask)
     k = jg._keep_rows(k, key_mask)
     v = jg._keep_rows(v, key_mask)
     y = _core(jg._unit(q).astype(q.dtype), jg._unit(k).astype(k.dtype), v, planes, query_mask, key_mask, config)
     out = jg._unit(y) if config.normalize else y
-    return out.astype(q.dtype).reshape(out_shape)
+    return out.astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layouts", "out_shape"))
+def _attention(arrays, *, config: _Config, layouts, out_shape):
+    """Inside jax.shard_map: the arrays are this device's slices."""
+    return _local(*jg._resolve_all(arrays, layouts), config).reshape(out_shape)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layouts", "out_shape"))
+def _global_attention(arrays, *, config: _Config, layouts, out_shape):
+    """Under jax.jit with a mesh set (jax.set_mesh) and whole arrays: shard_map over the sequence axis
+    (manual in that axis only: others, such as a batch axis, stay with the compiler)."""
+    inputs = jg._resolve_all(arrays, layouts)
+    for name, x in zip(("q", "k", "v"), inputs):
+        spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+        if spec and spec[0] is not None:  # explicit sharding of the folded batch dim
+            raise ValueError(
+                f"axis_name={config.axis_name!r} on whole arrays: {name}'s batch/head dims are sharded explicitly "
+                f"over {spec[0]!r}; use a mesh with AxisType.Auto axes, or call yoso.attention inside jax.shard_map"
+            )
+    given = [i for i, x in enumerate(inputs) if x is not None]
+    rows, masks = P(None, config.axis_name, None), P(None, config.axis_name)
+    specs = {0: rows, 1: rows, 2: rows, 3: P(), 4: masks, 5: masks}  # q, k, v, planes, query/key masks
+
+    def local(*present):
+        full = [None] * len(inputs)
+        for i, x in zip(given, present):
+            full[i] = x
+        return _local(*full, config)
+
+    out = jax.shard_map(
+        local,
+        in_specs=tuple(specs[i] for i in given),
+        out_specs=rows,
+        axis_names=frozenset({config.axis_name}),
+        check_vma=False,  # the jax backend's loops do not carry varying types yet (see attention())
+    )(*[inputs[i] for i in given])
+    return out.reshape(out_shape)
 
 
 def attention(backend, prep):
-    """``yoso.attention(..., axis_name=...)`` of a prepared call on ``backend`` (inside jax.shard_map)."""
+    """``yoso.attention(..., axis_name=...)`` of a prepared call on ``backend``: inside jax.shard_map each
+    device's slice; with whole arrays under a mesh (jax.set_mesh), the whole result."""
     call = prep.call
     parallel = prep.parallel
-    comm = JaxCollectives(parallel.axis_name, parallel.size, call.n_key)
+    whole = parallel.mesh is not None
+    if whole and (call.n_query % parallel.size or call.n_key % parallel.size):
+        raise ValueError(
+            f"axis_name={parallel.axis_name!r} splits the sequence over {parallel.size} devices: the lengths must "
+            f"divide evenly, got Nq={call.n_query}, Nk={call.n_key}"
+        )
+    n_key = call.n_key // parallel.size if whole else call.n_key
+    comm = JaxCollectives(parallel.axis_name, parallel.size, n_key)
     sizes = sp.Sizes(
         batch=call.batch,
         dim=call.dim,
@@ -186,12 +232,13 @@ def attention(backend, prep):
         normalize=prep.normalize,
         axis_name=parallel.axis_name,
         size=parallel.size,
-        n_key=call.n_key,
+        n_key=n_key,
         grads=sp.choose_grads(comm, sizes, mode=call.mode, backward=call.backward),
     )
     arrays, layouts = jg._arrays_and_layouts([prep.q, prep.k, prep.v, prep.planes, prep.query_mask, prep.key_mask])
+    run = _global_attention if whole else _attention
     try:
-        return _attention(arrays, config=config, layouts=layouts, out_shape=prep.lead + (call.n_query, call.value_dim))
+        return run(arrays, config=config, layouts=layouts, out_shape=prep.lead + (call.n_query, call.value_dim))
     except TypeError as exc:
         if "manual axis types do not match" not in str(exc):
             raise

@@ -346,6 +346,7 @@ class SequenceParallel:
     group: Any = None  # torch: the process group
     rank: int | None = None  # torch: this process's rank in the group (JAX: traced, lax.axis_index)
     axis_name: Any = None  # jax: the mesh axis the sequence is split over
+    mesh: Any = None  # jax, whole arrays under jax.jit with a mesh set: the mesh (inside shard_map: None)
 
 
 _SAME_HASHES = (
@@ -419,6 +420,7 @@ def _varying(x, axis_name) -> bool:
 
 
 def _check_axis(axis_name, *, planes, key) -> SequenceParallel:
+    import jax
     from jax import lax
 
     if not isinstance(axis_name, str):
@@ -426,10 +428,14 @@ def _check_axis(axis_name, *, planes, key) -> SequenceParallel:
     try:
         size = lax.axis_size(axis_name)
     except NameError:
+        # Not inside shard_map: whole arrays under a mesh set with jax.set_mesh (pjit-style sharding).
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh is not None and not mesh.empty and axis_name in mesh.axis_names:
+            return SequenceParallel(engine="jax", size=int(mesh.shape[axis_name]), axis_name=axis_name, mesh=mesh)
         raise ValueError(
             f"axis_name={axis_name!r} is not a mesh axis bound here: call yoso.attention inside "
             f"jax.shard_map(..., mesh=mesh) over a mesh with an axis {axis_name!r}, each device holding its "
-            "slice of the sequence"
+            f"slice of the sequence, or on whole arrays under jax.set_mesh(mesh)"
         ) from None
     for name, value in (("planes", planes), ("key", key)):
         if _varying(value, axis_name):
