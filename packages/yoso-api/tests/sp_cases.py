@@ -48,10 +48,10 @@ class Case:
 
 
 CASES = [
-    Case("noncausal", jax_worlds=(2,)),
-    Case("noncausal-tables", grads="tables", query_mask=True, chunk_bytes=8000),  # one hash per chunk
+    Case("noncausal"),
+    Case("noncausal-tables", grads="tables", query_mask=True, chunk_bytes=8000),  # a hash, 8 tokens a block
     Case("noncausal-ring", grads="ring", hashing="hadamard", dim=8, jax_worlds=(4,)),
-    Case("causal-tables", causal=True, grads="tables", jax_worlds=(2,), chunk_bytes=16000),
+    Case("causal-tables", causal=True, grads="tables", jax_worlds=(2,), chunk_bytes=4000),  # blocks of 4 tokens
     Case("causal-ring", causal=True, grads="ring", query_mask=True, jax_worlds=(4,)),
     Case("causal-exact-hadamard", causal=True, backward="exact", hashing="hadamard", dim=8, jax_worlds=(4,)),
     Case(
@@ -62,8 +62,11 @@ CASES = [
     Case("cross-attention", n_query=16),
     Case("uneven-causal", causal=True, lengths=(5, 19), worlds=(2,)),
     Case("uneven-ring", causal=True, grads="ring", lengths=(3, 9, 4, 8), worlds=(4,)),
-    # Through the jax backend (float32): torch tensors handed over by DLPack, and JAX arrays.
-    Case("jax-float32-causal", backend="jax", dtype="float32", causal=True, query_mask=True, jax_worlds=(4,)),
+    # Through the jax backend (float32): torch tensors handed over by DLPack (world 2 only: every rank
+    # compiles the jax programs), and JAX arrays.
+    Case(
+        "jax-float32-causal", backend="jax", dtype="float32", causal=True, query_mask=True, worlds=(2,), jax_worlds=(4,)
+    ),
 ]
 
 

@@ -86,6 +86,11 @@ class Collectives(abc.ABC):
         (no wrap-around): a Python bool where the rank is known, else a traced bool."""
 
     @abc.abstractmethod
+    def concatenate(self, arrays: list):
+        """The backend's arrays joined along axis 1 (tokens): the one array operation the composition
+        needs besides the primitives (reading tables of outer products a block of tokens at a time)."""
+
+    @abc.abstractmethod
     def sent_bytes(self, op: str, nbytes: int, rank: int | None = None) -> float:
         """Bytes one rank sends for ``op`` on a payload of ``nbytes`` (``rank`` None: the mean over ranks)
         under the engine's algorithm for it: the model the plan and the traffic report use."""
@@ -189,6 +194,9 @@ class Counting(Collectives):
 
     def earlier(self, hops):
         return self.inner.earlier(hops)
+
+    def concatenate(self, arrays):
+        return self.inner.concatenate(arrays)
 
     def sent_bytes(self, op, nbytes, rank=None):
         return self.inner.sent_bytes(op, nbytes, rank)
@@ -384,17 +392,19 @@ def _ring(comm, k, v, key_mask, dq, accumulators, pairs, *, causal, what):
 def _lower_bound_tables(backend, comm, q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *, hash_bits, causal):
     """The lower bound's dq, dk through the tables of outer products (docs/math.md#lower-bound) summed
     over ranks -- causally only the other ranks' (prefix for dq, suffix for dk; the caller adds the
-    local pairs). A few hashes at a time: ``TABLE_CHUNK_BYTES`` bounds each chunk's tables."""
+    local pairs). ``TABLE_CHUNK_BYTES`` bounds the memory: the tables are built, summed and read a few
+    hashes at a time, and each token's ``D·Dv`` outer product is formed a block of tokens at a time."""
     batch, num_hashes = q_codes.shape[0], q_codes.shape[1]
     dim, value_dim = q.shape[2], v.shape[2]
     per_hash = batch * (1 << hash_bits) * dim * value_dim * grad.dtype.itemsize
     chunk = max(1, min(num_hashes, TABLE_CHUNK_BYTES // per_hash))
+    rows = max(1, TABLE_CHUNK_BYTES // (batch * dim * value_dim * grad.dtype.itemsize))
     dq = dk = None
     for start in range(0, num_hashes, chunk):
         stop = min(num_hashes, start + chunk)
         qc, kc = q_codes[:, start:stop], k_codes[:, start:stop]
-        a = backend.bucket_tables(kc, v, mask=key_mask, hash_bits=hash_bits, outer=k)  # Σ v ⊗ k̂
-        b = backend.bucket_tables(qc, grad, mask=query_mask, hash_bits=hash_bits, outer=q)  # Σ G ⊗ q̂
+        a = _outer_tables(backend, kc, v, k, key_mask, hash_bits=hash_bits, rows=rows)  # Σ v ⊗ k̂
+        b = _outer_tables(backend, qc, grad, q, query_mask, hash_bits=hash_bits, rows=rows)  # Σ G ⊗ q̂
         if causal:
             a = comm.exclusive_prefix(a, what="lower-bound tables")
             b = comm.exclusive_suffix(b, what="lower-bound tables")
@@ -403,11 +413,43 @@ def _lower_bound_tables(backend, comm, q_codes, k_codes, q, k, v, grad, query_ma
             b = comm.all_reduce(b, what="lower-bound tables")
         # read_buckets averages over the chunk's hashes; the estimator averages over all of them.
         scale = 0.5 * hash_bits * (stop - start) / num_hashes
-        dq_part = scale * backend.read_buckets(qc, a, mask=query_mask, weights=grad)
-        dk_part = scale * backend.read_buckets(kc, b, mask=key_mask, weights=v)
+        dq_part = scale * _read_outer(backend, comm, qc, a, query_mask, grad, rows=rows)
+        dk_part = scale * _read_outer(backend, comm, kc, b, key_mask, v, rows=rows)
         dq = dq_part if dq is None else dq + dq_part
         dk = dk_part if dk is None else dk + dk_part
     return dq, dk
+
+
+def _outer_tables(backend, codes, values, outer, mask, *, hash_bits, rows):
+    """``bucket_tables(codes, values, outer=outer)``, summed over blocks of ``rows`` tokens (tables add)."""
+    n = codes.shape[2]
+    total = None
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        part = backend.bucket_tables(
+            codes[:, :, start:stop],
+            values[:, start:stop],
+            mask=None if mask is None else mask[:, start:stop],
+            hash_bits=hash_bits,
+            outer=outer[:, start:stop],
+        )
+        total = part if total is None else total + part
+    return total
+
+
+def _read_outer(backend, comm, codes, tables, mask, weights, *, rows):
+    """``read_buckets(codes, tables, weights=weights)`` a block of ``rows`` tokens at a time, joined."""
+    n = codes.shape[2]
+    parts = [
+        backend.read_buckets(
+            codes[:, :, start : min(n, start + rows)],
+            tables,
+            mask=None if mask is None else mask[:, start : min(n, start + rows)],
+            weights=weights[:, start : min(n, start + rows)],
+        )
+        for start in range(0, n, rows)
+    ]
+    return parts[0] if len(parts) == 1 else comm.concatenate(parts)
 
 
 def _expectation_forward(backend, comm, q, k, v, query_mask, key_mask, *, hash_bits, causal):
@@ -516,6 +558,8 @@ class _ModelCollectives(Collectives):
 
     def earlier(self, hops):  # pragma: no cover
         raise NotImplementedError
+
+    concatenate = earlier
 
 
 def torch_sent_bytes(size: int, op: str, nbytes: int, rank: int | None = None) -> float:

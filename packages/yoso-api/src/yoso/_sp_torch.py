@@ -123,6 +123,15 @@ class TorchCollectives(sp.Collectives):
     def earlier(self, hops):
         return self.rank - hops >= 0
 
+    def concatenate(self, arrays):
+        if self.framework == "numpy":
+            return np.concatenate(arrays, axis=1)
+        if self.framework == "torch":
+            return torch.cat(arrays, dim=1)
+        import jax.numpy as jnp
+
+        return jnp.concatenate(arrays, axis=1)
+
     def sent_bytes(self, op, nbytes, rank=None):
         return sp.torch_sent_bytes(self.size, op, nbytes, rank)
 
