@@ -7,11 +7,11 @@ process may add to its address space once torch, JAX and the process group are u
 same budget can be tried with one process and with several:
 
     # four processes with torchrun (or on four machines: --nnodes, --rdzv-endpoint)
-    torchrun --standalone --nproc-per-node 4 examples/sequence_parallel.py --n 1048576 --memory-gib 1.25
+    torchrun --standalone --nproc-per-node 4 examples/sequence_parallel.py --seq-len 1048576 --memory-gib 1.25
     # the same without torchrun: this script starts the four processes itself (same environment variables)
-    python examples/sequence_parallel.py --spawn 4 --n 1048576 --memory-gib 1.25
+    python examples/sequence_parallel.py --spawn 4 --seq-len 1048576 --memory-gib 1.25
     # one process, the same budget: runs out of memory
-    python examples/sequence_parallel.py --spawn 1 --n 1048576 --memory-gib 1.25
+    python examples/sequence_parallel.py --spawn 1 --seq-len 1048576 --memory-gib 1.25
 
 On GPUs (one per rank, NCCL) add ``--device cuda``: the tensors stay on the CPU, where a table-capable
 backend computes, and the messages go over NCCL.
@@ -32,7 +32,7 @@ OUT_OF_MEMORY = 3
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1 << 20, help="the whole sequence length N (default 1048576)")
+    p.add_argument("--seq-len", type=int, default=1 << 20, help="the whole sequence length N (default 1048576)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--dim", type=int, default=32, help="head dim D = Dv (default 32)")
@@ -109,9 +109,9 @@ def rank_main(args) -> int:
     if "MASTER_PORT" not in os.environ:  # a lone process without torchrun or --spawn
         os.environ["MASTER_PORT"] = "29500"
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    if args.n % world:
-        raise SystemExit(f"--n {args.n} does not split evenly over {world} processes")
-    n = args.n // world
+    if args.seq_len % world:
+        raise SystemExit(f"--seq-len {args.seq_len} does not split evenly over {world} processes")
+    n = args.seq_len // world
     options = dict(
         seed=args.seed,
         num_hashes=args.num_hashes,
@@ -135,7 +135,7 @@ def rank_main(args) -> int:
         if args.memory_gib is not None:
             limit = before + int(args.memory_gib * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        result = dict(rank=rank, world=world, n=args.n, rows=n, backend=backend, budget_gib=args.memory_gib)
+        result = dict(rank=rank, world=world, n=args.seq_len, rows=n, backend=backend, budget_gib=args.memory_gib)
         code = 0
         try:
             torch.manual_seed(args.seed + rank)
@@ -173,7 +173,7 @@ def summary(args, rows) -> None:
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
     first = rows[0]
     print(
-        f"\nN = {args.n} over {first['world']} processes ({first['rows']} rows each), B = {args.batch}, "
+        f"\nN = {args.seq_len} over {first['world']} processes ({first['rows']} rows each), B = {args.batch}, "
         f"H = {args.heads}, D = Dv = {args.dim}, m = {args.num_hashes}, tau = {args.hash_bits}, "
         f"{'causal' if args.causal else 'non-causal'}, backend {first['backend']}, "
         f"budget {args.memory_gib if args.memory_gib is not None else 'none'} GiB per process"
