@@ -184,6 +184,10 @@ def _global_attention(arrays, *, config: _Config, layouts, out_shape):
     given = [i for i, x in enumerate(inputs) if x is not None]
     rows, masks = P(None, config.axis_name, None), P(None, config.axis_name)
     specs = {0: rows, 1: rows, 2: rows, 3: P(), 4: masks, 5: masks}  # q, k, v, planes, query/key masks
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.axis_types[mesh.axis_names.index(config.axis_name)] == jax.sharding.AxisType.Explicit:
+        # Sharding in types: the arrays must arrive split as shard_map takes them (a no-op if they are).
+        inputs = [x if x is None else jax.reshard(x, specs[i]) for i, x in enumerate(inputs)]
 
     def local(*present):
         full = [None] * len(inputs)

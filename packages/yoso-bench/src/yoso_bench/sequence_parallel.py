@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 SCHEMA = "yoso-bench-sp/1"
-DEFAULT_NS = (4096, 8192, 16384, 32768)
+DEFAULT_NS = (2048, 4096, 8192, 16384)
 QUICK_NS = (1024, 4096)
 DEFAULT_HEADS, QUICK_HEADS = 4, 2
 TIMEOUT_S = 1800
