@@ -102,6 +102,15 @@ def errors(rank: int, world: int, group) -> dict:
             found[expected] = "no error"
         except ValueError as exc:
             found[expected] = "ok" if expected in str(exc) else str(exc)
+    # Hash functions drawn on one rank (fresh entropy) and broadcast: accepted.
+    drawn = [yoso.hash_planes(4, 3, 8) if rank == 0 else None]
+    dist.broadcast_object_list(drawn, src=0, group=group)
+    try:
+        with yoso.set_backend("reference"):
+            yoso.attention(x, x, x, planes=drawn[0], num_hashes=4, hash_bits=3, group=group)
+        found["broadcast planes"] = "ok"
+    except ValueError as exc:
+        found["broadcast planes"] = str(exc)
     return found
 
 
