@@ -131,6 +131,12 @@ def errors() -> dict:
             found["explicit batch"] = "no error"
         except ValueError as exc:
             found["explicit batch"] = "ok" if "sharded explicitly" in str(exc) else str(exc)
+        try:  # whole arrays of lengths that do not split over the axis
+            z = jnp.ones((1, 5, 4))
+            jax.jit(lambda z: yoso.attention(z, z, z, seed=0, axis_name="sp"))(z)
+            found["uneven whole arrays"] = "no error"
+        except ValueError as exc:
+            found["uneven whole arrays"] = "ok" if "must divide evenly" in str(exc) else str(exc)
     # ... and the jax backend's loops say what to do (until they carry varying types).
     try:
         jax.jit(in_map(lambda x: yoso.attention(x, x, x, seed=0, num_hashes=2, hash_bits=2, axis_name="sp"), True))(x)

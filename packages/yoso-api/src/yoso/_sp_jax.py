@@ -210,12 +210,7 @@ def attention(backend, prep):
     device's slice; with whole arrays under a mesh (jax.set_mesh), the whole result."""
     call = prep.call
     parallel = prep.parallel
-    whole = parallel.mesh is not None
-    if whole and (call.n_query % parallel.size or call.n_key % parallel.size):
-        raise ValueError(
-            f"axis_name={parallel.axis_name!r} splits the sequence over {parallel.size} devices: the lengths must "
-            f"divide evenly, got Nq={call.n_query}, Nk={call.n_key}"
-        )
+    whole = parallel.mesh is not None  # lengths that divide evenly: checked by _validate
     n_key = call.n_key // parallel.size if whole else call.n_key
     comm = JaxCollectives(parallel.axis_name, parallel.size, n_key)
     sizes = sp.Sizes(

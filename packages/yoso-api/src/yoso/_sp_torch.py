@@ -178,7 +178,7 @@ def _layout(prep) -> tuple[dict, dict]:
     )
     shown = dict(
         values,
-        lead=list(prep.lead),
+        lead=f"{list(prep.lead)} (checksum {lead})",
         dtype=call.dtype,
         mode=call.mode,
         hashing=call.hashing,
@@ -196,6 +196,21 @@ _ORDER = tuple(name for name in RANK_FIELDS if name != "planes") + ("planes0", "
 _SHOWN = tuple(name for name in RANK_FIELDS if name != "planes")
 
 
+_NAMES = {"dtype": FLOAT_DTYPES, "mode": MODES, "hashing": HASHINGS, "backward": BACKWARDS}
+_FLAGS = ("causal", "normalize", "key_padding_mask", "query_mask", "requires_grad")
+
+
+def _shown(name: str, value: float):
+    """Another rank's field as its error message shows it (the exchanged numbers decoded)."""
+    if name in _NAMES:
+        return _NAMES[name][int(value)]
+    if name in _FLAGS:
+        return bool(value)
+    if name == "lead":
+        return f"other dims (checksum {int(value)})"
+    return int(value)
+
+
 def exchange_layouts(comm: TorchCollectives, prep) -> list[dict]:
     """Every rank's layout (one all-gather of float64 numbers: exact for integers below 2**53), checked."""
     values, shown = _layout(prep)
@@ -208,8 +223,10 @@ def exchange_layouts(comm: TorchCollectives, prep) -> list[dict]:
         row = dict(zip(_ORDER, t.tolist()))
         row["planes"] = (row.pop("planes0"), row.pop("planes1"))
         rows.append(row)
-    # The other ranks' values are shown as numbers (only this rank's own are known by name).
-    described = {name: [shown[name] if r == comm.rank else row[name] for r, row in enumerate(rows)] for name in _SHOWN}
+    described = {
+        name: [shown[name] if r == comm.rank else _shown(name, row[name]) for r, row in enumerate(rows)]
+        for name in _SHOWN
+    }
     described["planes"] = [row["planes"] for row in rows]
     check_ranks_agree(rows, described=described)
     return rows

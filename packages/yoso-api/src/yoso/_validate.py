@@ -196,9 +196,6 @@ def prepare(
     _check_flag("causal", causal)
     _check_flag("normalize", normalize)
     num_hashes, hash_bits = int(num_hashes), int(hash_bits)
-    parallel = check_sequence_parallel(
-        glue, group=group, axis_name=axis_name, mode=mode, planes=planes, seed=seed, generator=generator, key=key
-    )
 
     shapes, dtypes, devices = {}, {}, {}
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -219,6 +216,17 @@ def prepare(
             f"causal=True needs as many queries as keys; got q {_fmt(shapes['q'])} (Nq={n_query}), "
             f"k {_fmt(shapes['k'])} (Nk={n_key})"
         )
+    parallel = check_sequence_parallel(
+        glue,
+        group=group,
+        axis_name=axis_name,
+        mode=mode,
+        planes=planes,
+        seed=seed,
+        generator=generator,
+        key=key,
+        lengths=(n_query, n_key),
+    )
     lead = _broadcast_lead(shapes)
     batch = math.prod(lead)
 
@@ -356,10 +364,11 @@ _SAME_HASHES = (
 )
 
 
-def check_sequence_parallel(glue, *, group, axis_name, mode, planes, seed, generator, key):
+def check_sequence_parallel(glue, *, group, axis_name, mode, planes, seed, generator, key, lengths=None):
     """The local rules of ``group=`` / ``axis_name=`` (types, membership, hash functions that agree across
-    ranks); None when neither is given. What must agree across torch ranks is checked by
-    :func:`check_ranks_agree` on the layouts the ranks exchange when the call runs."""
+    ranks, lengths that split evenly where JAX splits whole arrays); None when neither is given. What must
+    agree across torch ranks is checked by :func:`check_ranks_agree` on the layouts the ranks exchange when
+    the call runs (slices of different lengths are fine there; inside jax.shard_map they are equal)."""
     if group is None and axis_name is None:
         return None
     if group is not None and axis_name is not None:
@@ -381,7 +390,13 @@ def check_sequence_parallel(glue, *, group, axis_name, mode, planes, seed, gener
             raise ValueError(f"seed=None draws hash functions per process; with {_parallel_arg(group)} {_SAME_HASHES}")
     if group is not None:
         return _check_group(group)
-    return _check_axis(axis_name, planes=planes, key=key)
+    parallel = _check_axis(axis_name, planes=planes, key=key)
+    if parallel.mesh is not None and lengths is not None and any(n % parallel.size for n in lengths):
+        raise ValueError(
+            f"axis_name={axis_name!r} splits whole arrays over the {parallel.size} devices of that mesh axis: the "
+            f"lengths must divide evenly, got Nq={lengths[0]}, Nk={lengths[1]}"
+        )
+    return parallel
 
 
 def _parallel_arg(group) -> str:
