@@ -65,8 +65,10 @@ def attention(
             rank passes its contiguous slice of q, k, v and of the masks (ranks in order) and gets its slice
             of the full-sequence result (and, through autograd, of the gradients). Every rank must use the
             same hash functions (``seed=<int>`` or ``planes=``) and run the backward. docs/math.md#sequence-parallelism.
-        axis_name: JAX only, the same inside ``jax.shard_map``: the name of the mesh axis the sequence is
-            split over (``psum`` and collective permutes over it).
+        axis_name: JAX only, the same for a mesh axis: inside ``jax.shard_map`` each device passes its slice
+            and gets its slice (``psum`` and collective permutes over the axis; the shard_map needs
+            ``check_vma=False`` for now); on whole arrays under ``jax.jit`` with ``jax.set_mesh(mesh)``, the
+            axis the sequence dim is split over (yoso writes the shard_map).
 
     Returns:
         ``[..., Nq, Dv]`` in q's framework, device and dtype.
