@@ -135,7 +135,8 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def api(session: nox.Session) -> None:
     """yoso-api's own tests, once (selection, plugins, the yoso command, bad input from NumPy, torch and JAX
-    callers), and yoso-bench's (yoso bench on a tiny grid, yoso demo)."""
+    callers; sequence parallelism over gloo processes and a 4-device jax.shard_map, each in processes of
+    their own), and yoso-bench's (yoso bench on a tiny grid, --sequence-parallel 2, yoso demo)."""
     packages = ["-e", REFERENCE, "-e", API, "-e", JAX_BACKENDS, "-e", f"{BENCH}[plot]"]
     session.install(TORCH, JAX, *TEST_TOOLS, *packages)
     _pytest(session, f"{API}/tests", f"{BENCH}/tests")

@@ -28,6 +28,8 @@ def attention(
     seed=None,
     generator=None,
     key=None,
+    group=None,
+    axis_name=None,
 ):
     """YOSO attention: LSH-sampled (``mode="sample"``, YOSO-m) or expected (``"expectation"``, YOSO-E).
 
@@ -59,13 +61,26 @@ def attention(
         key: JAX only, a PRNG key (``jax.random.key(0)``) to draw the hash functions from; the way to get
             fresh hash functions per step inside ``jax.jit`` (``seed=None`` without a key is refused
             there, since the draw would happen once per trace).
+        group: torch only, a ``torch.distributed`` process group over which the sequence is split: each
+            rank passes its contiguous slice of q, k, v and of the masks (ranks in order) and gets its slice
+            of the full-sequence result (and, through autograd, of the gradients). Every rank must use the
+            same hash functions (``seed=<int>`` or ``planes=``) and run the backward. docs/math.md#sequence-parallelism.
+        axis_name: JAX only, the same for a mesh axis: inside ``jax.shard_map`` each device passes its slice
+            and gets its slice (``psum`` and collective permutes over the axis; the shard_map needs
+            ``check_vma=False`` for now); on whole arrays under ``jax.jit`` with ``jax.set_mesh(mesh)``, the
+            axis the sequence dim is split over (yoso writes the shard_map).
 
     Returns:
         ``[..., Nq, Dv]`` in q's framework, device and dtype.
     """
     glue = glue_for(("q", "k", "v"), (q, k, v))
     prep = _prepare(glue, q, k, v, options=locals())
-    return glue.attention(glue.select(prep.call), prep)
+    backend = glue.select(prep.call)
+    if prep.parallel is not None:  # a sequence split across ranks: yoso/_sequence_parallel.py
+        from ._sequence_parallel import attention as parallel_attention
+
+        return parallel_attention(glue, backend, prep)
+    return glue.attention(backend, prep)
 
 
 _OPTIONS = tuple(attention.__kwdefaults__)

@@ -11,11 +11,18 @@ class _Bench:
     help = "time and memory vs N against torch SDPA and YOSO-E, and error vs N: JSON and figures"
 
     def add_arguments(self, parser) -> None:
+        from . import sequence_parallel
         from .options import add_arguments
 
         add_arguments(parser)
+        sequence_parallel.add_arguments(parser)
 
     def run(self, args) -> int:
+        if getattr(args, "sequence_parallel", None) is not None:  # one layer split over processes
+            from . import sequence_parallel
+
+            sequence_parallel.run(sequence_parallel.config_from_args(args, getattr(args, "argv", None)))
+            return 0
         from .options import config_from_args
         from .runner import run
 
