@@ -60,6 +60,17 @@ class YosoSelfAttention(nn.Module):
     ``key_padding_mask`` is bool ``[B, N]`` with **True = a real token** (yoso's convention; note that
     ``torch.nn.MultiheadAttention`` uses True = ignore). Padded tokens cannot change the outputs of real
     tokens, and their own output rows are exactly zero before the output projection.
+
+    **Generation** (``causal=True``): ``y, state = layer(x, use_cache=True)`` also returns the layer's
+    recurrent state (a :class:`yoso.State`: per head ``num_hashes * 2**hash_bits * head_dim`` numbers, whatever
+    the length), and ``layer(x_next, past_state=state, use_cache=True)`` continues the sequence: chunked prefill
+    and one-token decoding are the same call, and the outputs equal those of one call over the whole sequence
+    with the same hash functions. Those are drawn at the first call (``eval_seed`` in ``eval()``, else torch's
+    RNG) and then come from the state, fixed for the sequence. The attention must be sampled
+    (``eval_mode="sample"`` in ``eval()``; YOSO-E has no finite state), and ``conv_window`` is refused (its
+    convolution would need the last values, which the state does not hold). ``differentiable_state=True``
+    makes the state carry the key tables that gradients w.r.t. the projections need across chunks
+    (``head_dim`` times larger; docs/math.md#recurrent-state).
     """
 
     def __init__(
@@ -168,16 +179,53 @@ class YosoSelfAttention(nn.Module):
         left, right = (w - 1, 0) if self.causal else ((w - 1) // 2, w // 2)
         return self.conv(F.pad(v, (0, 0, left, right)))
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [B, N, embed_dim]``, optional bool ``key_padding_mask [B, N]`` (True = real) -> ``[B, N, embed_dim]``."""
+    def _check_state(self, mode: str, past_state, use_cache: bool) -> None:
+        if past_state is None and not use_cache:
+            return
+        if not self.causal:
+            raise ValueError("past_state/use_cache need a causal layer (causal=True): a state carries the keys so far")
+        if mode != "sample":
+            what = "mode='expectation'" if self.training or self.mode == "expectation" else "eval_mode='expectation'"
+            raise ValueError(
+                f"past_state/use_cache need sampled attention, but the layer computes YOSO-E ({what}), which has no "
+                "finite state; build it with eval_mode='sample' (and eval_seed= for fixed hash functions) to generate"
+            )
+        if self.conv is not None:
+            raise ValueError("past_state/use_cache do not support conv_window (YOSO-C): the state holds no values")
+        if past_state is not None and not isinstance(past_state, yoso.State):
+            raise TypeError(
+                f"past_state must be the yoso.State a call with use_cache=True returned, got {past_state!r}"
+            )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        *,
+        past_state: yoso.State | None = None,
+        use_cache: bool = False,
+        differentiable_state: bool = False,
+    ):
+        """``x [B, N, embed_dim]``, optional bool ``key_padding_mask [B, N]`` (True = real) -> ``[B, N, embed_dim]``.
+
+        With ``use_cache=True``: ``(out, state)``; ``past_state`` continues a sequence (see the class docstring).
+        """
         self._check_inputs(x, key_padding_mask)
+        mode, seed = self._mode_and_seed()
+        self._check_state(mode, past_state, use_cache)
         batch, length, _ = x.shape
         heads = (batch, length, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(heads).transpose(1, 2)  # [B, H, N, Dh]
         k = self.k_proj(x).view(heads).transpose(1, 2)
         v = self.v_proj(x).view(heads).transpose(1, 2)
         mask = None if key_padding_mask is None else key_padding_mask[:, None, :]  # broadcast over heads
-        mode, seed = self._mode_and_seed()
+        state_options = {}
+        if past_state is not None or use_cache:
+            # The state holds the hash functions after the first call: no new draw, no seed to compare.
+            seed = seed if past_state is None else None
+            state_options = dict(
+                initial_state=past_state, output_final_state=use_cache, differentiable_state=differentiable_state
+            )
         out = yoso.attention(
             q,
             k,
@@ -192,11 +240,16 @@ class YosoSelfAttention(nn.Module):
             backward=self.backward,
             normalize=self.normalize,
             seed=seed,
+            **state_options,
         )
+        state = None
+        if use_cache:
+            out, state = out
         if self.conv is not None:
             conv = self._depthwise_conv(v, key_padding_mask)
             if mask is not None:
                 conv = conv * mask[..., None].to(conv.dtype)
             out = out + conv
         out = out.transpose(1, 2).reshape(batch, length, self.embed_dim)
-        return self.dropout(self.out_proj(out))
+        out = self.dropout(self.out_proj(out))
+        return (out, state) if use_cache else out
