@@ -379,3 +379,27 @@ def test_backends_without_tables_refuse_state_calls(target, rng):
     pb = _problem(rng)
     with pytest.raises(ValueError, match="bucket-table access"):
         target.attention(pb["q"], pb["k"], pb["v"], causal=True, output_final_state=True, num_hashes=M, hash_bits=TAU)
+
+
+def test_torch_compile_carries_the_state(torch_target, rng):
+    """``yoso::core_state`` has fake implementations: a chunk continuing a state traces with
+    ``torch.compile(fullgraph=True)`` and equals the eager call."""
+    import torch
+
+    if not torch_target.backend.has_tables:
+        pytest.skip(f"the {torch_target.name!r} backend has no bucket tables (has_tables is False)")
+    pb = _problem(rng, n=6)
+    q, k, v = (torch_target.array(pb[n]) for n in "qkv")
+    kw = dict(causal=True, num_hashes=M, hash_bits=TAU, output_final_state=True)
+
+    def chunk(q, k, v, state):
+        return yoso.attention(q, k, v, initial_state=state, **kw)
+
+    with yoso.set_backend(torch_target.name):
+        _, state = yoso.attention(q[..., :3, :], k[..., :3, :], v[..., :3, :], planes=pb["planes"], **kw)
+        eager, eager_state = chunk(q[..., 3:, :], k[..., 3:, :], v[..., 3:, :], state)
+        compiled, compiled_state = torch.compile(chunk, fullgraph=True)(
+            q[..., 3:, :], k[..., 3:, :], v[..., 3:, :], state
+        )
+    assert_close(to_numpy(compiled), to_numpy(eager), torch_target.dtype, "compiled chunk")
+    assert_close(to_numpy(compiled_state.tables), to_numpy(eager_state.tables), torch_target.dtype, "compiled state")

@@ -1,12 +1,13 @@
 """A character-level causal language model on this repository's own documentation, with softmax or YOSO
 attention, and generation token by token with YOSO's carried state.
 
-The text is README.md and docs/*.md of this repository (about 120 KB; the last 10% is held out). Both models
+The text is README.md and docs/*.md of this repository (about 100 KB; the last 10% is held out). The models
 share everything -- seed, initialisation, data order, optimiser, steps -- except the attention: ``softmax``
-(torch's scaled_dot_product_attention, causal) and ``yoso`` (yoso_models.nn.YosoSelfAttention, causal N-YOSO-m,
-fresh hash functions every training step). Validation perplexity is per character; YOSO's is reported with
-the sampled attention it generates with (one fixed draw of hash functions, ``eval_seed``) and with its
-expectation (YOSO-E, quadratic, the layer's default ``eval()``).
+(torch's scaled_dot_product_attention, causal), ``yoso`` (yoso_models.nn.YosoSelfAttention, causal N-YOSO-m,
+fresh hash functions every training step) and ``yoso-c`` (the same with the paper's YOSO-C depthwise
+convolution over the last ``--conv-window`` values of each head, which the state carries too). Validation
+perplexity is per character; YOSO's is reported with the sampled attention it generates with (one fixed draw
+of hash functions, ``eval_seed``) and with its expectation (YOSO-E, quadratic, the layer's default ``eval()``).
 
 Generation prefills the prompt in one call per layer and then decodes one character per call, each layer
 carrying its ``yoso.State`` (``past_state=`` / ``use_cache=True``): constant work per token, whatever the
@@ -105,7 +106,9 @@ class Block(nn.Module):
 class CharLM(nn.Module):
     """Embeddings (characters, learned absolute positions), pre-norm transformer blocks, a linear head."""
 
-    def __init__(self, vocab: int, *, dim: int, layers: int, heads: int, context: int, attention: str, yoso_options):
+    def __init__(
+        self, vocab: int, *, dim: int, layers: int, heads: int, context: int, attention: str, yoso_options: dict
+    ):
         super().__init__()
         self.context = context
         self.embed = nn.Embedding(vocab, dim)
@@ -114,7 +117,9 @@ class CharLM(nn.Module):
         def make_attention():
             if attention == "softmax":
                 return SoftmaxSelfAttention(dim, heads)
-            return YosoSelfAttention(dim, heads, causal=True, eval_mode="sample", eval_seed=0, **yoso_options)
+            conv = {"conv_window": yoso_options["conv_window"]} if attention == "yoso-c" else {}
+            options = {k: v for k, v in yoso_options.items() if k != "conv_window"}
+            return YosoSelfAttention(dim, heads, causal=True, eval_mode="sample", eval_seed=0, **options, **conv)
 
         self.blocks = nn.ModuleList(Block(dim, make_attention()) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
@@ -138,7 +143,7 @@ class CharLM(nn.Module):
 
 def build(kind: str, vocab: int, args) -> CharLM:
     torch.manual_seed(args.seed)  # the same initialisation for both models (their parameters have equal shapes)
-    yoso_options = dict(num_hashes=args.num_hashes, hash_bits=args.hash_bits)
+    yoso_options = dict(num_hashes=args.num_hashes, hash_bits=args.hash_bits, conv_window=args.conv_window)
     return CharLM(
         vocab,
         dim=args.dim,
@@ -222,8 +227,15 @@ def generate(model: CharLM, corpus: Corpus, prompt: str, new_tokens: int, seed: 
     recomputed = full[:, len(prompt) - 1 :]
     incremental = torch.stack(steps[: recomputed.shape[1]], dim=1)
     torch.testing.assert_close(incremental, recomputed, rtol=1e-4, atol=1e-4)
-    state_numbers = sum(s.tables.numel() for s in states) if states[0] is not None else 0
-    return corpus.decode(ids[0]), per_token, state_numbers
+    numbers = sum(t.numel() for state in states for t in _tensors(state))
+    return corpus.decode(ids[0]), per_token, numbers
+
+
+def _tensors(state):
+    """Every tensor a layer's state holds (a yoso.State, or YOSO-C's pair of one and the last values)."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    return [t for part in state if part is not None for t in _tensors(part)]
 
 
 # ---- main ----------------------------------------------------------------------------------------------
@@ -239,17 +251,18 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--num-hashes", type=int, default=16, help="m, hashes per YOSO call")
     p.add_argument("--hash-bits", type=int, default=6, help="tau")
+    p.add_argument("--conv-window", type=int, default=4, help="YOSO-C's convolution window (the yoso-c model)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--generate", type=int, default=120, help="characters to generate (at most --context)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
-    p.add_argument("--models", default="softmax,yoso", help="comma-separated: softmax, yoso")
+    p.add_argument("--models", default="softmax,yoso,yoso-c", help="comma-separated: softmax, yoso, yoso-c")
     p.add_argument("--log-every", type=int, default=250)
     p.add_argument("--smoke", action="store_true", help="a tiny model for a few steps: seconds")
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.batch, args.context, args.dim, args.heads = 6, 4, 32, 32, 2
-        args.num_hashes, args.hash_bits, args.generate, args.log_every = 4, 4, 12, 0
+        args.num_hashes, args.hash_bits, args.generate, args.log_every, args.conv_window = 4, 4, 12, 0, 3
     return args
 
 
@@ -261,7 +274,7 @@ def main(argv=None) -> int:
         f"text: README.md + docs/*.md, {len(corpus.train) + len(corpus.val)} characters ({len(corpus.chars)} "
         f"distinct), {len(corpus.val)} held out; {args.layers} layers, dim {args.dim}, {args.heads} heads, "
         f"context {args.context}, {args.steps} steps of {args.batch}; YOSO m = {args.num_hashes}, tau = "
-        f"{args.hash_bits}; backend for torch tensors: "
+        f"{args.hash_bits}, YOSO-C window {args.conv_window}; backend for torch tensors: "
         f"{yoso.backend_for(*(torch.zeros(1, 4, 8) for _ in range(3)), causal=True)}",
         flush=True,
     )
@@ -271,16 +284,16 @@ def main(argv=None) -> int:
         print(f"{kind}: training", flush=True)
         model = build(kind, len(corpus.chars), args)
         losses, seconds = train(model, corpus, args)
-        if kind == "yoso":
+        if kind.startswith("yoso"):
+            name = f"{kind}-{args.num_hashes}" + (f", window {args.conv_window}" if kind == "yoso-c" else "")
             set_yoso_eval_mode(model, "sample")
-            rows.append((f"yoso-{args.num_hashes} (sampled, fixed hash functions)", perplexity(model, corpus, args)))
-            rows[-1] += (seconds,)
+            rows.append((f"{name} (sampled, fixed hash functions)", perplexity(model, corpus, args), seconds))
             set_yoso_eval_mode(model, "expectation")
-            rows.append(("yoso-e (same model, eval: expectation)", perplexity(model, corpus, args), None))
+            rows.append((f"{name}: same model, eval = expectation", perplexity(model, corpus, args), None))
             set_yoso_eval_mode(model, "sample")
             text, per_token, numbers = generate(model, corpus, prompt, args.generate, args.seed)
             print(
-                f"yoso: generated with the carried state ({1e3 * per_token:.1f} ms per character; state "
+                f"{kind}: generated with the carried state ({1e3 * per_token:.1f} ms per character; state "
                 f"{numbers} numbers for the {args.layers} layers, whatever the length); every step's logits "
                 f"equal a full recomputation's:\n---\n{text}\n---",
                 flush=True,

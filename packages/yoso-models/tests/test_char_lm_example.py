@@ -33,7 +33,13 @@ def test_corpus_is_the_repositorys_documentation(char_lm):
 def test_smoke_run(char_lm, capsys):
     assert char_lm.main(["--smoke"]) == 0
     out = capsys.readouterr().out
-    assert "equal a full recomputation's" in out
-    for row in ("softmax", "yoso-4 (sampled, fixed hash functions)", "yoso-e (same model, eval: expectation)"):
+    assert out.count("equal a full recomputation's") == 2  # yoso and yoso-c
+    rows = (
+        "softmax",
+        "yoso-4 (sampled, fixed hash functions)",
+        "yoso-4: same model, eval = expectation",
+        "yoso-c-4, window 3 (sampled, fixed hash functions)",
+    )
+    for row in rows:
         match = re.search(rf"^\| {re.escape(row)} \| ([\d.]+) \|", out, re.MULTILINE)
         assert match and 1.0 <= float(match.group(1)) < 1000.0, row

@@ -227,11 +227,13 @@ def _chunks(layer, x, mask, bounds, **kwargs):
     return torch.cat(outs, 1), state
 
 
+@pytest.mark.parametrize("conv_window", [None, 3], ids=["yoso", "yoso-c"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_generation_with_the_state_equals_full_recomputation(training):
+def test_generation_with_the_state_equals_full_recomputation(training, conv_window):
     """Prefill a chunk, then decode token by token carrying the state: the outputs equal one call over the
-    whole sequence with the same hash functions (eval: eval_seed; training: the same torch RNG draw)."""
-    layer = _layer(causal=True, eval_mode="sample", eval_seed=3)
+    whole sequence with the same hash functions (eval: eval_seed; training: the same torch RNG draw). YOSO-C
+    carries the last conv_window - 1 values too."""
+    layer = _layer(causal=True, eval_mode="sample", eval_seed=3, conv_window=conv_window)
     layer.train(training)
     x, mask = _x(), _mask(lengths=(11, 9))
     torch.manual_seed(7)
@@ -240,6 +242,9 @@ def test_generation_with_the_state_equals_full_recomputation(training):
     with torch.no_grad():
         chunked, state = _chunks(layer, x, mask, [0, 5, 6, 7, 8, 9, 10, 11])
     torch.testing.assert_close(chunked, full.detach(), rtol=1e-5, atol=1e-6)
+    if conv_window is not None:
+        assert tuple(state.values.shape) == (2, H, conv_window - 1, E // H)
+        state = state.attention
     assert isinstance(state, yoso.State) and tuple(state.tables.shape) == (2, H, 8, 2**4, E // H)
     assert state.key_tables is None
 
@@ -268,7 +273,6 @@ def test_gradients_through_the_state_equal_full_backpropagation():
         (dict(causal=False, eval_mode="sample"), "need a causal layer"),
         (dict(causal=True), r"need sampled attention.*eval_mode='expectation'"),
         (dict(causal=True, mode="expectation"), r"need sampled attention.*mode='expectation'"),
-        (dict(causal=True, eval_mode="sample", conv_window=3), "do not support conv_window"),
     ],
 )
 def test_state_refusals(kwargs, match):
@@ -279,5 +283,8 @@ def test_state_refusals(kwargs, match):
 
 def test_past_state_must_be_a_state():
     layer = _layer(causal=True).train()
-    with pytest.raises(TypeError, match="past_state must be the yoso.State"):
+    with pytest.raises(TypeError, match="past_state must be the State a call of this layer"):
         layer(_x(), past_state=(1, 2))
+    _, state = layer(_x(), use_cache=True)
+    with pytest.raises(TypeError, match="past_state must be the YosoCState"):
+        _layer(causal=True, conv_window=2).train()(_x(), past_state=state)

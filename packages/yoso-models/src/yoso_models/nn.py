@@ -11,6 +11,7 @@ Importing this module imports torch; ``import yoso_models`` alone does not.
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,16 @@ import yoso
 
 from ._checks import EVAL_MODES, check_dropout, check_layer
 
-__all__ = ["EVAL_MODES", "YosoSelfAttention"]
+__all__ = ["EVAL_MODES", "YosoCState", "YosoSelfAttention"]
+
+
+class YosoCState(NamedTuple):
+    """The state of a YOSO-C layer (``conv_window`` set): the attention's :class:`yoso.State` and the last
+    ``conv_window - 1`` (padding-masked) values per head, ``[B, H, conv_window - 1, head_dim]``, which the
+    causal convolution of the next tokens reads. Both are of constant size."""
+
+    attention: yoso.State
+    values: torch.Tensor
 
 
 class YosoSelfAttention(nn.Module):
@@ -67,8 +77,9 @@ class YosoSelfAttention(nn.Module):
     and one-token decoding are the same call, and the outputs equal those of one call over the whole sequence
     with the same hash functions. Those are drawn at the first call (``eval_seed`` in ``eval()``, else torch's
     RNG) and then come from the state, fixed for the sequence. The attention must be sampled
-    (``eval_mode="sample"`` in ``eval()``; YOSO-E has no finite state), and ``conv_window`` is refused (its
-    convolution would need the last values, which the state does not hold). ``differentiable_state=True``
+    (``eval_mode="sample"`` in ``eval()``; YOSO-E has no finite state). With ``conv_window`` (YOSO-C) the state
+    is a :class:`YosoCState`: the attention's state and the last ``conv_window - 1`` values, which the causal
+    convolution of the next tokens needs. ``differentiable_state=True``
     makes the state carry the key tables that gradients w.r.t. the projections need across chunks
     (``head_dim`` times larger; docs/math.md#recurrent-state).
     """
@@ -179,6 +190,18 @@ class YosoSelfAttention(nn.Module):
         left, right = (w - 1, 0) if self.causal else ((w - 1) // 2, w // 2)
         return self.conv(F.pad(v, (0, 0, left, right)))
 
+    def _continued_conv(self, v: torch.Tensor, mask: torch.Tensor | None, state: YosoCState | None):
+        """The causal convolution of a chunk continuing ``state``: ``(conv, the last conv_window - 1 values)``.
+
+        The chunk's (masked) values follow the carried ones, which stand where the one-shot call's left
+        zero padding or earlier values stand, so the result is the one-shot call's rows for these tokens."""
+        if mask is not None:
+            v = v * mask[:, None, :, None].to(v.dtype)
+        w = self.conv_window
+        earlier = v.new_zeros(v.shape[:2] + (w - 1, v.shape[3])) if state is None else state.values
+        values = torch.cat([earlier, v], dim=2)
+        return self.conv(values), values[:, :, values.shape[2] - (w - 1) :]
+
     def _check_state(self, mode: str, past_state, use_cache: bool) -> None:
         if past_state is None and not use_cache:
             return
@@ -190,11 +213,11 @@ class YosoSelfAttention(nn.Module):
                 f"past_state/use_cache need sampled attention, but the layer computes YOSO-E ({what}), which has no "
                 "finite state; build it with eval_mode='sample' (and eval_seed= for fixed hash functions) to generate"
             )
-        if self.conv is not None:
-            raise ValueError("past_state/use_cache do not support conv_window (YOSO-C): the state holds no values")
-        if past_state is not None and not isinstance(past_state, yoso.State):
+        expected = yoso.State if self.conv is None else YosoCState
+        if past_state is not None and not isinstance(past_state, expected):
             raise TypeError(
-                f"past_state must be the yoso.State a call with use_cache=True returned, got {past_state!r}"
+                f"past_state must be the {expected.__name__} a call of this layer with use_cache=True returned, "
+                f"got {type(past_state).__name__}"
             )
 
     def forward(
@@ -202,7 +225,7 @@ class YosoSelfAttention(nn.Module):
         x: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
         *,
-        past_state: yoso.State | None = None,
+        past_state: yoso.State | YosoCState | None = None,
         use_cache: bool = False,
         differentiable_state: bool = False,
     ):
@@ -219,8 +242,13 @@ class YosoSelfAttention(nn.Module):
         k = self.k_proj(x).view(heads).transpose(1, 2)
         v = self.v_proj(x).view(heads).transpose(1, 2)
         mask = None if key_padding_mask is None else key_padding_mask[:, None, :]  # broadcast over heads
+        stateful = past_state is not None or use_cache
+        conv_state = None
+        if stateful and self.conv is not None:
+            conv_state = past_state
+            past_state = None if past_state is None else past_state.attention
         state_options = {}
-        if past_state is not None or use_cache:
+        if stateful:
             # The state holds the hash functions after the first call: no new draw, no seed to compare.
             seed = seed if past_state is None else None
             state_options = dict(
@@ -246,7 +274,11 @@ class YosoSelfAttention(nn.Module):
         if use_cache:
             out, state = out
         if self.conv is not None:
-            conv = self._depthwise_conv(v, key_padding_mask)
+            if stateful:
+                conv, values = self._continued_conv(v, key_padding_mask, conv_state)
+                state = YosoCState(attention=state, values=values) if use_cache else None
+            else:
+                conv = self._depthwise_conv(v, key_padding_mask)
             if mask is not None:
                 conv = conv * mask[..., None].to(conv.dtype)
             out = out + conv
