@@ -245,7 +245,7 @@ def test_gradients_through_a_state_without_key_tables_are_refused(state_target, 
         assert np.isfinite(to_numpy(forward)).all()
         if state_target.framework == "numpy":
             with pytest.raises(ValueError, match=message):
-                yoso.attention_vjp(*chunk, initial_state=state, **kw)
+                yoso.attention_vjp(*(arr(x) for x in chunk), initial_state=state, **kw)
         elif state_target.framework == "torch":
             q = arr(chunk[0]).requires_grad_(True)
             with pytest.raises(ValueError, match=message):
