@@ -233,7 +233,7 @@ def test_gradients_through_a_state_without_key_tables_are_refused(state_target, 
     """Continuing a state without key tables, gradients w.r.t. q and k would silently miss the terms with
     earlier chunks: refused (torch and NumPy at the call, JAX when the backward is traced); the same call
     without gradients runs. (``backward="exact"``, which has no table form, is refused likewise:
-    packages/yoso-api/tests/test_state.py.)"""
+    packages/yoso-api/tests/test_recurrent.py.)"""
     pb = _problem(rng)
     state = _state_without_key_tables(state_target, pb, 4)
     chunk = [pb[x][..., 4:7, :] for x in "qkv"]

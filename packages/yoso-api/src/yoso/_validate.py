@@ -285,10 +285,12 @@ def prepare(
             backward=backward,
             requires_grad=requires_grad,
         )
-        state.planes, state.output, state.key_tables_out = (
-            raw_planes,
-            bool(output_final_state),
-            bool(differentiable_state),
+        state = StateSpec(
+            tables=state[0],
+            key_tables=state[1],
+            planes=raw_planes,
+            output=bool(output_final_state),
+            key_tables_out=bool(differentiable_state),
         )
     glue.check_values(
         {"q": (q_c, q_mask), "k": (k_c, key_mask), "v": (v_c, key_mask)},
@@ -418,10 +420,11 @@ def _accumulation_dtype(dtype: str) -> str:
 
 def _prepare_state(
     glue, state, lead, q, k, *, num_hashes, hash_bits, dim, value_dim, dtype, device, backward, requires_grad
-) -> StateSpec:
-    """Checks ``initial_state``'s tables against the call and flattens them; refuses gradients it cannot give."""
+) -> tuple:
+    """``(tables, key_tables)`` of ``initial_state`` (None if absent) checked against the call and flattened to
+    ``[B, ...]``; refuses gradients the state cannot give."""
     if state is None:
-        return StateSpec(tables=None, key_tables=None, planes=None, output=True, key_tables_out=False)
+        return None, None
     acc = _accumulation_dtype(dtype)
     tables_tail = (num_hashes, 1 << hash_bits, value_dim)
     flat = {}
@@ -464,9 +467,7 @@ def _prepare_state(
                 "differentiable_state=True to every call producing the state, or run without gradients "
                 "(torch.no_grad(), or detach the state and q, k)"
             )
-    return StateSpec(
-        tables=flat["tables"], key_tables=flat["key_tables"], planes=None, output=True, key_tables_out=False
-    )
+    return flat["tables"], flat["key_tables"]
 
 
 @dataclass
