@@ -403,3 +403,25 @@ def test_torch_compile_carries_the_state(torch_target, rng):
         )
     assert_close(to_numpy(compiled), to_numpy(eager), torch_target.dtype, "compiled chunk")
     assert_close(to_numpy(compiled_state.tables), to_numpy(eager_state.tables), torch_target.dtype, "compiled state")
+
+
+def test_torch_opcheck_of_the_state_op(torch_target, rng):
+    """``torch.library.opcheck`` of ``yoso::core_state``: schema, fake tensors, autograd registration (it reaches
+    into ``yoso._torch_glue``, as test_torch.py does for ``yoso::core``)."""
+    import torch
+
+    from yoso import _torch_glue
+
+    if not torch_target.backend.has_tables:
+        pytest.skip(f"the {torch_target.name!r} backend has no bucket tables (has_tables is False)")
+    batch, n, dim, value_dim = 2, 5, 4, 3
+    arr = torch_target.array
+    q, k = (arr(unit(rng.standard_normal((batch, n, dim)))).requires_grad_(True) for _ in "qk")
+    v = arr(rng.standard_normal((batch, n, value_dim))).requires_grad_(True)
+    tables = arr(rng.standard_normal((batch, M, 2**TAU, value_dim))).requires_grad_(True)
+    key_tables = arr(rng.standard_normal((batch, M, 2**TAU, value_dim, dim))).requires_grad_(True)
+    planes = arr(draw_planes(rng, M, TAU, dim)[None])
+    args = (q, k, v, planes, None, None, tables, key_tables, torch_target.name, "gaussian", M, TAU, "lower_bound", True)
+    torch.library.opcheck(
+        _torch_glue.core_state, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
+    )
