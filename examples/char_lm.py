@@ -293,9 +293,9 @@ def main(argv=None) -> int:
             set_yoso_eval_mode(model, "sample")
             text, per_token, numbers = generate(model, corpus, prompt, args.generate, args.seed)
             print(
-                f"{kind}: generated with the carried state ({1e3 * per_token:.1f} ms per character; state "
-                f"{numbers} numbers for the {args.layers} layers, whatever the length); every step's logits "
-                f"equal a full recomputation's:\n---\n{text}\n---",
+                f"{kind}: generated with the carried state ({1e3 * per_token:.1f} ms per character; state: "
+                f"{numbers} numbers for the {args.layers} layers, tables and hash functions, whatever the length); "
+                f"every step's logits equal a full recomputation's:\n---\n{text}\n---",
                 flush=True,
             )
         else:
