@@ -270,7 +270,7 @@ def prepare(
     q_c, k_c, v_c = (glue.flatten(x, lead, shapes[n][-2:]) for n, x in (("q", q), ("k", k), ("v", v)))
     state = None
     if stateful:
-        state = _prepare_state(
+        tables, key_tables = _prepare_state(
             glue,
             initial_state,
             lead,
@@ -286,8 +286,8 @@ def prepare(
             requires_grad=requires_grad,
         )
         state = StateSpec(
-            tables=state[0],
-            key_tables=state[1],
+            tables=tables,
+            key_tables=key_tables,
             planes=raw_planes,
             output=bool(output_final_state),
             key_tables_out=bool(differentiable_state),
