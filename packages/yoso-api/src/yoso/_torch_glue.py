@@ -272,7 +272,8 @@ def _jax_core_backward_state(
     )
     grads = jg.core_backward_state(*map(jg.from_host, arrays), config=config)
     dq, dk, dv, d_tables, d_key_tables = (None if g is None else torch.from_dlpack(g) for g in grads)
-    return dq[:, :n], dk[:, :n], dv[:, :n], d_tables, d_key_tables
+    # Contiguous, as the fake implementation promises (a cut of a padded result is a strided view).
+    return dq[:, :n].contiguous(), dk[:, :n].contiguous(), dv[:, :n].contiguous(), d_tables, d_key_tables
 
 
 @torch.library.custom_op("yoso::core_state", mutates_args=())
