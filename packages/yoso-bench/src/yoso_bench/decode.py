@@ -378,7 +378,7 @@ def plot(data: dict, out: Path) -> str:
             )
     for ax, ylabel, title in (
         (left, "ms per token (median)", "decode step time vs context"),
-        (right, "MiB", "kept between steps (KV cache / state); step peak above it"),
+        (right, "MiB", "kept between steps (KV cache / state); x: one step's peak"),
     ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
