@@ -215,3 +215,76 @@ def test_bad_inputs():
         layer(_x(), _mask().long())
     with pytest.raises(ValueError, match=r"\[2, 11\]"):
         layer(_x(), _mask()[:, :5])
+
+
+def _chunks(layer, x, mask, bounds, **kwargs):
+    """The layer run chunk after chunk with the carried state; (outputs concatenated, final state)."""
+    state, outs = None, []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        chunk_mask = None if mask is None else mask[:, a:b]
+        out, state = layer(x[:, a:b], chunk_mask, past_state=state, use_cache=True, **kwargs)
+        outs.append(out)
+    return torch.cat(outs, 1), state
+
+
+@pytest.mark.parametrize("conv_window", [None, 3], ids=["yoso", "yoso-c"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_generation_with_the_state_equals_full_recomputation(training, conv_window):
+    """Prefill a chunk, then decode token by token carrying the state: the outputs equal one call over the
+    whole sequence with the same hash functions (eval: eval_seed; training: the same torch RNG draw). YOSO-C
+    carries the last conv_window - 1 values too."""
+    layer = _layer(causal=True, eval_mode="sample", eval_seed=3, conv_window=conv_window)
+    layer.train(training)
+    x, mask = _x(), _mask(lengths=(11, 9))
+    torch.manual_seed(7)
+    full = layer(x, mask)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        chunked, state = _chunks(layer, x, mask, [0, 5, 6, 7, 8, 9, 10, 11])
+    torch.testing.assert_close(chunked, full.detach(), rtol=1e-5, atol=1e-6)
+    if conv_window is not None:
+        assert tuple(state.values.shape) == (2, H, conv_window - 1, E // H)
+        state = state.attention
+    assert isinstance(state, yoso.State) and tuple(state.tables.shape) == (2, H, 8, 2**4, E // H)
+    assert state.key_tables is None
+
+
+def test_gradients_through_the_state_equal_full_backpropagation():
+    layer = _layer(causal=True)
+    x = _x().requires_grad_(True)
+    weights = torch.randn(2, 11, E, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    (layer(x) * weights).sum().backward()
+    full = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad()
+    torch.manual_seed(7)
+    chunked, _ = _chunks(layer, x, None, [0, 4, 5, 11], differentiable_state=True)
+    (chunked * weights).sum().backward()
+    for got, want in zip([x.grad] + [p.grad for p in layer.parameters()], full):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="key tables"):  # without key tables, refused rather than wrong
+        _chunks(layer, x, None, [0, 4, 11])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(causal=False, eval_mode="sample"), "need a causal layer"),
+        (dict(causal=True), r"need sampled attention.*eval_mode='expectation'"),
+        (dict(causal=True, mode="expectation"), r"need sampled attention.*mode='expectation'"),
+    ],
+)
+def test_state_refusals(kwargs, match):
+    layer = _layer(**kwargs).eval()
+    with pytest.raises(ValueError, match=match):
+        layer(_x(), use_cache=True)
+
+
+def test_past_state_must_be_a_state():
+    layer = _layer(causal=True).train()
+    with pytest.raises(TypeError, match="past_state must be the State a call of this layer"):
+        layer(_x(), past_state=(1, 2))
+    _, state = layer(_x(), use_cache=True)
+    with pytest.raises(TypeError, match="past_state must be the YosoCState"):
+        _layer(causal=True, conv_window=2).train()(_x(), past_state=state)

@@ -126,3 +126,58 @@ def test_bad_arguments():
     layer = _layer()
     with pytest.raises(ValueError, match="key_padding_mask"):
         layer(_x(), key_padding_mask=jnp.ones((2, 10), dtype=bool))
+
+
+def test_generation_with_the_state_equals_full_recomputation():
+    """Prefill, then token by token under nnx.jit carrying the state: equal to one call over the whole sequence
+    with the same hash functions (the first draw from the stream, then the state's)."""
+    x = _x()
+    mask = np.ones((2, 11), bool)
+    mask[1, 3] = False  # padding inside a sequence
+    mask = jnp.asarray(mask)
+    full = _layer(seed=4, causal=True, eval_mode="sample")
+    full.eval()
+    want = full(x, key_padding_mask=mask)
+    layer = _layer(seed=4, causal=True, eval_mode="sample")
+    layer.eval()
+    out, state = layer(x[:, :6], key_padding_mask=mask[:, :6], use_cache=True)
+    outs = [out]
+    step = nnx.jit(lambda m, x, mask, state: m(x, key_padding_mask=mask, past_state=state, use_cache=True))
+    for i in range(6, 11):
+        out, state = step(layer, x[:, i : i + 1], mask[:, i : i + 1], state)
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), want, rtol=1e-5, atol=1e-6)
+    assert isinstance(state, yoso.State) and state.tables.shape == (2, 2, 8, 16, 4)
+
+
+def test_gradients_through_the_state_reach_the_projections():
+    x = _x()
+    weights = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
+
+    def full_loss(m):
+        return jnp.sum(m(x) * weights)
+
+    def chunked_loss(m):
+        first, state = m(x[:, :4], use_cache=True, differentiable_state=True)
+        rest, _ = m(x[:, 4:], past_state=state, use_cache=True, differentiable_state=True)
+        return jnp.sum(jnp.concatenate([first, rest], 1) * weights)
+
+    want = nnx.grad(full_loss)(_layer(seed=6, causal=True))
+    got = nnx.grad(chunked_loss)(_layer(seed=6, causal=True))
+    for lin in ("query", "key", "value", "out"):
+        np.testing.assert_allclose(
+            getattr(got, lin).kernel[...], getattr(want, lin).kernel[...], rtol=1e-4, atol=1e-5, err_msg=lin
+        )
+
+
+def test_state_refusals():
+    with pytest.raises(ValueError, match="need a causal module"):
+        _layer()(_x(), use_cache=True)
+    layer = _layer(causal=True)
+    layer.eval()
+    with pytest.raises(ValueError, match=r"need sampled attention.*eval_mode='expectation'"):
+        layer(_x(), use_cache=True)
+    with pytest.raises(ValueError, match="cross-attention"):
+        _layer(causal=True)(_x(), _x(), use_cache=True)
+    with pytest.raises(TypeError, match="past_state must be the yoso.State"):
+        _layer(causal=True)(_x(), past_state=(1, 2))

@@ -15,6 +15,7 @@ and ``yoso bench`` come with the ``yoso-bench`` distribution.
 
 from ._api import attention, attention_vjp, backend_for, hash_codes
 from ._planes import MAX_HASH_BITS, hash_planes
+from ._state import State
 from ._validate import check_options
 from .backends import BACKWARDS, HASHINGS, MODES, available_backends, get_backend, set_backend
 
@@ -44,6 +45,7 @@ __all__ = [
     "HASHINGS",
     "MAX_HASH_BITS",
     "MODES",
+    "State",
     "attention",
     "attention_vjp",
     "available_backends",

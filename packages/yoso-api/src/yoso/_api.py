@@ -28,6 +28,10 @@ def attention(
     seed=None,
     generator=None,
     key=None,
+    initial_state=None,
+    output_final_state: bool = False,
+    differentiable_state: bool = False,
+    cu_seqlens=None,
     group=None,
     axis_name=None,
 ):
@@ -61,6 +65,22 @@ def attention(
         key: JAX only, a PRNG key (``jax.random.key(0)``) to draw the hash functions from; the way to get
             fresh hash functions per step inside ``jax.jit`` (``seed=None`` without a key is refused
             there, since the draw would happen once per trace).
+        initial_state: a :class:`yoso.State` returned by an earlier call (``output_final_state=True``): this
+            call continues that sequence -- causal YOSO-m as a recurrent model: chunked prefill and
+            one-token decoding are the same call, with any chunk length down to 1, and give the one-shot
+            causal call's output (docs/math.md#recurrent-state). The hash functions are the state's;
+            ``planes=``/``seed=`` may be passed only if equal (checked eagerly; inside ``jax.jit`` the state
+            is trusted), ``generator=``/``key=`` not at all. Needs ``causal=True`` and ``mode="sample"``.
+        output_final_state: also return the state after this call's keys: ``(out, state)``.
+        differentiable_state: the returned state also carries the key tables (``D`` times the size of the
+            tables) that the lower-bound gradients w.r.t. ``q`` and ``k`` need across chunks. Without them a
+            call continuing the state refuses gradients w.r.t. q or k (torch: when they, or the state, require
+            grad; NumPy: attention_vjp; JAX: when the backward is traced): gradients w.r.t. ``v`` and the
+            tables alone are exact without. Pass it to every call of a sequence you differentiate through.
+        cu_seqlens: int offsets ``[S + 1]`` (``0 = c_0 <= ... <= c_S = T``) of ``S`` sequences packed along the
+            token dim of ``q, k, v [1, ..., T, D]`` (the flash-attn convention); each sequence attends only
+            within itself, causal or not, and a state has one entry per sequence (leading dims ``[S, ...]``).
+            NumPy array, list, or a framework array with known values (inside ``jax.jit``: a NumPy constant).
         group: torch only, a ``torch.distributed`` process group over which the sequence is split: each
             rank passes its contiguous slice of q, k, v and of the masks (ranks in order) and gets its slice
             of the full-sequence result (and, through autograd, of the gradients). Every rank must use the
@@ -71,25 +91,52 @@ def attention(
             axis the sequence dim is split over (yoso writes the shard_map).
 
     Returns:
-        ``[..., Nq, Dv]`` in q's framework, device and dtype.
+        ``[..., Nq, Dv]`` in q's framework, device and dtype; with ``output_final_state=True`` the pair
+        ``(out, state)``, ``state`` a :class:`yoso.State` of arrays of q's framework.
     """
     glue = glue_for(("q", "k", "v"), (q, k, v))
-    prep = _prepare(glue, q, k, v, options=locals())
+    options = locals()
+    packing = None
+    if cu_seqlens is not None:  # packed sequences: unpacked into a masked batch, packed back (yoso/_packing.py)
+        packing, (q, k, v), options = _unpacked(glue, q, k, v, options)
+    prep = _prepare(glue, q, k, v, options=options)
     backend = glue.select(prep.call)
     if prep.parallel is not None:  # a sequence split across ranks: yoso/_sequence_parallel.py
         from ._sequence_parallel import attention as parallel_attention
 
-        return parallel_attention(glue, backend, prep)
-    return glue.attention(backend, prep)
+        result = parallel_attention(glue, backend, prep)
+    else:
+        result = glue.attention(backend, prep)
+    if packing is None:
+        return result
+    from ._packing import pack
+
+    if prep.state is not None and prep.state.output:
+        return pack(glue, result[0], packing), result[1]
+    return pack(glue, result, packing)
 
 
 _OPTIONS = tuple(attention.__kwdefaults__)
 
 
 def _prepare(glue, q, k, v, *, options: dict, requires_grad: bool | None = None):
-    options = {name: options[name] for name in _OPTIONS}
+    if options.get("cu_seqlens") is not None:
+        raise AssertionError("packed inputs are unpacked before prepare")
+    options = {name: options[name] for name in _OPTIONS if name != "cu_seqlens"}
     grad = glue.requires_grad(q, k, v) if requires_grad is None else requires_grad
     return prepare(glue, q, k, v, requires_grad=grad, **options)
+
+
+def _unpacked(glue, q, k, v, options: dict):
+    """Packed ``[1, ..., T, D]`` inputs as the padded batch ``[S, ..., L, D]``, their masks with the padding
+    masked (as keys and as queries), and the options of that call (yoso._packing)."""
+    from ._packing import check_packed, unpack, unpack_mask  # imports NumPy: not at `import yoso`
+
+    masks = {name: options[name] for name in ("key_padding_mask", "query_mask")}
+    packing, lead = check_packed(glue, q, k, v, options["cu_seqlens"], masks)
+    arrays = tuple(unpack(glue, x, packing) for x in (q, k, v))
+    unpacked = {name: unpack_mask(glue, mask, packing, lead) for name, mask in masks.items()}
+    return packing, arrays, {**options, **unpacked, "cu_seqlens": None}
 
 
 def _check_keywords(function: str, kwargs: dict) -> dict:
@@ -107,8 +154,35 @@ def attention_vjp(q, k, v, **kwargs):
     glue = glue_for(("q", "k", "v"), (q, k, v))
     if glue.name != "numpy":
         raise TypeError(f"attention_vjp is for NumPy arrays; with {glue.name} use the framework's autograd")
-    prep = _prepare(glue, q, k, v, options=_check_keywords("attention_vjp", kwargs), requires_grad=True)
-    return glue.attention_vjp(glue.select(prep.call), prep)
+    options = _check_keywords("attention_vjp", kwargs)
+    if options["cu_seqlens"] is None:
+        prep = _prepare(glue, q, k, v, options=options, requires_grad=True)
+        return glue.attention_vjp(glue.select(prep.call), prep)
+    import numpy as np
+
+    from ._packing import pack, unpack
+
+    packing, unpacked, options = _unpacked(glue, q, k, v, options)
+    prep = _prepare(glue, *unpacked, options=options, requires_grad=True)
+    result, inner_vjp = glue.attention_vjp(glue.select(prep.call), prep)
+    stateful = prep.state is not None and prep.state.output
+
+    def vjp(cotangent):
+        if stateful:
+            cotangent, state_cotangent = cotangent
+        cotangent = np.asarray(cotangent)
+        if cotangent.shape != tuple(glue.describe(q)[0][:-1]) + (prep.call.value_dim,):
+            raise ValueError(
+                f"the cotangent must have the output's shape {list(glue.describe(q)[0][:-1]) + [prep.call.value_dim]}, "
+                f"got {list(cotangent.shape)}"
+            )
+        inner = unpack(glue, cotangent, packing)
+        grads = inner_vjp((inner, state_cotangent) if stateful else inner)
+        return tuple(pack(glue, g, packing) for g in grads[:3]) + tuple(grads[3:])
+
+    if stateful:
+        return (pack(glue, result[0], packing), result[1]), vjp
+    return pack(glue, result, packing), vjp
 
 
 def backend_for(q, k, v, **kwargs) -> str:
@@ -118,7 +192,10 @@ def backend_for(q, k, v, **kwargs) -> str:
     :func:`yoso.set_backend` or ``YOSO_BACKEND``, is strict and raises when it cannot run the call).
     """
     glue = glue_for(("q", "k", "v"), (q, k, v))
-    return glue.select(_prepare(glue, q, k, v, options=_check_keywords("backend_for", kwargs)).call).name
+    options = _check_keywords("backend_for", kwargs)
+    if options["cu_seqlens"] is not None:
+        _, (q, k, v), options = _unpacked(glue, q, k, v, options)
+    return glue.select(_prepare(glue, q, k, v, options=options).call).name
 
 
 def hash_codes(

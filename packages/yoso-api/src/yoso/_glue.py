@@ -60,6 +60,37 @@ class Glue(abc.ABC):
         """Whether the call may be differentiated by the framework (NumPy: never; it has attention_vjp)."""
         return False
 
+    # ---- recurrent state and packed sequences -----------------------------------------------------------
+    def state_grads_needed(self, q, k, tables, requires_grad: bool) -> bool:
+        """Whether gradients may reach ``q``, ``k`` or an initial state's ``tables`` (hence earlier keys),
+        known when the call is made (JAX decides when the backward is traced: False here, refused there)."""
+        return requires_grad
+
+    def same_values(self, a, b) -> bool | None:
+        """Whether two canonical ``[P, ...]`` arrays (P = 1 broadcasting) hold equal values; None when the
+        values are not known now (tracing)."""
+        raise NotImplementedError
+
+    def take(self, x, index, axis: int):
+        """``x`` indexed by the 1-D NumPy int array ``index`` along ``axis`` (differentiable)."""
+        raise NotImplementedError
+
+    def moveaxis(self, x, source: int, destination: int):
+        raise NotImplementedError
+
+    def broadcast_to(self, x, shape: tuple[int, ...]):
+        raise NotImplementedError
+
+    def logical_and(self, mask, other):
+        """``mask & other`` for a bool array and a NumPy bool array broadcasting against it."""
+        raise NotImplementedError
+
+    def host_ints(self, x):
+        """An integer array (or sequence) as a NumPy array, or None if its values are not known now."""
+        import numpy as np
+
+        return np.asarray(x)
+
     # ---- running ----------------------------------------------------------------------------------------
     def select(self, call: backends.Call) -> backends.Backend:
         """The backend that runs ``call`` (torch overrides this to stay traceable by torch.compile)."""

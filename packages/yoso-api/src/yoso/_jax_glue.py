@@ -213,6 +213,163 @@ def _bad_values(arrays, *, layouts, hashing):
     return jnp.stack(flags)
 
 
+# ---- the recurrent state: one custom_vjp around yoso._core.forward_state/backward_state ------------------
+
+
+@dataclass(frozen=True)
+class _StateConfig:
+    """The static part of a call continuing or returning a state (causal YOSO-m only)."""
+
+    backend: str
+    hashing: str
+    num_hashes: int
+    hash_bits: int
+    backward: str
+    normalize: bool
+    has_tables: bool  # initial tables given
+    has_key_tables: bool  # initial key tables given
+    key_tables_out: bool  # differentiable_state
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _core_state_vjp(q, k, v, planes, query_mask, key_mask, tables, key_tables, config):
+    """``(Y, tables', key_tables')`` of one causal chunk continuing ``tables`` (docs/math.md#recurrent-state)."""
+    return _core_state_fwd(q, k, v, planes, query_mask, key_mask, tables, key_tables, config)[0]
+
+
+def _core_state_fwd(q, k, v, planes, query_mask, key_mask, tables, key_tables, config):
+    y, new_tables, new_key_tables, codes = _core.forward_state(
+        backends.get(config.backend),
+        q,
+        k,
+        v,
+        planes,
+        query_mask,
+        key_mask,
+        tables,
+        key_tables,
+        hashing=config.hashing,
+        num_hashes=config.num_hashes,
+        hash_bits=config.hash_bits,
+        with_key_tables=config.key_tables_out,
+    )
+    y = y.astype(_accumulate_dtype(q.dtype))
+    return (y, new_tables, new_key_tables), (q, k, v, codes, query_mask, key_mask, planes, key_tables)
+
+
+def _core_state_bwd(config, residuals, cotangents):
+    q, k, v, codes, query_mask, key_mask, planes, key_tables = residuals
+    grad, grad_tables, grad_key_tables = cotangents
+    if config.has_tables and config.backward == "exact":
+        raise ValueError(
+            "gradients through a call continuing initial_state need backward='lower_bound': the sampled true "
+            "gradient (backward='exact') has no table form for the keys of earlier chunks"
+        )
+    if config.has_tables and not config.has_key_tables:
+        raise ValueError(
+            "gradients through a call continuing initial_state need the key tables of the earlier chunks (the "
+            "lower bound's terms between queries and earlier keys), and the state has none: pass "
+            "differentiable_state=True to every call producing the state, or differentiate a function that "
+            "does not continue one (jax.lax.stop_gradient does not help: q and k of this chunk need them)"
+        )
+    dq, dk, dv, d_tables, d_key_tables = _core.backward_state(
+        backends.get(config.backend),
+        q,
+        k,
+        v,
+        codes,
+        query_mask,
+        key_mask,
+        grad,
+        grad_tables,
+        grad_key_tables,
+        key_tables,
+        has_tables=config.has_tables,
+        backward=config.backward,
+        hash_bits=config.hash_bits,
+    )
+    d_planes = None if planes is None else jnp.zeros_like(planes)
+    cast = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+    return (*cast, d_planes, None, None, d_tables, d_key_tables)
+
+
+_core_state_vjp.defvjp(_core_state_fwd, _core_state_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layouts", "out_shape", "lead"))
+def _attention_state(arrays, *, config: _StateConfig, layouts, out_shape, lead):
+    q, k, v, planes, query_mask, key_mask, tables, key_tables = _resolve_all(arrays, layouts)
+    q = _keep_rows(q, query_mask)
+    k = _keep_rows(k, key_mask)
+    v = _keep_rows(v, key_mask)
+    y, new_tables, new_key_tables = _core_state_vjp(
+        _unit(q).astype(q.dtype), _unit(k).astype(k.dtype), v, planes, query_mask, key_mask, tables, key_tables, config
+    )
+    out = _unit(y) if config.normalize else y
+    new_tables = new_tables.reshape(lead + new_tables.shape[1:])
+    if new_key_tables is not None:
+        new_key_tables = new_key_tables.reshape(lead + new_key_tables.shape[1:])
+    return out.astype(q.dtype).reshape(out_shape), new_tables, new_key_tables
+
+
+def state_config(
+    backend: str,
+    hashing: str,
+    num_hashes: int,
+    hash_bits: int,
+    backward: str,
+    *,
+    has_tables,
+    has_key_tables,
+    key_tables_out,
+):
+    return _StateConfig(
+        backend=backend,
+        hashing=hashing,
+        num_hashes=num_hashes,
+        hash_bits=hash_bits,
+        backward=backward,
+        normalize=False,
+        has_tables=has_tables,
+        has_key_tables=has_key_tables,
+        key_tables_out=key_tables_out,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def core_forward_state(q, k, v, planes, query_mask, key_mask, tables, key_tables, *, config: _StateConfig):
+    """``(Y, q_codes, k_codes, tables', key_tables')`` of unit rows: yoso._core.forward_state, compiled (for
+    NumPy and torch callers)."""
+    (y, new_tables, new_key_tables), residuals = _core_state_fwd(
+        q, k, v, planes, query_mask, key_mask, tables, key_tables, config
+    )
+    q_codes, k_codes = residuals[3]
+    return y, q_codes.astype(jnp.int32), k_codes.astype(jnp.int32), new_tables, new_key_tables
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def core_backward_state(
+    grad, grad_tables, grad_key_tables, q, k, v, q_codes, k_codes, query_mask, key_mask, key_tables, *, config
+):
+    """``(dq, dk, dv, d_tables, d_key_tables)`` of :func:`core_forward_state`: yoso._core.backward_state, compiled."""
+    return _core.backward_state(
+        backends.get(config.backend),
+        q,
+        k,
+        v,
+        (q_codes, k_codes),
+        query_mask,
+        key_mask,
+        grad,
+        grad_tables,
+        grad_key_tables,
+        key_tables,
+        has_tables=config.has_tables,
+        backward=config.backward,
+        hash_bits=config.hash_bits,
+    )
+
+
 # ---- serving NumPy arrays and torch tensors ----------------------------------------------------------
 #
 # A backend that computes on JAX arrays (``jax``) also serves NumPy and CPU torch callers: their glue keeps
@@ -357,6 +514,46 @@ class JaxGlue(Glue):
             raise ValueError("planes for hashing='hadamard' are ±1 diagonals; got other values")
 
     @staticmethod
+    def same_values(a, b):
+        values = [_concrete(f.array) for f in (a, b)]
+        if any(x is None for x in values):
+            return None  # inside jax.jit: the state is trusted
+        canonical = []
+        for x, f in zip(values, (a, b)):
+            x = np.asarray(x)
+            lead = f.lead if f.lead else x.shape[: x.ndim - len(f.tail)]
+            canonical.append(np.broadcast_to(x, tuple(lead) + f.tail).reshape((-1,) + f.tail))
+        shape = np.broadcast_shapes(*(c.shape for c in canonical))
+        return bool(np.array_equal(*(np.broadcast_to(c, shape) for c in canonical)))
+
+    @staticmethod
+    def take(x, index, axis):
+        return jnp.take(x, jnp.asarray(index, jnp.int32), axis=axis)
+
+    @staticmethod
+    def moveaxis(x, source, destination):
+        return jnp.moveaxis(x, source, destination)
+
+    @staticmethod
+    def broadcast_to(x, shape):
+        return jnp.broadcast_to(x, shape)
+
+    @staticmethod
+    def logical_and(mask, other):
+        return jnp.logical_and(mask, other)
+
+    @staticmethod
+    def host_ints(x):
+        if isinstance(x, jax.Array):
+            x = _concrete(x)
+            return None if x is None else np.asarray(x)
+        return np.asarray(x)
+
+    @staticmethod
+    def state_grads_needed(q, k, tables, requires_grad):
+        return False  # JAX does not say ahead; the backward refuses when it is traced (_core_state_bwd)
+
+    @staticmethod
     def hash_codes(backend, prep):
         call = prep.call
         arrays, layouts = _arrays_and_layouts([prep.x, prep.planes])
@@ -372,6 +569,8 @@ class JaxGlue(Glue):
 
     @staticmethod
     def attention(backend, prep):
+        if prep.state is not None:
+            return JaxGlue._attention_state(backend, prep)
         call = prep.call
         config = _Config(
             backend=backend.name,
@@ -385,6 +584,35 @@ class JaxGlue(Glue):
         )
         arrays, layouts = _arrays_and_layouts([prep.q, prep.k, prep.v, prep.planes, prep.query_mask, prep.key_mask])
         return _attention(arrays, config=config, layouts=layouts, out_shape=prep.lead + (call.n_query, call.value_dim))
+
+    @staticmethod
+    def _attention_state(backend, prep):
+        from ._state import State
+
+        call, spec = prep.call, prep.state
+        config = _StateConfig(
+            backend=backend.name,
+            hashing=call.hashing,
+            num_hashes=call.num_hashes,
+            hash_bits=call.hash_bits,
+            backward=call.backward,
+            normalize=prep.normalize,
+            has_tables=spec.tables is not None,
+            has_key_tables=spec.key_tables is not None,
+            key_tables_out=spec.key_tables_out,
+        )
+        items = [prep.q, prep.k, prep.v, prep.planes, prep.query_mask, prep.key_mask, spec.tables, spec.key_tables]
+        arrays, layouts = _arrays_and_layouts(items)
+        out, tables, key_tables = _attention_state(
+            arrays,
+            config=config,
+            layouts=layouts,
+            out_shape=prep.lead + (call.n_query, call.value_dim),
+            lead=tuple(prep.lead),
+        )
+        if not spec.output:
+            return out
+        return out, State(tables=tables, planes=spec.planes, key_tables=key_tables)
 
 
 def _check_key(key) -> None:

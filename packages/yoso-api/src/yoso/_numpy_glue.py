@@ -96,6 +96,84 @@ def _jax_backward(backend, q, k, v, codes, query_mask, key_mask, grad, *, mode, 
 _JAX_CORE = (_jax_forward, _jax_backward)
 
 
+def _jax_forward_state(
+    backend, q, k, v, planes, query_mask, key_mask, tables, key_tables, *, with_key_tables, **options
+):
+    """:func:`yoso._core.forward_state` on a backend that computes on JAX arrays (tokens padded, see
+    :func:`yoso._core.pad_tokens`); the codes come back padded, as the backward takes them."""
+    from . import _jax_glue as jg
+
+    n, padded = q.shape[1], _core.bucketed(q.shape[1])
+    arrays = (
+        *(_core.pad_tokens(x, padded, _full) for x in (q, k, v)),
+        planes,
+        _core.pad_token_mask(query_mask, q, padded, _full),
+        _core.pad_token_mask(key_mask, q, padded, _full),
+        tables,
+        key_tables,
+    )
+    config = jg.state_config(
+        backend.name,
+        options["hashing"],
+        options["num_hashes"],
+        options["hash_bits"],
+        "lower_bound",
+        has_tables=tables is not None,
+        has_key_tables=key_tables is not None,
+        key_tables_out=with_key_tables,
+    )
+    y, q_codes, k_codes, new_tables, new_key_tables = jg.core_forward_state(*map(jg.from_host, arrays), config=config)
+    new_key_tables = None if new_key_tables is None else np.asarray(new_key_tables)
+    return np.asarray(y)[:, :n], np.asarray(new_tables), new_key_tables, (np.asarray(q_codes), np.asarray(k_codes))
+
+
+def _jax_backward_state(
+    backend, q, k, v, codes, query_mask, key_mask, grad, grad_tables, grad_key_tables, key_tables, **options
+):
+    from . import _jax_glue as jg
+
+    n, padded = q.shape[1], codes[0].shape[2]
+    arrays = (
+        _core.pad_tokens(grad, padded, _full),
+        grad_tables,
+        grad_key_tables,
+        *(_core.pad_tokens(x, padded, _full) for x in (q, k, v)),
+        *codes,
+        _core.pad_token_mask(query_mask, q, padded, _full),
+        _core.pad_token_mask(key_mask, q, padded, _full),
+        key_tables,
+    )
+    config = jg.state_config(
+        backend.name,
+        "gaussian",
+        0,
+        options["hash_bits"],
+        options["backward"],
+        has_tables=options["has_tables"],
+        has_key_tables=key_tables is not None,
+        key_tables_out=grad_key_tables is not None,
+    )
+    grads = jg.core_backward_state(*map(jg.from_host, arrays), config=config)
+    dq, dk, dv, d_tables, d_key_tables = (None if g is None else np.asarray(g) for g in grads)
+    return dq[:, :n], dk[:, :n], dv[:, :n], d_tables, d_key_tables
+
+
+_JAX_STATE_CORE = (_jax_forward_state, _jax_backward_state)
+
+
+def _state_cotangent(cotangent, name: str, shape: tuple[int, ...], tail: int, dtype) -> np.ndarray | None:
+    """One table of a state's cotangent (None: zero), as ``[B, ...]`` (its last ``tail`` dims kept) in the
+    state's dtype."""
+    if cotangent is None:
+        return None
+    cotangent = np.asarray(cotangent)
+    if cotangent.shape != shape:
+        raise ValueError(
+            f"the cotangent of state.{name} must have its shape {list(shape)}, got {list(cotangent.shape)}"
+        )
+    return cotangent.reshape((-1,) + shape[len(shape) - tail :]).astype(dtype)
+
+
 class NumpyGlue(Glue):
     name = "numpy"
 
@@ -147,6 +225,27 @@ class NumpyGlue(Glue):
             if hashing == "hadamard" and not np.isin(planes, (-1.0, 1.0)).all():
                 raise ValueError("planes for hashing='hadamard' are ±1 diagonals; got other values")
 
+    @staticmethod
+    def same_values(a, b) -> bool:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+        return bool(np.array_equal(np.broadcast_to(a, shape), np.broadcast_to(b, shape)))
+
+    @staticmethod
+    def take(x, index, axis):
+        return np.take(x, index, axis=axis)
+
+    @staticmethod
+    def moveaxis(x, source, destination):
+        return np.moveaxis(x, source, destination)
+
+    @staticmethod
+    def broadcast_to(x, shape):
+        return np.broadcast_to(x, shape)
+
+    @staticmethod
+    def logical_and(mask, other):
+        return np.logical_and(mask, other)
+
     def hash_codes(self, backend, prep):
         call = prep.call
         codes = backend.hash_codes(
@@ -162,6 +261,8 @@ class NumpyGlue(Glue):
 
     def _run(self, backend, prep, *, with_vjp: bool):
         """The forward (and, with ``with_vjp``, its VJP) on a NumPy-framework backend."""
+        if prep.state is not None:
+            return self._run_state(backend, prep, with_vjp=with_vjp)
         call = prep.call
         dtype = np.dtype(call.dtype)
         q = _keep_rows(prep.q, prep.query_mask)
@@ -220,3 +321,113 @@ class NumpyGlue(Glue):
             )
 
         return out, vjp
+
+    def _run_state(self, backend, prep, *, with_vjp: bool):
+        """A call continuing or returning a recurrent state (docs/math.md#recurrent-state).
+
+        With ``output_final_state``, ``vjp`` takes ``(cotangent of out, cotangent of the state)`` (the latter a
+        :class:`yoso.State` whose tables may be None, or None); with ``initial_state`` it returns
+        ``(dq, dk, dv, d_state)``, ``d_state`` a :class:`yoso.State` (planes None: they get no gradient).
+        """
+        from ._state import State
+
+        call, spec = prep.call, prep.state
+        dtype = np.dtype(call.dtype)
+        q = _keep_rows(prep.q, prep.query_mask)
+        k = _keep_rows(prep.k, prep.key_mask)
+        v = _keep_rows(prep.v, prep.key_mask)
+        q_unit, k_unit = unit_rows(q), unit_rows(k)
+        forward, backward = (
+            (_core.forward_state, _core.backward_state) if backend.framework == "numpy" else _JAX_STATE_CORE
+        )
+        y, tables, key_tables, codes = forward(
+            backend,
+            q_unit,
+            k_unit,
+            v,
+            prep.planes,
+            prep.query_mask,
+            prep.key_mask,
+            spec.tables,
+            spec.key_tables,
+            hashing=call.hashing,
+            num_hashes=call.num_hashes,
+            hash_bits=call.hash_bits,
+            with_key_tables=spec.key_tables_out,
+        )
+        out_shape = prep.lead + (call.n_query, call.value_dim)
+        out = (unit_rows(y) if prep.normalize else y).astype(dtype).reshape(out_shape)
+        lead = tuple(prep.lead)
+        shapes = {"tables": lead + tables.shape[1:]}
+        if key_tables is not None:
+            shapes["key_tables"] = lead + key_tables.shape[1:]
+        result = out
+        if spec.output:
+            state = State(
+                tables=tables.reshape(shapes["tables"]),
+                planes=spec.planes,
+                key_tables=None if key_tables is None else key_tables.reshape(shapes["key_tables"]),
+            )
+            result = (out, state)
+        if not with_vjp:
+            return result
+
+        def vjp(cotangent):
+            grad_tables = grad_key_tables = None
+            if spec.output:
+                if not isinstance(cotangent, tuple) or len(cotangent) != 2:
+                    raise TypeError(
+                        "with output_final_state=True the cotangent is a pair (cotangent of out, cotangent of the "
+                        "state: a yoso.State, or None)"
+                    )
+                cotangent, state_cotangent = cotangent
+                if state_cotangent is not None:
+                    grad_tables = _state_cotangent(state_cotangent.tables, "tables", shapes["tables"], 3, tables.dtype)
+                    if state_cotangent.key_tables is not None and "key_tables" in shapes:
+                        grad_key_tables = _state_cotangent(
+                            state_cotangent.key_tables, "key_tables", shapes["key_tables"], 4, tables.dtype
+                        )
+            cotangent = np.asarray(cotangent)
+            if cotangent.shape != out_shape:
+                raise ValueError(
+                    f"the cotangent must have the output's shape {list(out_shape)}, got {list(cotangent.shape)}"
+                )
+            grad = cotangent.reshape(call.batch, call.n_query, call.value_dim).astype(y.dtype)
+            grad = _keep_rows(unit_rows_vjp(y, grad) if prep.normalize else grad, prep.query_mask)
+            dq_unit, dk_unit, dv, d_tables, d_key_tables = backward(
+                backend,
+                q_unit,
+                k_unit,
+                v,
+                codes,
+                prep.query_mask,
+                prep.key_mask,
+                grad,
+                grad_tables,
+                grad_key_tables,
+                spec.key_tables,
+                has_tables=spec.tables is not None,
+                backward=call.backward,
+                hash_bits=call.hash_bits,
+            )
+            grads = (
+                _keep_rows(unit_rows_vjp(q, dq_unit), prep.query_mask),
+                _keep_rows(unit_rows_vjp(k, dk_unit), prep.key_mask),
+                _keep_rows(dv, prep.key_mask),
+            )
+            grads = tuple(
+                _unbroadcast(g.reshape(prep.lead + tuple(shape[-2:])), shape).astype(dtype)
+                for g, shape in zip(grads, prep.shapes)
+            )
+            if spec.tables is None:
+                return grads
+            d_state = State(
+                tables=np.asarray(d_tables).reshape(lead + tuple(d_tables.shape[1:])),
+                planes=None,
+                key_tables=None
+                if d_key_tables is None
+                else np.asarray(d_key_tables).reshape(lead + tuple(d_key_tables.shape[1:])),
+            )
+            return grads + (d_state,)
+
+        return result, vjp

@@ -222,6 +222,269 @@ def _backward(ctx, grad_y, _grad_q_codes, _grad_k_codes):
 torch.library.register_autograd("yoso::core", _backward, setup_context=_setup_context)
 
 
+# ---- the recurrent state: yoso::core_state and its backward ---------------------------------------------
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _present(x: Tensor | None) -> Tensor | None:
+    """None for the empty tensors that stand for "absent" (custom ops cannot return None)."""
+    return None if x is None or x.numel() == 0 else x
+
+
+def _jax_core_forward_state(backend, q, k, v, planes, query_mask, key_mask, tables, key_tables, config):
+    """:func:`core_state` on a backend that computes on JAX arrays: tokens padded (yoso._core.pad_tokens),
+    tensors handed over through DLPack; the codes come back padded, as the backward takes them."""
+    jg = _on_jax()
+    n, padded = q.shape[1], _core.bucketed(q.shape[1])
+    arrays = (
+        *(_core.pad_tokens(x, padded, _full) for x in (q, k, v)),
+        planes,
+        _core.pad_token_mask(query_mask, q, padded, _full),
+        _core.pad_token_mask(key_mask, q, padded, _full),
+        tables,
+        key_tables,
+    )
+    y, q_codes, k_codes, new_tables, new_key_tables = jg.core_forward_state(*map(jg.from_host, arrays), config=config)
+    y = torch.from_dlpack(y)[:, :n].contiguous()
+    new_key_tables = _empty(y) if new_key_tables is None else torch.from_dlpack(new_key_tables)
+    return y, torch.from_dlpack(q_codes), torch.from_dlpack(k_codes), torch.from_dlpack(new_tables), new_key_tables
+
+
+def _jax_core_backward_state(
+    backend, grad, grad_tables, grad_key_tables, q, k, v, q_codes, k_codes, masks, key_tables, config
+):
+    jg = _on_jax()
+    n, padded = q.shape[1], q_codes.shape[2]
+    query_mask, key_mask = masks
+    arrays = (
+        _core.pad_tokens(grad, padded, _full),
+        grad_tables,
+        grad_key_tables,
+        *(_core.pad_tokens(x, padded, _full) for x in (q, k, v)),
+        q_codes,
+        k_codes,
+        _core.pad_token_mask(query_mask, q, padded, _full),
+        _core.pad_token_mask(key_mask, q, padded, _full),
+        key_tables,
+    )
+    grads = jg.core_backward_state(*map(jg.from_host, arrays), config=config)
+    dq, dk, dv, d_tables, d_key_tables = (None if g is None else torch.from_dlpack(g) for g in grads)
+    # Contiguous, as the fake implementation promises (a cut of a padded result is a strided view).
+    return dq[:, :n].contiguous(), dk[:, :n].contiguous(), dv[:, :n].contiguous(), d_tables, d_key_tables
+
+
+@torch.library.custom_op("yoso::core_state", mutates_args=())
+def core_state(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    planes: Tensor,
+    query_mask: Tensor | None,
+    key_mask: Tensor | None,
+    tables: Tensor | None,
+    key_tables: Tensor | None,
+    backend: str,
+    hashing: str,
+    num_hashes: int,
+    hash_bits: int,
+    backward: str,
+    key_tables_out: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One causal chunk continuing a state: ``(Y, q_codes, k_codes, tables', key_tables')`` (docs/math.md
+    #recurrent-state); ``key_tables'`` is empty unless ``key_tables_out``. ``backward`` rides along for the
+    autograd formula. The codes are those the backward takes (padded for a JAX backend)."""
+    impl = backends.get(backend)
+    acc = _accumulate_dtype(q.dtype)
+    if impl.framework == "jax":
+        config = _on_jax().state_config(
+            backend,
+            hashing,
+            num_hashes,
+            hash_bits,
+            backward,
+            has_tables=tables is not None,
+            has_key_tables=key_tables is not None,
+            key_tables_out=key_tables_out,
+        )
+        y, q_codes, k_codes, new_tables, new_key_tables = _jax_core_forward_state(
+            backend, q, k, v, planes, query_mask, key_mask, tables, key_tables, config
+        )
+        return y.to(acc), q_codes, k_codes, new_tables.to(acc), new_key_tables.to(acc)
+    args = [_to_backend(impl, t) for t in (q, k, v, planes, query_mask, key_mask, tables, key_tables)]
+    y, new_tables, new_key_tables, codes = _core.forward_state(
+        impl, *args, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits, with_key_tables=key_tables_out
+    )
+    y = _from_backend(y, q, acc)
+    new_key_tables = _empty(y) if new_key_tables is None else _from_backend(new_key_tables, q, acc)
+    q_codes, k_codes = (_from_backend(c, q, torch.int32) for c in codes)
+    return y, q_codes, k_codes, _from_backend(new_tables, q, acc), new_key_tables
+
+
+@core_state.register_fake
+def _core_state_fake(
+    q,
+    k,
+    v,
+    planes,
+    query_mask,
+    key_mask,
+    tables,
+    key_tables,
+    backend,
+    hashing,
+    num_hashes,
+    hash_bits,
+    backward,
+    key_tables_out,
+):
+    acc = _accumulate_dtype(q.dtype)
+    batch, n = q.shape[0], q.shape[1]
+    if backends.get(backend).framework == "jax":
+        n = _core.bucketed(n)  # the codes as the backward takes them
+    table_shape = (batch, num_hashes, 1 << hash_bits, v.shape[2])
+    return (
+        q.new_empty((batch, q.shape[1], v.shape[2]), dtype=acc),
+        q.new_empty((batch, num_hashes, n), dtype=torch.int32),
+        q.new_empty((batch, num_hashes, n), dtype=torch.int32),
+        q.new_empty(table_shape, dtype=acc),
+        q.new_empty(table_shape + (q.shape[2],) if key_tables_out else (0,), dtype=acc),
+    )
+
+
+@torch.library.custom_op("yoso::core_state_backward", mutates_args=())
+def core_state_backward(
+    grad: Tensor,
+    grad_tables: Tensor | None,
+    grad_key_tables: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_codes: Tensor,
+    k_codes: Tensor,
+    query_mask: Tensor | None,
+    key_mask: Tensor | None,
+    key_tables: Tensor | None,
+    has_tables: bool,
+    backend: str,
+    backward: str,
+    hash_bits: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, d_tables, d_key_tables)`` of :func:`core_state` (absent ones empty)."""
+    impl = backends.get(backend)
+    acc = _accumulate_dtype(q.dtype)
+    if impl.framework == "jax":
+        config = _on_jax().state_config(
+            backend,
+            "gaussian",
+            0,
+            hash_bits,
+            backward,
+            has_tables=has_tables,
+            has_key_tables=key_tables is not None,
+            key_tables_out=grad_key_tables is not None,
+        )
+        grads = _jax_core_backward_state(
+            backend,
+            grad,
+            grad_tables,
+            grad_key_tables,
+            q,
+            k,
+            v,
+            q_codes,
+            k_codes,
+            (query_mask, key_mask),
+            key_tables,
+            config,
+        )
+    else:
+        args = [_to_backend(impl, t) for t in (q, k, v)]
+        codes = (_to_backend(impl, q_codes), _to_backend(impl, k_codes))
+        masks = [_to_backend(impl, t) for t in (query_mask, key_mask)]
+        extra = [_to_backend(impl, t) for t in (grad, grad_tables, grad_key_tables, key_tables)]
+        grads = _core.backward_state(
+            impl,
+            *args,
+            codes,
+            *masks,
+            *extra,
+            has_tables=has_tables,
+            backward=backward,
+            hash_bits=hash_bits,
+        )
+    dq, dk, dv, d_tables, d_key_tables = grads
+    return (
+        _from_backend(dq, q, q.dtype),
+        _from_backend(dk, k, k.dtype),
+        _from_backend(dv, v, v.dtype),
+        _empty(q).to(acc) if d_tables is None else _from_backend(d_tables, q, acc),
+        _empty(q).to(acc) if d_key_tables is None else _from_backend(d_key_tables, q, acc),
+    )
+
+
+@core_state_backward.register_fake
+def _core_state_backward_fake(
+    grad,
+    grad_tables,
+    grad_key_tables,
+    q,
+    k,
+    v,
+    q_codes,
+    k_codes,
+    query_mask,
+    key_mask,
+    key_tables,
+    has_tables,
+    backend,
+    backward,
+    hash_bits,
+):
+    acc = _accumulate_dtype(q.dtype)
+    table_shape = (q.shape[0], q_codes.shape[1], 1 << hash_bits, v.shape[2])
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        q.new_empty(table_shape if has_tables else (0,), dtype=acc),
+        q.new_empty(table_shape + (q.shape[2],) if key_tables is not None else (0,), dtype=acc),
+    )
+
+
+def _setup_state_context(ctx, inputs, output):
+    q, k, v, _planes, query_mask, key_mask, tables, key_tables, backend, _h, _m, hash_bits, backward, out = inputs
+    _y, q_codes, k_codes, _tables, _key_tables = output
+    ctx.save_for_backward(q, k, v, q_codes, k_codes, query_mask, key_mask, key_tables)
+    ctx.options = dict(has_tables=tables is not None, backend=backend, backward=backward, hash_bits=hash_bits)
+    ctx.key_tables_out = out
+
+
+def _state_backward(ctx, grad_y, _grad_q_codes, _grad_k_codes, grad_tables, grad_key_tables):
+    q, k, v, q_codes, k_codes, query_mask, key_mask, key_tables = ctx.saved_tensors
+    grad_key_tables = grad_key_tables if ctx.key_tables_out else None
+    dq, dk, dv, d_tables, d_key_tables = core_state_backward(
+        grad_y.contiguous(),
+        None if grad_tables is None else grad_tables.contiguous(),
+        None if grad_key_tables is None else grad_key_tables.contiguous(),
+        q,
+        k,
+        v,
+        q_codes,
+        k_codes,
+        query_mask,
+        key_mask,
+        key_tables,
+        **ctx.options,
+    )
+    return (dq, dk, dv, None, None, None, _present(d_tables), _present(d_key_tables)) + (None,) * 6
+
+
+torch.library.register_autograd("yoso::core_state", _state_backward, setup_context=_setup_state_context)
+
+
 @torch.library.custom_op("yoso::hash_codes", mutates_args=())
 def hash_codes_op(x: Tensor, planes: Tensor, backend: str, hashing: str, num_hashes: int, hash_bits: int) -> Tensor:
     """int32 codes ``[B, m, N]`` of the unit rows ``x [B, N, D]`` (an op, so torch.compile keeps it whole)."""
@@ -331,6 +594,39 @@ class TorchGlue(Glue):
         return backends.get(_selected_name(**fields))
 
     @staticmethod
+    def state_grads_needed(q, k, tables, requires_grad):
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, tables))
+
+    @staticmethod
+    def same_values(a, b):
+        if torch.compiler.is_compiling():
+            return None  # data-dependent: eager calls check, compiled ones trust the state
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+        return bool(torch.equal(a.expand(shape), b.to(a.dtype).expand(shape)))
+
+    @staticmethod
+    def take(x, index, axis):
+        return x.index_select(axis, torch.as_tensor(index, device=x.device))
+
+    @staticmethod
+    def moveaxis(x, source, destination):
+        return x.movedim(source, destination)
+
+    @staticmethod
+    def broadcast_to(x, shape):
+        return x.expand(shape)
+
+    @staticmethod
+    def logical_and(mask, other):
+        return mask & torch.as_tensor(other, device=mask.device)
+
+    @staticmethod
+    def host_ints(x):
+        if isinstance(x, Tensor):
+            return x.detach().cpu().numpy()
+        return np.asarray(x)
+
+    @staticmethod
     def hash_codes(backend, prep):
         call = prep.call
         x = _unit(prep.x).to(prep.x.dtype)
@@ -339,6 +635,8 @@ class TorchGlue(Glue):
 
     @staticmethod
     def attention(backend, prep):
+        if prep.state is not None:
+            return TorchGlue._attention_state(backend, prep)
         call = prep.call
         q = _keep_rows(prep.q, prep.query_mask)
         k = _keep_rows(prep.k, prep.key_mask)
@@ -360,3 +658,39 @@ class TorchGlue(Glue):
         )
         out = _unit(y) if prep.normalize else y
         return out.to(prep.q.dtype).reshape(prep.lead + (call.n_query, call.value_dim))
+
+    @staticmethod
+    def _attention_state(backend, prep):
+        from ._state import State
+
+        call, spec = prep.call, prep.state
+        q = _keep_rows(prep.q, prep.query_mask)
+        k = _keep_rows(prep.k, prep.key_mask)
+        v = _keep_rows(prep.v, prep.key_mask)
+        y, _, _, tables, key_tables = core_state(
+            _unit(q).to(q.dtype),
+            _unit(k).to(k.dtype),
+            v,
+            prep.planes,
+            prep.query_mask,
+            prep.key_mask,
+            spec.tables,
+            spec.key_tables,
+            backend.name,
+            call.hashing,
+            call.num_hashes,
+            call.hash_bits,
+            call.backward,
+            spec.key_tables_out,
+        )
+        out = _unit(y) if prep.normalize else y
+        out = out.to(prep.q.dtype).reshape(prep.lead + (call.n_query, call.value_dim))
+        if not spec.output:
+            return out
+        lead = tuple(prep.lead)
+        state = State(
+            tables=tables.reshape(lead + tuple(tables.shape[1:])),
+            planes=spec.planes,
+            key_tables=key_tables.reshape(lead + tuple(key_tables.shape[1:])) if spec.key_tables_out else None,
+        )
+        return out, state

@@ -29,6 +29,18 @@ class Prepared:
     normalize: bool
     shapes: tuple[tuple[int, ...], ...]  # the original shapes of q, k, v
     parallel: Any = None  # a SequenceParallel for group= / axis_name= calls (yoso._sequence_parallel)
+    state: StateSpec | None = None  # a call that continues or returns a recurrent state
+
+
+@dataclass
+class StateSpec:
+    """The recurrent-state part of a prepared call (docs/math.md#recurrent-state)."""
+
+    tables: Any  # [B, m, 2**tau, Dv] initial tables, or None (the sequence starts here)
+    key_tables: Any  # [B, m, 2**tau, Dv, D] initial key tables, or None
+    planes: Any  # the hash functions, with the leading dims they came with: what the final state carries
+    output: bool  # output_final_state
+    key_tables_out: bool  # differentiable_state: the final state carries key tables
 
 
 def _fmt(shape) -> str:
@@ -106,13 +118,19 @@ def _check_mask(glue, name: str, mask, lead: tuple[int, ...], length: int, lengt
     return glue.flatten(glue.asarray(mask, like=like), lead, (length,))
 
 
-def _prepare_planes(glue, planes, lead, batch, like, *, num_hashes, hash_bits, dim, hashing, seed, generator, key):
+def _prepare_planes(glue, planes, lead, batch, like, **options):
+    return _planes_with_raw(glue, planes, lead, batch, like, **options)[1]
+
+
+def _planes_with_raw(glue, planes, lead, batch, like, *, num_hashes, hash_bits, dim, hashing, seed, generator, key):
+    """``(raw, canonical)``: the hash functions with their own leading dims (what a state carries), and
+    flattened to ``[P, ...]``."""
     import numpy as np  # loaded by the first call, not by `import yoso`
 
     expected = planes_shape(num_hashes, hash_bits, dim, hashing)
     if planes is None:
         drawn = glue.draw_planes(expected, hashing=hashing, seed=seed, generator=generator, key=key, like=like)
-        return glue.flatten(drawn, (), expected)
+        return drawn, glue.flatten(drawn, (), expected)
     if seed is not None or generator is not None or key is not None:
         raise ValueError("pass either planes= or seed=/generator=/key=, not both")
     if not glue.owns(planes) and not isinstance(planes, np.ndarray):
@@ -138,8 +156,8 @@ def _prepare_planes(glue, planes, lead, batch, like, *, num_hashes, hash_bits, d
         raise ValueError(f"planes leading dims {_fmt(planes_lead)} do not broadcast to q's leading dims {_fmt(lead)}")
     planes = glue.planes_array(planes, like=like)
     if not planes_lead or math.prod(planes_lead) == 1:
-        return glue.flatten(planes, (), expected)  # shared by every batch row: P = 1
-    return glue.flatten(planes, lead, expected)
+        return planes, glue.flatten(planes, (), expected)  # shared by every batch row: P = 1
+    return planes, glue.flatten(planes, lead, expected)
 
 
 def _describe_rows(glue, name: str, x):
@@ -173,6 +191,9 @@ def prepare(
     seed,
     generator,
     key=None,
+    initial_state=None,
+    output_final_state=False,
+    differentiable_state=False,
     group=None,
     axis_name=None,
     requires_grad: bool,
@@ -189,12 +210,24 @@ def prepare(
             causal=causal,
             normalize=normalize,
             seed=seed,
+            output_final_state=output_final_state,
+            differentiable_state=differentiable_state,
         )
     )
     # Hyperparameters first: they are cheap and explain most mistakes.
     check_options(num_hashes=num_hashes, hash_bits=hash_bits, mode=mode, hashing=hashing, backward=backward)
     _check_flag("causal", causal)
     _check_flag("normalize", normalize)
+    stateful = _check_state_options(
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        differentiable_state=differentiable_state,
+        mode=mode,
+        causal=causal,
+        backward=backward,
+        generator=generator,
+        key=key,
+    )
     num_hashes, hash_bits = int(num_hashes), int(hash_bits)
 
     shapes, dtypes, devices = {}, {}, {}
@@ -227,6 +260,11 @@ def prepare(
         key=key,
         lengths=(n_query, n_key),
     )
+    if parallel is not None and stateful:
+        raise ValueError(
+            "initial_state/output_final_state cannot be combined with group=/axis_name= yet: a state of a "
+            "sequence split across ranks is not defined; carry states per rank without group=, or split without one"
+        )
     lead = _broadcast_lead(shapes)
     batch = math.prod(lead)
 
@@ -234,28 +272,48 @@ def prepare(
     q_mask = _check_mask(glue, "query_mask", query_mask, lead, n_query, "Nq", q, devices["q"])
 
     if mode == "sample":
-        canonical_planes = _prepare_planes(
-            glue,
-            planes,
-            lead,
-            batch,
-            q,
-            num_hashes=num_hashes,
-            hash_bits=hash_bits,
-            dim=dim,
-            hashing=hashing,
-            seed=seed,
-            generator=generator,
-            key=key,
-        )
+        plane_options = dict(num_hashes=num_hashes, hash_bits=hash_bits, dim=dim, hashing=hashing)
+        if initial_state is not None:
+            # The hash functions come from the state; planes=/seed= may only repeat them.
+            raw_planes, canonical_planes = _state_planes(
+                glue, initial_state, planes, seed, lead, batch, q, plane_options
+            )
+        else:
+            raw_planes, canonical_planes = _planes_with_raw(
+                glue, planes, lead, batch, q, **plane_options, seed=seed, generator=generator, key=key
+            )
     else:
         # YOSO-E is the expectation over all hash functions: planes and seeds have nothing to do.
         canonical_planes = None
 
     q_c, k_c, v_c = (glue.flatten(x, lead, shapes[n][-2:]) for n, x in (("q", q), ("k", k), ("v", v)))
+    state = None
+    if stateful:
+        tables, key_tables = _prepare_state(
+            glue,
+            initial_state,
+            lead,
+            q,
+            k,
+            num_hashes=num_hashes,
+            hash_bits=hash_bits,
+            dim=dim,
+            value_dim=value_dim,
+            dtype=dtypes["q"],
+            device=devices["q"],
+            backward=backward,
+            requires_grad=requires_grad,
+        )
+        state = StateSpec(
+            tables=tables,
+            key_tables=key_tables,
+            planes=raw_planes,
+            output=bool(output_final_state),
+            key_tables_out=bool(differentiable_state),
+        )
     glue.check_values(
         {"q": (q_c, q_mask), "k": (k_c, key_mask), "v": (v_c, key_mask)},
-        planes=canonical_planes if planes is not None else None,
+        planes=canonical_planes if planes is not None or initial_state is not None else None,
         hashing=hashing,
     )
     call = Call(
@@ -274,7 +332,8 @@ def prepare(
         num_hashes=num_hashes,
         hash_bits=hash_bits,
         requires_grad=requires_grad,
-        tables=parallel is not None,  # a split sequence adds up bucket tables across ranks
+        # A split sequence adds up bucket tables across ranks; a recurrent state carries them between calls.
+        tables=parallel is not None or stateful,
     )
     return Prepared(
         call=call,
@@ -288,7 +347,148 @@ def prepare(
         normalize=bool(normalize),
         shapes=(shapes["q"], shapes["k"], shapes["v"]),
         parallel=parallel,
+        state=state,
     )
+
+
+# ---- the recurrent state (docs/math.md#recurrent-state) ---------------------------------------------------
+
+
+def _check_state_options(
+    *, initial_state, output_final_state, differentiable_state, mode, causal, backward, generator, key
+) -> bool:
+    """Whether the call continues or returns a state; refuses the combinations that have none."""
+    _check_flag("output_final_state", output_final_state)
+    _check_flag("differentiable_state", differentiable_state)
+    if differentiable_state and not output_final_state:
+        raise ValueError(
+            "differentiable_state=True asks for key tables in the returned state; pass output_final_state=True"
+        )
+    if initial_state is None and not output_final_state:
+        return False
+    what = "initial_state" if initial_state is not None else "output_final_state=True"
+    if mode != "sample":
+        raise ValueError(
+            f"{what} needs mode='sample': YOSO-E (mode={mode!r}) weighs every pair by its collision probability "
+            "and has no finite state to carry"
+        )
+    if not causal:
+        raise ValueError(
+            f"{what} needs causal=True: a state carries the keys seen so far, which only a causal call's later "
+            "queries may see (for packed independent sequences without a state, pass cu_seqlens=)"
+        )
+    if differentiable_state and backward == "exact":
+        raise ValueError(
+            "differentiable_state=True carries the lower bound's key tables; backward='exact' (*YOSO) weighs "
+            "every pair by its own cosine and has no table form to carry"
+        )
+    if initial_state is not None:
+        from ._state import State
+
+        if not isinstance(initial_state, State):
+            raise TypeError(
+                "initial_state must be the yoso.State a call with output_final_state=True returned, got "
+                f"{type(initial_state).__module__}.{type(initial_state).__name__}"
+            )
+        if generator is not None or key is not None:
+            raise ValueError(
+                "initial_state carries its hash functions; generator=/key= would draw new ones (omit them, or pass "
+                "planes=/seed= equal to the state's)"
+            )
+        if differentiable_state and initial_state.key_tables is None:
+            raise ValueError(
+                "differentiable_state=True needs key tables from the start of the sequence, and initial_state has "
+                "none: pass differentiable_state=True to every call since the first"
+            )
+    return True
+
+
+def _state_planes(glue, state, planes, seed, lead, batch, like, options):
+    """``(raw, canonical)`` hash functions of a call continuing ``state``: the state's, which ``planes=`` or
+    ``seed=`` may repeat (checked where the values are known: not inside ``jax.jit``/``torch.compile``)."""
+    if state.planes is None or not (glue.owns(state.planes) or _is_numpy(state.planes)):
+        raise TypeError(
+            f"initial_state.planes must be a {glue.name} array (the hash functions of the state), "
+            f"got {type(state.planes).__name__}"
+        )
+    try:
+        raw, canonical = _planes_with_raw(
+            glue, state.planes, lead, batch, like, **options, seed=None, generator=None, key=None
+        )
+    except ValueError as exc:
+        raise ValueError(f"initial_state.planes do not fit this call: {exc}") from None
+    if planes is None and seed is None:
+        return raw, canonical
+    _, given = _planes_with_raw(glue, planes, lead, batch, like, **options, seed=seed, generator=None, key=None)
+    if glue.same_values(canonical, given) is False:
+        what = "planes=" if planes is not None else f"seed={seed!r}"
+        raise ValueError(
+            f"{what} gives other hash functions than initial_state's; a state continues with the hash functions it "
+            "was built with (omit planes=/seed=, or pass the state's)"
+        )
+    return raw, canonical
+
+
+def _is_numpy(x) -> bool:
+    import numpy as np
+
+    return isinstance(x, np.ndarray)
+
+
+def _accumulation_dtype(dtype: str) -> str:
+    return "float64" if dtype == "float64" else "float32"
+
+
+def _prepare_state(
+    glue, state, lead, q, k, *, num_hashes, hash_bits, dim, value_dim, dtype, device, backward, requires_grad
+) -> tuple:
+    """``(tables, key_tables)`` of ``initial_state`` (None if absent) checked against the call and flattened to
+    ``[B, ...]``; refuses gradients the state cannot give."""
+    if state is None:
+        return None, None
+    acc = _accumulation_dtype(dtype)
+    tables_tail = (num_hashes, 1 << hash_bits, value_dim)
+    flat = {}
+    for name, tail in (("tables", tables_tail), ("key_tables", tables_tail + (dim,))):
+        x = getattr(state, name)
+        if x is None:
+            if name == "tables":
+                raise ValueError("initial_state.tables is None; a state always has its bucket tables")
+            flat[name] = None
+            continue
+        if not glue.owns(x):
+            raise TypeError(f"initial_state.{name} must be a {glue.name} array like q, k, v, got {type(x).__name__}")
+        shape, x_dtype, x_device = glue.describe(x)
+        if tuple(shape) != tuple(lead) + tail:
+            what = "Dv" if name == "tables" else "Dv, D"
+            raise ValueError(
+                f"initial_state.{name} must have shape {_fmt(tuple(lead) + tail)} (the leading dims of q, k, v + "
+                f"[num_hashes={num_hashes}, 2**hash_bits={1 << hash_bits}, {what}]), got {_fmt(shape)}; was the state "
+                "built with other num_hashes/hash_bits or for other inputs?"
+            )
+        if x_dtype != acc:
+            raise TypeError(
+                f"initial_state.{name} has dtype {x_dtype}, but a {dtype} call accumulates in {acc} (states are "
+                "kept in the accumulation dtype)"
+            )
+        if x_device != device:
+            raise ValueError(f"initial_state.{name} is on {x_device} but q, k, v are on {device}")
+        flat[name] = glue.flatten(x, lead, tail)
+    if glue.state_grads_needed(q, k, state.tables, requires_grad):
+        if backward == "exact":
+            raise ValueError(
+                "gradients through a call continuing initial_state need backward='lower_bound': the sampled true "
+                "gradient (backward='exact') weighs every pair by its own cosine and has no table form for the "
+                "keys of earlier chunks (run the chunk without gradients, e.g. under torch.no_grad())"
+            )
+        if state.key_tables is None:
+            raise ValueError(
+                "gradients w.r.t. q and k across chunks need the key tables of the earlier chunks, and "
+                "initial_state has none (its tables alone give exact gradients for v only): pass "
+                "differentiable_state=True to every call producing the state, or run without gradients "
+                "(torch.no_grad(), or detach the state and q, k)"
+            )
+    return flat["tables"], flat["key_tables"]
 
 
 @dataclass

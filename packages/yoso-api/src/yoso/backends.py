@@ -210,6 +210,23 @@ class Backend:
         """
         return self._function("read_buckets")(codes, tables, mask=mask, weights=weights)
 
+    def add_to_tables(self, tables, codes, values, *, mask, hash_bits: int, outer=None):
+        """``tables + bucket_tables(codes, values, mask=mask, hash_bits=hash_bits, outer=outer)``: running
+        tables after more tokens (a carried state's update).
+
+        Optional: a backend whose ``module`` has a function ``add_to_tables`` (same arguments) adds the tokens
+        into a copy of ``tables`` -- or into ``tables`` itself where its framework may reuse the buffer, as XLA
+        does with a donated one -- so a one-token decoding step costs ``O(m * C)``, not a pass over all
+        ``m * 2**tau * C`` entries. Without one, this default is exact and costs that pass.
+        """
+        try:
+            add = self._function("add_to_tables")
+        except (AttributeError, NotImplementedError):
+            add = None
+        if add is not None:
+            return add(tables, codes, values, mask=mask, hash_bits=hash_bits, outer=outer)
+        return tables + self.bucket_tables(codes, values, mask=mask, hash_bits=hash_bits, outer=outer)
+
     def sampled_grads(
         self,
         q_codes,

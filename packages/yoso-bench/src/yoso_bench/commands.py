@@ -8,7 +8,10 @@ from __future__ import annotations
 
 
 class _Bench:
-    help = "time and memory vs N against torch SDPA and YOSO-E, and error vs N: JSON and figures"
+    help = (
+        "time and memory vs N against torch SDPA and YOSO-E, and error vs N: JSON and figures "
+        "(--decode: a decoding step with the carried state against a KV cache)"
+    )
 
     def add_arguments(self, parser) -> None:
         from . import sequence_parallel
@@ -18,10 +21,23 @@ class _Bench:
         sequence_parallel.add_arguments(parser)
 
     def run(self, args) -> int:
+        if getattr(args, "threads", None):
+            if args.threads < 1:
+                raise ValueError(f"--threads must be positive, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if getattr(args, "sequence_parallel", None) is not None and getattr(args, "decode", False):
+            raise ValueError("--sequence-parallel and --decode are separate benchmarks: pass one")
         if getattr(args, "sequence_parallel", None) is not None:  # one layer split over processes
             from . import sequence_parallel
 
             sequence_parallel.run(sequence_parallel.config_from_args(args, getattr(args, "argv", None)))
+            return 0
+        if getattr(args, "decode", False):
+            from . import decode
+
+            decode.run(decode.config_from_args(args, getattr(args, "argv", None)))
             return 0
         from .options import config_from_args
         from .runner import run

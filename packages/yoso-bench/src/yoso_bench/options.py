@@ -98,6 +98,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a small grid for CI smoke (seconds, not minutes)")
     p.add_argument("--no-backward", action="store_true", help="time the forward only")
     p.add_argument("--no-fidelity", action="store_true", help="skip the error-vs-N measurements (Fig. 8)")
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="instead of the grid: one decoding step at contexts --n (default 1k..64k) with YOSO's carried state "
+        "against SDPA with a KV cache, on the CPU (decode.json, decode.png)",
+    )
     # Beyond the contract.
     p.add_argument("--budget", type=float, help="seconds of repeats per CPU point (default 5; quick 0.2)")
     p.add_argument(
@@ -108,6 +114,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fidelity-n", help="sequence lengths for the fidelity study (default 64..4096)")
     p.add_argument("--fidelity-samples", type=int, help="independent samples averaged per fidelity point (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of inputs and hash functions (default 0)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch's intra-op threads (default: torch's own choice; 1 is steadiest on a shared machine)",
+    )
     p.add_argument("--no-plot", action="store_true", help="write the JSON only (no matplotlib needed)")
     p.add_argument("--note", action="append", default=[], help="free text stored in the JSON (e.g. 'machine shared')")
 

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 
 from . import pairwise
 from ._common import HIGHEST, acc_dtype, keep_rows, next_power_of_two, sylvester_hadamard
-from .tables import bucket_tables, read_buckets  # noqa: F401 (primitives of this backend)
+from .tables import add_to_tables, bucket_tables, read_buckets  # noqa: F401 (primitives of this backend)
 
 TOKEN_BLOCK = 64  # tokens per program (hashing, reading) and per loop step (writing tables)
 HASH_GROUP = 16  # hashes per hashing program (the dot's output width)

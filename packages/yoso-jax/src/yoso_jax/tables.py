@@ -54,3 +54,37 @@ def read_buckets(codes, tables, *, mask, weights=None):
     shape = (batch, n) + (tables.shape[4:] if weights is not None else tables.shape[3:])
     total = lax.fori_loop(0, num_hashes, one, jnp.zeros(shape, tables.dtype))
     return keep_rows(total / num_hashes, mask)
+
+
+# Up to this many scattered elements (B * m * N * C [* F]) the tokens go into the tables in one scatter over
+# all hashes; beyond, one hash at a time (the broadcast updates would be materialised for all m at once).
+FLAT_ADD_MAX_ELEMENTS = 1 << 20
+
+
+@functools.partial(jax.jit, static_argnames=("hash_bits",))
+def add_to_tables(tables, codes, values, *, mask, hash_bits: int, outer=None):
+    """``tables + bucket_tables(codes, values, ...)`` as a scatter-add into ``tables`` itself.
+
+    Written as an update of ``tables`` (not a sum with fresh tables), XLA reuses its buffer when the caller
+    donates it (``jax.jit(..., donate_argnums=...)``): a one-token decoding step then touches ``m`` rows,
+    not all ``m * 2**tau``. Otherwise XLA copies ``tables`` once, still cheaper than building new tables.
+    """
+    dtype = tables.dtype
+    tokens = keep_rows(values.astype(dtype), mask)
+    if outer is not None:
+        tokens = tokens[..., :, None] * keep_rows(outer.astype(dtype), mask)[..., None, :]
+    batch, num_hashes, n = codes.shape
+    codes = codes.astype(jnp.int32)
+    if batch * num_hashes * tokens[0].size <= FLAT_ADD_MAX_ELEMENTS:
+        rows = jnp.arange(batch, dtype=jnp.int32)[:, None, None]
+        hashes = jnp.arange(num_hashes, dtype=jnp.int32)[None, :, None]
+        updates = jnp.broadcast_to(tokens[:, None], (batch, num_hashes) + tokens.shape[1:])
+        return tables.at[rows, hashes, codes].add(updates, mode="promise_in_bounds")
+    rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
+
+    def one(s, tables):
+        return tables.at[rows, s, lax.dynamic_index_in_dim(codes, s, 1, keepdims=False)].add(
+            tokens, mode="promise_in_bounds"
+        )
+
+    return lax.fori_loop(0, num_hashes, one, tables)

@@ -34,7 +34,7 @@ from jax import lax
 
 from . import pairwise
 from ._common import ELEMENT_BUDGET, HIGHEST, acc_dtype, keep_rows, sylvester_hadamard
-from .tables import bucket_tables, read_buckets  # noqa: F401 (primitives of this backend)
+from .tables import add_to_tables, bucket_tables, read_buckets  # noqa: F401 (primitives of this backend)
 
 UNROLL_HASHES = 64
 FLAT_MAX_ELEMENTS = 1 << 22  # all hashes' work (tokens x columns x m) up to which one flat scatter is used

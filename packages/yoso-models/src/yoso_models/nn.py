@@ -11,6 +11,7 @@ Importing this module imports torch; ``import yoso_models`` alone does not.
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,16 @@ import yoso
 
 from ._checks import EVAL_MODES, check_dropout, check_layer
 
-__all__ = ["EVAL_MODES", "YosoSelfAttention"]
+__all__ = ["EVAL_MODES", "YosoCState", "YosoSelfAttention"]
+
+
+class YosoCState(NamedTuple):
+    """The state of a YOSO-C layer (``conv_window`` set): the attention's :class:`yoso.State` and the last
+    ``conv_window - 1`` (padding-masked) values per head, ``[B, H, conv_window - 1, head_dim]``, which the
+    causal convolution of the next tokens reads. Both are of constant size."""
+
+    attention: yoso.State
+    values: torch.Tensor
 
 
 class YosoSelfAttention(nn.Module):
@@ -60,6 +70,18 @@ class YosoSelfAttention(nn.Module):
     ``key_padding_mask`` is bool ``[B, N]`` with **True = a real token** (yoso's convention; note that
     ``torch.nn.MultiheadAttention`` uses True = ignore). Padded tokens cannot change the outputs of real
     tokens, and their own output rows are exactly zero before the output projection.
+
+    **Generation** (``causal=True``): ``y, state = layer(x, use_cache=True)`` also returns the layer's
+    recurrent state (a :class:`yoso.State`: per head ``num_hashes * 2**hash_bits * head_dim`` numbers, whatever
+    the length), and ``layer(x_next, past_state=state, use_cache=True)`` continues the sequence: chunked prefill
+    and one-token decoding are the same call, and the outputs equal those of one call over the whole sequence
+    with the same hash functions. Those are drawn at the first call (``eval_seed`` in ``eval()``, else torch's
+    RNG) and then come from the state, fixed for the sequence. The attention must be sampled
+    (``eval_mode="sample"`` in ``eval()``; YOSO-E has no finite state). With ``conv_window`` (YOSO-C) the state
+    is a :class:`YosoCState`: the attention's state and the last ``conv_window - 1`` values, which the causal
+    convolution of the next tokens needs. ``differentiable_state=True``
+    makes the state carry the key tables that gradients w.r.t. the projections need across chunks
+    (``head_dim`` times larger; docs/math.md#recurrent-state).
     """
 
     def __init__(
@@ -168,16 +190,70 @@ class YosoSelfAttention(nn.Module):
         left, right = (w - 1, 0) if self.causal else ((w - 1) // 2, w // 2)
         return self.conv(F.pad(v, (0, 0, left, right)))
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [B, N, embed_dim]``, optional bool ``key_padding_mask [B, N]`` (True = real) -> ``[B, N, embed_dim]``."""
+    def _continued_conv(self, v: torch.Tensor, mask: torch.Tensor | None, state: YosoCState | None):
+        """The causal convolution of a chunk continuing ``state``: ``(conv, the last conv_window - 1 values)``.
+
+        The chunk's (masked) values follow the carried ones, which stand where the one-shot call's left
+        zero padding or earlier values stand, so the result is the one-shot call's rows for these tokens."""
+        if mask is not None:
+            v = v * mask[:, None, :, None].to(v.dtype)
+        w = self.conv_window
+        earlier = v.new_zeros(v.shape[:2] + (w - 1, v.shape[3])) if state is None else state.values
+        values = torch.cat([earlier, v], dim=2)
+        return self.conv(values), values[:, :, values.shape[2] - (w - 1) :]
+
+    def _check_state(self, mode: str, past_state, use_cache: bool) -> None:
+        if past_state is None and not use_cache:
+            return
+        if not self.causal:
+            raise ValueError("past_state/use_cache need a causal layer (causal=True): a state carries the keys so far")
+        if mode != "sample":
+            what = "mode='expectation'" if self.training or self.mode == "expectation" else "eval_mode='expectation'"
+            raise ValueError(
+                f"past_state/use_cache need sampled attention, but the layer computes YOSO-E ({what}), which has no "
+                "finite state; build it with eval_mode='sample' (and eval_seed= for fixed hash functions) to generate"
+            )
+        expected = yoso.State if self.conv is None else YosoCState
+        if past_state is not None and not isinstance(past_state, expected):
+            raise TypeError(
+                f"past_state must be the {expected.__name__} a call of this layer with use_cache=True returned, "
+                f"got {type(past_state).__name__}"
+            )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        *,
+        past_state: yoso.State | YosoCState | None = None,
+        use_cache: bool = False,
+        differentiable_state: bool = False,
+    ):
+        """``x [B, N, embed_dim]``, optional bool ``key_padding_mask [B, N]`` (True = real) -> ``[B, N, embed_dim]``.
+
+        With ``use_cache=True``: ``(out, state)``; ``past_state`` continues a sequence (see the class docstring).
+        """
         self._check_inputs(x, key_padding_mask)
+        mode, seed = self._mode_and_seed()
+        self._check_state(mode, past_state, use_cache)
         batch, length, _ = x.shape
         heads = (batch, length, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(heads).transpose(1, 2)  # [B, H, N, Dh]
         k = self.k_proj(x).view(heads).transpose(1, 2)
         v = self.v_proj(x).view(heads).transpose(1, 2)
         mask = None if key_padding_mask is None else key_padding_mask[:, None, :]  # broadcast over heads
-        mode, seed = self._mode_and_seed()
+        stateful = past_state is not None or use_cache
+        conv_state = None
+        if stateful and self.conv is not None:
+            conv_state = past_state
+            past_state = None if past_state is None else past_state.attention
+        state_options = {}
+        if stateful:
+            # The state holds the hash functions after the first call: no new draw, no seed to compare.
+            seed = seed if past_state is None else None
+            state_options = dict(
+                initial_state=past_state, output_final_state=use_cache, differentiable_state=differentiable_state
+            )
         out = yoso.attention(
             q,
             k,
@@ -192,11 +268,20 @@ class YosoSelfAttention(nn.Module):
             backward=self.backward,
             normalize=self.normalize,
             seed=seed,
+            **state_options,
         )
+        state = None
+        if use_cache:
+            out, state = out
         if self.conv is not None:
-            conv = self._depthwise_conv(v, key_padding_mask)
+            if stateful:
+                conv, values = self._continued_conv(v, key_padding_mask, conv_state)
+                state = YosoCState(attention=state, values=values) if use_cache else None
+            else:
+                conv = self._depthwise_conv(v, key_padding_mask)
             if mask is not None:
                 conv = conv * mask[..., None].to(conv.dtype)
             out = out + conv
         out = out.transpose(1, 2).reshape(batch, length, self.embed_dim)
-        return self.dropout(self.out_proj(out))
+        out = self.dropout(self.out_proj(out))
+        return (out, state) if use_cache else out

@@ -43,6 +43,15 @@ class YosoAttention(nnx.Module):
             from the stream (so not deterministic unless the stream is re-seeded).
         rng_collection: the RNG stream the hash functions are drawn from (default ``"hashing"``).
         rngs: ``nnx.Rngs`` for the parameters, dropout and hashing.
+
+    **Generation** (``causal=True``, self-attention): ``y, state = module(x, use_cache=True)`` also returns the
+    recurrent state (a :class:`yoso.State`, a pytree: ``nnx.jit``/``jax.lax.scan`` carry it), and
+    ``module(x_next, past_state=state, use_cache=True)`` continues the sequence -- chunked prefill and one-token
+    decoding alike, equal to one call over the whole sequence with the same hash functions. Those are drawn
+    from the stream at the first call and then come from the state. The attention must be sampled
+    (``eval_mode="sample"`` when deterministic). ``differentiable_state=True`` carries the key tables that
+    gradients w.r.t. the projections need across chunks (docs/math.md#recurrent-state). To update the state in
+    place while decoding, donate it to the jitted step (``jax.jit(step, donate_argnums=...)``).
     """
 
     def __init__(
@@ -110,10 +119,24 @@ class YosoAttention(nnx.Module):
         x = x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
         return jnp.swapaxes(x, -3, -2)
 
-    def __call__(self, inputs_q, inputs_kv=None, *, key_padding_mask=None, deterministic: bool | None = None):
+    def __call__(
+        self,
+        inputs_q,
+        inputs_kv=None,
+        *,
+        key_padding_mask=None,
+        deterministic: bool | None = None,
+        past_state: yoso.State | None = None,
+        use_cache: bool = False,
+        differentiable_state: bool = False,
+    ):
         """``inputs_q [..., Nq, F]``, ``inputs_kv [..., Nk, F]`` (default: ``inputs_q``), ``key_padding_mask``
-        bool ``[..., Nk]`` with True = a real token -> ``[..., Nq, out_features]``."""
+        bool ``[..., Nk]`` with True = a real token -> ``[..., Nq, out_features]``; with ``use_cache=True``
+        ``(out, state)``, and ``past_state`` continues a sequence (see the class docstring)."""
         deterministic = self.deterministic if deterministic is None else deterministic
+        stateful = past_state is not None or use_cache
+        if stateful:
+            self._check_state(inputs_kv, deterministic, past_state)
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         q, k, v = (
             self._heads(self.query(inputs_q)),
@@ -122,8 +145,37 @@ class YosoAttention(nnx.Module):
         )
         mask = None if key_padding_mask is None else jnp.asarray(key_padding_mask)[..., None, :]  # over heads
         mode = self.eval_mode if deterministic else self.mode
-        key = self.hash_rngs() if mode == "sample" else None
-        out = yoso.attention(q, k, v, key_padding_mask=mask, mode=mode, key=key, **self.options)
+        # A continued sequence hashes with its state's functions: no draw from the stream.
+        key = self.hash_rngs() if mode == "sample" and past_state is None else None
+        state_options = {}
+        if stateful:
+            state_options = dict(
+                initial_state=past_state,
+                output_final_state=use_cache,
+                differentiable_state=differentiable_state,
+            )
+        out = yoso.attention(q, k, v, key_padding_mask=mask, mode=mode, key=key, **self.options, **state_options)
+        state = None
+        if use_cache:
+            out, state = out
         out = jnp.swapaxes(out, -3, -2)
         out = out.reshape(out.shape[:-2] + (self.num_heads * self.head_dim,))
-        return self.dropout(self.out(out), deterministic=deterministic)
+        out = self.dropout(self.out(out), deterministic=deterministic)
+        return (out, state) if use_cache else out
+
+    def _check_state(self, inputs_kv, deterministic: bool, past_state) -> None:
+        if not self.options["causal"]:
+            raise ValueError("past_state/use_cache need a causal module (causal=True): a state carries the keys so far")
+        if inputs_kv is not None:
+            raise ValueError("past_state/use_cache are for causal self-attention; inputs_kv (cross-attention) has none")
+        mode = self.eval_mode if deterministic else self.mode
+        if mode != "sample":
+            what = "eval_mode='expectation' (deterministic)" if deterministic else "mode='expectation'"
+            raise ValueError(
+                f"past_state/use_cache need sampled attention, but the module computes YOSO-E ({what}), which has "
+                "no finite state; build it with eval_mode='sample' to generate"
+            )
+        if past_state is not None and not isinstance(past_state, yoso.State):
+            raise TypeError(
+                f"past_state must be the yoso.State a call with use_cache=True returned, got {past_state!r}"
+            )
