@@ -23,6 +23,7 @@ class JaxBackend(Backend):
     frameworks = ("jax",)
     devices = ("cpu", "cuda")
     module = "yoso_jax.xla"
+    lower_bound_forms = ("pairs", "tables")  # sampled_grads(form=...): docs/math.md#lower-bound
     description = "JAX (XLA): scatter/gather hash tables in jax.numpy, the fast CPU path; float64 needs jax_enable_x64"
 
     @property

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import pairwise
+from . import pairwise, tables
 from ._common import ELEMENT_BUDGET, HIGHEST, acc_dtype, keep_rows, sylvester_hadamard
 
 UNROLL_HASHES = 64
@@ -40,12 +40,6 @@ FLAT_MAX_ELEMENTS = 1 << 22  # all hashes' work (tokens x columns x m) up to whi
 CAUSAL_CHUNK = 256  # 2 cores, B*H = 16, m = 32: 64 -> 1.27 s, 256 -> 0.91 s at N = 8k (0.17 -> 0.13 s at 1k)
 
 ORDERS = ("none", "causal", "anticausal")
-
-# The lower-bound gradient over all pairs (quadratic; matmuls) up to this many tokens, the linear
-# table form beyond. Measured (2 cores, B*H = 16, N = 1024, D = Dv = m*2 = 64): dense ~0.4 s,
-# tables 4 s (22 s causal): scatter/gather of Dv*D-wide rows into tables that do not fit in cache.
-# The estimated crossover is near 20k tokens.
-DENSE_LOWER_BOUND_MAX_N = 8192
 
 # ---- hashing ------------------------------------------------------------------------------------
 
@@ -248,7 +242,16 @@ def causal_bucket_sums(read_codes, write_codes, values, num_buckets: int):
     return in_column_chunks(columns, values, per_column)
 
 
-# The primitives this backend shares with ``pallas`` (see ``pairwise``), bound to this one's cumulation.
-sampled_grads = pairwise.sampled_grads_on(cumulate, dense_max_n=DENSE_LOWER_BOUND_MAX_N)
+def lower_bound_form(batch, n_query, n_key, dim, value_dim, num_hashes, hash_bits, causal) -> str:
+    """The cheaper form of the sampled lower bound for these static shapes (``tables.costs``)."""
+    cost = tables.costs(batch, n_query, n_key, dim, value_dim, num_hashes, hash_bits, causal)
+    return "tables" if cost["tables"] < cost["pairs"] else "pairs"
+
+
+# The lower bound's table form is this backend's own (``tables``: sorted tokens, batched matmuls;
+# cumulating Dv*D-wide outer products through scatter/gather, as ``pallas`` does, is ~10x slower here).
+# ``form="auto"`` picks by static shapes: the dense pair form costs the same whatever the codes, and
+# the table form's layouts differ by at most ~1.5x between even and crowded buckets.
+sampled_grads = pairwise.sampled_grads_on(tables.lower_bound_tables, choose=lower_bound_form)
 expectation_forward = pairwise.expectation_forward
 expectation_backward = pairwise.expectation_backward

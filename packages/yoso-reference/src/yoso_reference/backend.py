@@ -20,6 +20,7 @@ class ReferenceBackend(Backend):
     description = "plain vectorised NumPy; the oracle every other backend is tested against"
     devices = ("cpu",)
     module = "yoso_reference"  # the oracle's functions take exactly the primitives' arguments
+    lower_bound_forms = ("pairs", "tables")  # sampled_grads(form=...): docs/math.md#lower-bound
 
     def version(self) -> str:
         return __version__
