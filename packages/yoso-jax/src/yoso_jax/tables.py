@@ -45,6 +45,7 @@ PIECE = 32  # tokens per piece of the "pieces" layout
 BLOCK = 32  # items per block of the causal "blocks" layout
 PREFIX_SPAN = 16  # blocks per level-1 span of the blocks' segmented prefix
 GROUP_TOKENS = 8192  # batch rows are grouped per loop step up to about this many tokens (cache-sized steps)
+PACKED_BITS = 31  # (bucket, kind, position) sort keys packed into one int32 when they fit in this many bits
 PATHS = ("auto", "fast", "pieces", "blocks")
 
 
@@ -79,7 +80,7 @@ def _merged_order(q_codes, k_codes, q_keep, k_keep, n_buckets: int, causal: bool
     kind = jnp.concatenate([jnp.zeros((n_key,), jnp.int32), jnp.ones((n_query,), jnp.int32)])
     pos = jnp.concatenate([jnp.arange(n_key, dtype=jnp.int32), jnp.arange(n_query, dtype=jnp.int32)])
     low = (pos << 1) | kind if causal else (kind << pos_bits) | pos
-    if n_buckets.bit_length() + 1 + pos_bits <= 31:
+    if n_buckets.bit_length() + 1 + pos_bits <= PACKED_BITS:
         packed = lax.sort((codes << (pos_bits + 1)) | low)
         code, low = packed >> (pos_bits + 1), packed & ((1 << (pos_bits + 1)) - 1)
     else:

@@ -5,14 +5,18 @@ a shift-and-sum of the sign bits.
 
 Cumulation (``order="none"``, the forward's hot loop) builds, per hash, the table
 ``T_s = scatter_add(codes_s, values)`` of ``2^tau`` rows per batch row and gathers it back at the
-readers' codes, summing over hashes. Measured on a 2-core CPU (B*H = 8, N = 16k, m = 32, tau = 8,
-Dv = 64): scatter-add + gather takes ~75 ms when the loop over hashes is unrolled, against ~200 ms
-inside a ``lax.scan`` (a scatter in a while loop is ~2x slower, and XLA:CPU runs independent scatters
-of an unrolled loop concurrently), ~400 ms for one scatter over all hashes (the broadcast updates
-are materialised) and ~2.4 s for one-hot matmuls (2*N*2^tau*Dv flops per hash). But each unrolled
-scatter/gather pair costs ~80 ms of XLA compile time, which dominates small calls. Hence (see
-:func:`bucket_sums`): small calls (``FLAT_MAX_ELEMENTS``) use one scatter over all hashes at once;
-larger ones unroll the loop over up to ``UNROLL_HASHES`` hashes, or run it as a ``fori_loop``.
+readers' codes, summing over hashes, in a ``fori_loop`` that handles ``HASH_UNROLL`` hashes per step
+(independent scatters, which XLA:CPU may run on both cores; compile time stays that of a few hashes).
+Measured on 2 shared cores (Dv = 64, tau = 8; CPU time per call, compile time apart): the loop is the
+fastest or within noise of it from N = 64, m = 8, B*H = 1 up to N = 16k, m = 64, B*H = 8 -- at B*H = 8,
+N = 16k, m = 32: 123 ms with 1 hash per step, 110 ms with 2, 98 ms with 4, 126 ms fully unrolled --
+and the whole forward compiles in ~1.0 s (1 per step), 1.3 s (2), 1.8 s (4), where unrolling every
+hash costs ~80 ms of compile time per hash (2.5 s at m = 32, 9.6 s at m = 64). One scatter over all
+hashes at once with the broadcast values materialised ("flat", once the choice below 2^22 elements)
+compiles in ~0.6 s but runs 2-50x slower at every size (B*H = 1, N = 1024, m = 32: 16 ms against
+0.6 ms), and switching between it and the per-hash loops at size thresholds made the time zig-zag
+(m = 128 ran 10x faster than m = 64; B*H = 4 faster than B*H = 2). One strategy at every size keeps
+the time monotonic in N, m and B*H.
 
 Ordered cumulation (``"causal"``: writers at positions <= the reader's) scans over chunks of
 ``CAUSAL_CHUNK`` positions carrying all m tables: a chunk first reads the tables (all earlier
@@ -35,8 +39,7 @@ from jax import lax
 from . import pairwise, tables
 from ._common import ELEMENT_BUDGET, HIGHEST, acc_dtype, keep_rows, sylvester_hadamard
 
-UNROLL_HASHES = 64
-FLAT_MAX_ELEMENTS = 1 << 22  # all hashes' work (tokens x columns x m) up to which one flat scatter is used
+HASH_UNROLL = 2  # hashes per step of the cumulation's loop (module docstring)
 CAUSAL_CHUNK = 256  # 2 cores, B*H = 16, m = 32: 64 -> 1.27 s, 256 -> 0.91 s at N = 8k (0.17 -> 0.13 s at 1k)
 
 ORDERS = ("none", "causal", "anticausal")
@@ -127,15 +130,17 @@ def in_column_chunks(fn, values, elements_per_column: int):
     return out.reshape(out.shape[:-2] + (chunks * width,))[..., :columns]
 
 
-def sum_over_hashes(one, num_hashes: int, unroll: bool):
-    """``sum_s one(s)``: a Python loop when ``unroll`` (fast to run), else a ``fori_loop`` (fast to compile)."""
-    if unroll:
+def sum_over_hashes(one, num_hashes: int, unroll: int | bool):
+    """``sum_s one(s)``: a Python loop when ``unroll is True``, else a ``fori_loop`` of ``unroll`` hashes
+    per step (bounded compile time; the hashes of one step are independent work)."""
+    if unroll is True:
         total = one(0)
         for s in range(1, num_hashes):
             total = total + one(s)
         return total
     first = one(0)
-    return lax.fori_loop(1, num_hashes, lambda s, total: total + one(s), first)
+    steps = max(1, min(int(unroll), num_hashes - 1))
+    return lax.fori_loop(1, num_hashes, lambda s, total: total + one(s), first, unroll=steps)
 
 
 def fusion_fence(x):
@@ -152,13 +157,14 @@ def fusion_fence(x):
     return jnp.zeros_like(x).at[rows].set(x, indices_are_sorted=True, unique_indices=True)
 
 
-def bucket_sums(read_codes, write_codes, values, num_buckets: int, strategy: str | None = None):
+def bucket_sums(read_codes, write_codes, values, num_buckets: int, strategy: str = "loop"):
     """Unordered cumulation without the 1/m: scatter-add the writers into per-hash tables, gather at the readers.
 
-    ``strategy`` (default: by size, see the module docstring): ``"flat"`` -- one scatter and one gather
-    over all hashes at once, the broadcast values materialised (small calls: cheapest to compile);
-    ``"unrolled"`` -- one scatter/gather pair per hash in a Python loop (large calls: fastest);
-    ``"loop"`` -- the same pair in a ``fori_loop`` (many hashes on large calls: bounded compile time).
+    ``strategy`` (the module docstring has the measurements): ``"loop"`` -- one scatter/gather pair
+    per hash in a ``fori_loop`` of ``HASH_UNROLL`` hashes per step, the default at every size;
+    ``"unrolled"`` -- the same pairs in a Python loop (compile time grows with m); ``"flat"`` -- one
+    scatter and one gather over all hashes at once, the broadcast values materialised (slow; kept for
+    comparison).
     """
     batch, num_hashes, n_read = read_codes.shape
     n_write = write_codes.shape[2]
@@ -166,8 +172,7 @@ def bucket_sums(read_codes, write_codes, values, num_buckets: int, strategy: str
 
     def columns(vals):
         width = vals.shape[-1]
-        chosen = strategy or _strategy(num_hashes, tokens * width)
-        if chosen == "flat":
+        if strategy == "flat":
             # Each (batch row, hash) owns num_buckets rows of one flat table.
             offsets = (jnp.arange(batch * num_hashes, dtype=jnp.int32) * num_buckets).reshape(batch, num_hashes, 1)
             updates = jnp.broadcast_to(vals[:, None], (batch, num_hashes, n_write, width)).reshape(-1, width)
@@ -186,16 +191,12 @@ def bucket_sums(read_codes, write_codes, values, num_buckets: int, strategy: str
             readers = (lax.dynamic_index_in_dim(read_codes, s, 1, keepdims=False) + offsets).reshape(-1)
             return table.at[readers].get(mode="promise_in_bounds")
 
-        total = sum_over_hashes(one, num_hashes, unroll=chosen == "unrolled")
-        return (fusion_fence(total) if chosen == "unrolled" else total).reshape(batch, n_read, width)
+        total = sum_over_hashes(one, num_hashes, unroll=True if strategy == "unrolled" else HASH_UNROLL)
+        # A loop's result is its carry; only the unrolled sum can be fused into (and recomputed by) its consumers.
+        return (fusion_fence(total) if strategy == "unrolled" else total).reshape(batch, n_read, width)
 
-    return in_column_chunks(columns, values, tokens)  # the flat strategy is only chosen below the budget
-
-
-def _strategy(num_hashes: int, work_per_hash: int) -> str:
-    if work_per_hash * num_hashes <= FLAT_MAX_ELEMENTS:
-        return "flat"
-    return "unrolled" if num_hashes <= UNROLL_HASHES else "loop"
+    # "flat" holds m times the values at once: budget its column chunks accordingly.
+    return in_column_chunks(columns, values, tokens * (num_hashes if strategy == "flat" else 1))
 
 
 def causal_bucket_sums(read_codes, write_codes, values, num_buckets: int):
