@@ -3,11 +3,11 @@
 Because the lower bound weighs every colliding pair by the same ``tau/2``, its pair sums factor through
 per-bucket tables of outer products (docs/math.md#lower-bound). For hash ``s`` and bucket ``b``:
 
-    A_s[b] = sum_{j in b} v_j k_j^T        (Dv x D; masked keys excluded)
+    A_s[b] = sum_{j in b} kappa_j v_j k_j^T      (Dv x D; kappa the key mask)
     dq_i   = (tau/2) (1/m) sum_s G_i^T A_s[h_s(q_i)]
 
-    B_s[b] = sum_{i in b} q_i G_i^T        (D x Dv; masked queries excluded)
-    dk_j   = (tau/2) (1/m) sum_s B_s[h_s(k_j)] v_j
+    B_s[b] = sum_{i in b} q_i G_i^T              (D x Dv; G is zero on masked queries)
+    dk_j   = kappa_j (tau/2) (1/m) sum_s B_s[h_s(k_j)] v_j
 
 Causally, query ``i`` reads the *prefix* table of its bucket (keys ``j <= i`` only) and key ``j`` the
 *suffix* table (queries ``i >= j`` only). The cost is ``O(N m D Dv)`` however the tokens fall into
@@ -71,11 +71,12 @@ def lower_bound_tables(
 ):
     """The sampled lower-bound gradient ``(dq, dk)`` w.r.t. unit ``q`` and ``k``, in table form.
 
-    ``dq_i = (tau/2)(1/m) sum_s G_i^T A_s[h_s(q_i)]`` with ``A_s[b] = sum_{j in b} v_j k_j^T`` over the
-    visible keys, and ``dk_j = (tau/2)(1/m) sum_s B_s[h_s(k_j)] v_j`` with ``B_s[b] = sum_{i in b} q_i G_i^T``
-    over the kept queries; with ``causal=True`` query ``i`` reads the prefix table (keys ``j <= i``) and key
-    ``j`` the suffix table (queries ``i >= j``). Equal, to rounding, to :func:`pairwise.sampled_grads`
-    with ``backward="lower_bound"`` and ``form="pairs"``.
+    ``dq_i = (tau/2)(1/m) sum_s G_i^T A_s[h_s(q_i)]`` with ``A_s[b] = sum_{j in b} kappa_j v_j k_j^T`` (kappa
+    the key mask), and ``dk_j = kappa_j (tau/2)(1/m) sum_s B_s[h_s(k_j)] v_j`` with
+    ``B_s[b] = sum_{i in b} q_i G_i^T`` over the kept queries (docs/math.md#lower-bound); with
+    ``causal=True`` query ``i`` reads the prefix table (keys ``j <= i``) and key ``j`` the suffix table
+    (queries ``i >= j``). Masked rows of ``dq``, ``dk`` are exact zeros. Equal, to rounding, to
+    :func:`pairwise.sampled_grads` with ``backward="lower_bound"`` and ``form="pairs"``.
 
     Shapes: codes ``[B, m, Nq]`` / ``[B, m, Nk]``, ``q [B, Nq, D]``, ``k [B, Nk, D]``, ``v [B, Nk, Dv]``,
     ``grad [B, Nq, Dv]``, masks ``[B, N]`` bool or None; returns ``[B, Nq, D]``, ``[B, Nk, D]``.
