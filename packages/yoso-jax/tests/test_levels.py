@@ -75,7 +75,7 @@ def test_every_xla_cumulation_strategy_matches_the_oracle(strategy, m):
 @pytest.mark.parametrize("order", ["none", "causal", "anticausal"])
 def test_xla_cumulation_in_column_chunks_and_many_chunks(monkeypatch, order):
     """Tiny budgets: values split into column chunks, causal scans over several chunks."""
-    monkeypatch.setattr(xla, "ELEMENT_BUDGET", 300)
+    monkeypatch.setattr(xla, "ELEMENT_BUDGET", 40)
     monkeypatch.setattr(xla, "CAUSAL_CHUNK", 16)
     pb = _codes_problem(np.random.default_rng(1), columns=7)
     jax.clear_caches()  # the jitted functions read the constants at trace time

@@ -40,6 +40,7 @@ from . import pairwise, tables
 from ._common import ELEMENT_BUDGET, HIGHEST, acc_dtype, keep_rows, sylvester_hadamard
 
 HASH_UNROLL = 2  # hashes per step of the cumulation's loop (module docstring)
+HASH_ELEMENTS = 1 << 22  # projections computed at once by hash_codes (16 MiB of float32)
 CAUSAL_CHUNK = 256  # 2 cores, B*H = 16, m = 32: 64 -> 1.27 s, 256 -> 0.91 s at N = 8k (0.17 -> 0.13 s at 1k)
 
 ORDERS = ("none", "causal", "anticausal")
@@ -85,9 +86,25 @@ def codes_from_projections(proj, num_hashes: int, hash_bits: int):
 
 @functools.partial(jax.jit, static_argnames=("hashing", "num_hashes", "hash_bits"))
 def hash_codes(x, planes, *, hashing: str, num_hashes: int, hash_bits: int):
-    """Codes ``[B, m, N]`` (int32) of the unit rows ``x [B, N, D]``."""
-    proj = projections(x, planes, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits)
-    return codes_from_projections(proj, num_hashes, hash_bits)
+    """Codes ``[B, m, N]`` (int32) of the unit rows ``x [B, N, D]``.
+
+    The projections (``m*tau`` floats per token: 8x the input for m = 32, tau = 8, D = 64) are computed
+    in chunks of tokens of at most ``HASH_ELEMENTS`` projections, so they never exist all at once.
+    """
+    batch, n, _ = x.shape
+    width = num_hashes * hash_bits if hashing == "gaussian" else planes.shape[1] * planes.shape[-1]
+    chunk = max(1, min(n, HASH_ELEMENTS // max(1, batch * width)))
+
+    def codes_of(rows):
+        proj = projections(rows, planes, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits)
+        return codes_from_projections(proj, num_hashes, hash_bits)
+
+    if chunk >= n:
+        return codes_of(x)
+    chunks = -(-n // chunk)
+    padded = jnp.pad(x, ((0, 0), (0, chunks * chunk - n), (0, 0)))
+    codes = lax.map(codes_of, jnp.moveaxis(padded.reshape(batch, chunks, chunk, -1), 1, 0))  # [chunks, B, m, chunk]
+    return jnp.moveaxis(codes, 0, 2).reshape(batch, num_hashes, chunks * chunk)[:, :, :n]
 
 
 # ---- cumulation ---------------------------------------------------------------------------------
@@ -195,8 +212,12 @@ def bucket_sums(read_codes, write_codes, values, num_buckets: int, strategy: str
         # A loop's result is its carry; only the unrolled sum can be fused into (and recomputed by) its consumers.
         return (fusion_fence(total) if strategy == "unrolled" else total).reshape(batch, n_read, width)
 
-    # "flat" holds m times the values at once: budget its column chunks accordingly.
-    return in_column_chunks(columns, values, tokens * (num_hashes if strategy == "flat" else 1))
+    if strategy == "flat":  # it holds m times the values at once: in column chunks within the budget
+        return in_column_chunks(columns, values, tokens * num_hashes)
+    # The loops hold one hash's tables besides rows of the output's size: only tables over the budget
+    # (very wide values) call for column chunks, which otherwise cost one more copy of the output
+    # (B*H = 8, N = 64k, Dv = 64: 329 -> 132 MiB of scratch).
+    return in_column_chunks(columns, values, batch * num_buckets)
 
 
 def causal_bucket_sums(read_codes, write_codes, values, num_buckets: int):
