@@ -45,6 +45,7 @@ PIECE = 32  # tokens per piece of the "pieces" layout
 BLOCK = 32  # items per block of the causal "blocks" layout
 PREFIX_SPAN = 16  # blocks per level-1 span of the blocks' segmented prefix
 GROUP_TOKENS = 8192  # batch rows are grouped per loop step up to about this many tokens (cache-sized steps)
+TABLE_ELEMENTS = 1 << 22  # ... and about this many table entries (16 MiB of float32 per table array)
 PACKED_BITS = 31  # (bucket, kind, position) sort keys packed into one int32 when they fit in this many bits
 PATHS = ("auto", "fast", "pieces", "blocks")
 
@@ -278,11 +279,13 @@ def costs(batch, n_query, n_key, dim, value_dim, num_hashes, hash_bits, causal) 
 # ---- the primitive -----------------------------------------------------------------------------------
 
 
-def _group_size(batch: int, tokens: int) -> int:
-    """The largest divisor of ``batch`` whose rows together hold at most ``GROUP_TOKENS`` tokens."""
+def _group_size(batch: int, tokens: int, table_elements: int) -> int:
+    """The largest divisor of ``batch`` whose rows together hold at most ``GROUP_TOKENS`` tokens and
+    ``TABLE_ELEMENTS`` table entries (``table_elements`` per row: the tables of short inputs with many
+    buckets outweigh the tokens)."""
     best = 1
     for size in range(1, batch + 1):
-        if batch % size == 0 and size * tokens <= GROUP_TOKENS:
+        if batch % size == 0 and size * tokens <= GROUP_TOKENS and size * table_elements <= TABLE_ELEMENTS:
             best = size
     return best
 
@@ -312,7 +315,8 @@ def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *,
     fast = jax.vmap(functools.partial(_fast_lane, runs=runs, cap_q=cap_q, cap_k=cap_k))
     pieces = jax.vmap(functools.partial(_pieces_lane, runs=runs, q_pieces=q_pieces, k_pieces=k_pieces))
     blocks = jax.vmap(_blocks_lane)
-    group = _group_size(batch, n_query + n_key)
+    table_rows = max(runs, q_pieces + k_pieces) if not use_blocks else -(-(n_query + n_key) // BLOCK)
+    group = _group_size(batch, n_query + n_key, table_rows * q.shape[2] * v.shape[2])
     groups = batch // group
     q_codes, k_codes = q_codes.astype(jnp.int32), k_codes.astype(jnp.int32)
 
