@@ -58,7 +58,7 @@ def fast_capacity(n_tokens: int, hash_bits: int) -> int:
     """The static bucket capacity of the fast layout: the mean plus 3.5 standard deviations (Poisson)
     plus 4, in multiples of 8. Evenly spread codes overflow it in up to ~3% of the (hash, row) steps at
     tau = 8 (those take ``pieces``, ~1.4x slower); every slot above the mean is padding, so a looser
-    bound costs every step (4 deviations: 8-14% more slots at N = 4k-16k)."""
+    bound costs every step (4 deviations: 8-12% more slots at N = 8k-16k)."""
     mean = n_tokens / (1 << hash_bits)
     return max(8, int(-(-(mean + 3.5 * math.sqrt(mean) + 4) // 8) * 8))
 
