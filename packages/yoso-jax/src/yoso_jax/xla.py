@@ -24,8 +24,9 @@ chunks), adds its own pairs from a dense ``[chunk, chunk]`` collision count with
 then scatters its writers into the tables. ``"anticausal"`` is the causal one on reversed sequences.
 Linear in N; memory O(B*m*2^tau*C) for the tables.
 
-Very wide values (the lower-bound gradient cumulates outer products ``v_j k_j^T``, Dv*D columns)
-are processed in column chunks, so temporaries stay under ``ELEMENT_BUDGET`` elements.
+Very wide values (Dv*D-wide outer products, as ``pairwise.lower_bound_grads`` cumulates them) are
+processed in column chunks, so one hash's tables stay under ``ELEMENT_BUDGET`` elements. This
+backend's own lower-bound gradient does not cumulate them: its table form is ``yoso_jax.tables``.
 """
 
 from __future__ import annotations
