@@ -70,8 +70,9 @@ def _oracle(pb, causal):
 
 @pytest.fixture
 def small_layouts(monkeypatch):
-    """Pieces of 4 tokens, blocks of 8 items, spans of 2 blocks, one batch row per loop step."""
-    for name, value in (("PIECE", 4), ("BLOCK", 8), ("PREFIX_SPAN", 2), ("GROUP_TOKENS", 1)):
+    """Pieces of 4 tokens, blocks of 8 items, spans of 2 blocks, one batch row per (hash, group) and
+    three of those per loop step (3 rows x 3 hashes: steps over rows and over hashes)."""
+    for name, value in (("PIECE", 4), ("BLOCK", 8), ("PREFIX_SPAN", 2), ("GROUP_TOKENS", 1), ("STREAMS", 3)):
         monkeypatch.setattr(tables, name, value)
     jax.clear_caches()  # the jitted functions read the constants at trace time
     yield

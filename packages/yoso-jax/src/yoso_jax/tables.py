@@ -46,6 +46,7 @@ BLOCK = 32  # items per block of the causal "blocks" layout
 PREFIX_SPAN = 16  # blocks per level-1 span of the blocks' segmented prefix
 GROUP_TOKENS = 8192  # batch rows are grouped per loop step up to about this many tokens (cache-sized steps)
 TABLE_ELEMENTS = 1 << 22  # ... and about this many table entries (16 MiB of float32 per table array)
+STREAMS = 2  # independent (hash, row group) pairs per loop step
 PACKED_BITS = 31  # (bucket, kind, position) sort keys packed into one int32 when they fit in this many bits
 PATHS = ("auto", "fast", "pieces", "blocks")
 
@@ -322,25 +323,35 @@ def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *,
     groups = batch // group
     q_codes, k_codes = q_codes.astype(jnp.int32), k_codes.astype(jnp.int32)
 
-    def step(i, carry):
-        dq, dk = carry
+    def one(i):
+        """(start row, dq, dk) of the ``i``-th (hash, row group)."""
         s, start = i // groups, (i % groups) * group
         rows = lambda x: lax.dynamic_slice_in_dim(x, start, group)  # noqa: E731
         srt = sort(rows(q_codes[:, s]), rows(k_codes[:, s]), rows(q_keep), rows(k_keep))
         args = (srt, rows(q), rows(k), rows(v), rows(grad))
         if use_blocks:
-            dq_s, dk_s = blocks(*args)
-        elif path == "pieces":
-            dq_s, dk_s = pieces(*args)
-        else:
-            rank_q = jnp.where(srt["valid"] & (srt["kind"] == 1), srt["rank_kind"], -1)
-            rank_k = jnp.where(srt["valid"] & (srt["kind"] == 0), srt["rank_kind"], -1)
-            fits = (jnp.max(rank_q) < cap_q) & (jnp.max(rank_k) < cap_k)
-            dq_s, dk_s = lax.cond(fits, fast, pieces, *args)
-        dq = lax.dynamic_update_slice_in_dim(dq, rows(dq) + dq_s, start, 0)
-        dk = lax.dynamic_update_slice_in_dim(dk, rows(dk) + dk_s, start, 0)
+            return start, *blocks(*args)
+        if path == "pieces":
+            return start, *pieces(*args)
+        rank_q = jnp.where(srt["valid"] & (srt["kind"] == 1), srt["rank_kind"], -1)
+        rank_k = jnp.where(srt["valid"] & (srt["kind"] == 0), srt["rank_kind"], -1)
+        fits = (jnp.max(rank_q) < cap_q) & (jnp.max(rank_k) < cap_k)
+        return start, *lax.cond(fits, fast, pieces, *args)
+
+    # Each loop step takes `streams` (hash, row group) pairs: independent work, which XLA:CPU may run
+    # on several cores at once (the small batched matmuls of one pair run on one).
+    steps = num_hashes * groups
+    streams = max(1, min(STREAMS, steps))
+    while steps % streams:
+        streams -= 1
+
+    def step(i, carry):
+        dq, dk = carry
+        for start, dq_s, dk_s in [one(i * streams + j) for j in range(streams)]:
+            dq = lax.dynamic_update_slice_in_dim(dq, lax.dynamic_slice_in_dim(dq, start, group) + dq_s, start, 0)
+            dk = lax.dynamic_update_slice_in_dim(dk, lax.dynamic_slice_in_dim(dk, start, group) + dk_s, start, 0)
         return dq, dk
 
-    dq, dk = lax.fori_loop(0, num_hashes * groups, step, (jnp.zeros_like(q), jnp.zeros_like(k)))
+    dq, dk = lax.fori_loop(0, steps // streams, step, (jnp.zeros_like(q), jnp.zeros_like(k)))
     scale = 0.5 * hash_bits / num_hashes
     return scale * dq, scale * dk
