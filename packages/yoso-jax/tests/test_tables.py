@@ -147,7 +147,8 @@ def test_memory_is_linear_and_fixed_by_shapes():
     for causal in (False, True):
         small, large = scratch(2048, causal), scratch(8192, causal)
         assert large <= 6 * small, f"causal={causal}: scratch {small} -> {large} bytes for 4x the tokens"
-        assert large <= 16 * 2 * 8192 * 16 * 8, f"causal={causal}: {large} bytes of scratch"
+        inputs = 4 * 2 * 8192 * 16 * jnp.dtype(DTYPE).itemsize
+        assert large <= 16 * inputs, f"causal={causal}: {large} bytes of scratch for {inputs} bytes of inputs"
 
 
 def test_auto_form_choice_and_bad_forms():
