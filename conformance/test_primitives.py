@@ -18,7 +18,14 @@ SHAPES = [
 ]
 
 
-def _problem(rng, shape, masked: bool, causal: bool):
+def _codes(rng, tau, shape, skewed: bool):
+    """Hash codes drawn evenly, or (``skewed``) with 80% of the tokens in bucket 0: one crowded bucket,
+    the case where the pair form's cost explodes and a table layout must not."""
+    codes = rng.integers(0, 2**tau, shape)
+    return np.where(rng.random(shape) < 0.8, 0, codes) if skewed else codes
+
+
+def _problem(rng, shape, masked: bool, causal: bool, skewed: bool = False):
     batch, nq, nk, dim, dv, m, tau = shape
     if causal:
         nk = nq
@@ -28,8 +35,8 @@ def _problem(rng, shape, masked: bool, causal: bool):
         v=rng.standard_normal((batch, nk, dv)),
         grad=rng.standard_normal((batch, nq, dv)),
         # Few buckets relative to tokens, so that runs share buckets and order matters.
-        q_codes=rng.integers(0, 2**tau, (batch, m, nq)),
-        k_codes=rng.integers(0, 2**tau, (batch, m, nk)),
+        q_codes=_codes(rng, tau, (batch, m, nq), skewed),
+        k_codes=_codes(rng, tau, (batch, m, nk), skewed),
         query_mask=random_mask(rng, (batch, nq)) if masked else None,
         key_mask=random_mask(rng, (batch, nk)) if masked else None,
         hash_bits=tau,
@@ -166,6 +173,100 @@ def test_sampled_grads(kernel, rng, shape, backward, causal):
     )
     for name, g, w in zip(("dq", "dk"), got, want):
         assert_close(to_numpy(g), w, kernel.dtype, f"{backward} {name}")
+
+
+def _sampled_lower_bound(backend, pb, causal, **form):
+    return backend.sampled_grads(
+        pb["q_codes"],
+        pb["k_codes"],
+        pb["q"],
+        pb["k"],
+        pb["v"],
+        pb["grad"],
+        query_mask=pb["query_mask"],
+        key_mask=pb["key_mask"],
+        causal=causal,
+        hash_bits=pb["hash_bits"],
+        backward="lower_bound",
+        max_ratio=clamp(pb["hash_bits"]),
+        **form,
+    )
+
+
+def _require_form(kernel, form: str) -> None:
+    forms = kernel.backend.lower_bound_forms
+    if form != "auto" and form not in forms:
+        pytest.skip(f"the {kernel.name!r} backend does not compute the {form!r} form (lower_bound_forms = {forms})")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("form", ["pairs", "tables", "auto"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("skewed", [False, True], ids=["even", "skewed"])
+def test_lower_bound_forms(kernel, rng, shape, form, causal, skewed):
+    """Each form of the sampled lower bound a backend declares equals the oracle's pair form: masked,
+    causal or not, odd shapes, and codes with one crowded bucket."""
+    _require_form(kernel, form)
+    pb = _problem(rng, shape, masked=True, causal=causal, skewed=skewed)
+    got = _sampled_lower_bound(kernel.backend, _native(kernel, pb), causal, form=form)
+    exp = _rounded(kernel, pb)
+    want = ref.sampled_grads(
+        exp["q_codes"],
+        exp["k_codes"],
+        exp["q"],
+        exp["k"],
+        exp["v"],
+        exp["grad"],
+        query_mask=exp["query_mask"],
+        key_mask=exp["key_mask"],
+        causal=causal,
+        hash_bits=pb["hash_bits"],
+        backward="lower_bound",
+        max_ratio=clamp(pb["hash_bits"]),
+        form="pairs",
+    )
+    for name, g, w in zip(("dq", "dk"), got, want):
+        assert_close(to_numpy(g), w, kernel.dtype, f"lower bound form={form} {name}")
+        assert (to_numpy(g)[~(pb["query_mask"] if name == "dq" else pb["key_mask"])] == 0).all(), (
+            f"{name} of masked rows must be exact zeros (form={form})"
+        )
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_lower_bound_forms_agree(kernel, rng, causal):
+    """ "auto" is one of the forms: it equals every form the backend declares, and they equal each other."""
+    pb = _native(kernel, _problem(rng, (2, 70, 70, 12, 10, 6, 3), masked=True, causal=causal, skewed=True))
+    results = {form: _sampled_lower_bound(kernel.backend, pb, causal, form=form) for form in ("auto",)}
+    results.update(
+        {f: _sampled_lower_bound(kernel.backend, pb, causal, form=f) for f in kernel.backend.lower_bound_forms}
+    )
+    names = list(results)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            for which, x, y in zip(("dq", "dk"), results[a], results[b]):
+                assert_close(to_numpy(x), to_numpy(y), kernel.dtype, f"{which}: form {a} vs {b}", factor=2)
+
+
+def test_table_form_needs_the_lower_bound(kernel, rng):
+    """*YOSO weighs every pair by its own ratio: it has no table form, and asking for one is an error."""
+    _require_form(kernel, "tables")
+    pb = _native(kernel, _problem(rng, (1, 5, 5, 4, 3, 2, 2), masked=False, causal=False))
+    with pytest.raises(ValueError, match="tables"):
+        kernel.backend.sampled_grads(
+            pb["q_codes"],
+            pb["k_codes"],
+            pb["q"],
+            pb["k"],
+            pb["v"],
+            pb["grad"],
+            query_mask=None,
+            key_mask=None,
+            causal=False,
+            hash_bits=2,
+            backward="exact",
+            max_ratio=clamp(2),
+            form="tables",
+        )
 
 
 def test_lower_bound_matches_table_form(kernel, rng):

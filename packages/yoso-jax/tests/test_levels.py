@@ -1,8 +1,9 @@
 """The two backends (jax, pallas) and the code paths the conformance suite's small shapes do not reach.
 
 The conformance suite runs once per backend. Its inputs are small, so
-size-dependent choices -- the XLA cumulation's per-hash loops, column chunks, multi-chunk scans of
-YOSO-E -- are forced here by shrinking the thresholds, and compared with the oracle.
+size-dependent choices -- the XLA cumulation's strategies, column chunks, multi-chunk scans of
+YOSO-E -- are forced here by shrinking the thresholds, and compared with the oracle (the table form's
+layouts: test_tables.py).
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def _oracle_cumulate(pb, order):
     )
 
 
+@pytest.mark.parametrize("m", [1, 4, 5])  # the loop takes HASH_UNROLL = 2 hashes per step: odd counts too
 @pytest.mark.parametrize("strategy", ["flat", "unrolled", "loop"])
-def test_every_xla_cumulation_strategy_matches_the_oracle(strategy):
-    pb = _codes_problem(np.random.default_rng(0), nr=33, nw=70)
+def test_every_xla_cumulation_strategy_matches_the_oracle(strategy, m):
+    pb = _codes_problem(np.random.default_rng(0), m=m, nr=33, nw=70)
     got = jax.jit(lambda rc, wc, v: xla.bucket_sums(rc, wc, v, 1 << pb["tau"], strategy=strategy) / rc.shape[1])(
         jnp.asarray(pb["rc"], jnp.int32), jnp.asarray(pb["wc"], jnp.int32), jnp.asarray(pb["v"], DTYPE)
     )
@@ -73,7 +75,7 @@ def test_every_xla_cumulation_strategy_matches_the_oracle(strategy):
 @pytest.mark.parametrize("order", ["none", "causal", "anticausal"])
 def test_xla_cumulation_in_column_chunks_and_many_chunks(monkeypatch, order):
     """Tiny budgets: values split into column chunks, causal scans over several chunks."""
-    monkeypatch.setattr(xla, "ELEMENT_BUDGET", 300)
+    monkeypatch.setattr(xla, "ELEMENT_BUDGET", 40)
     monkeypatch.setattr(xla, "CAUSAL_CHUNK", 16)
     pb = _codes_problem(np.random.default_rng(1), columns=7)
     jax.clear_caches()  # the jitted functions read the constants at trace time

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import yoso_reference as ref
-from yoso_reference import pairwise
+from yoso_reference import pairwise, tables
 
 
 def test_sylvester_hadamard_is_orthogonal():
@@ -114,3 +114,47 @@ def test_unit_rows_vjp_matches_finite_differences():
     numeric = (np.sum(ref.unit_rows(x + h * direction) * g) - np.sum(ref.unit_rows(x - h * direction) * g)) / (2 * h)
     vjp = ref.unit_rows_vjp(x, g)
     assert abs(numeric - np.sum(vjp * direction)) < 1e-7 and (vjp[1] == 0).all()
+
+
+def _lower_bound_problem(rng, batch=2, n=23, dim=5, dv=4, m=3, tau=2):
+    q, k = ref.unit_rows(rng.standard_normal((batch, n, dim))), ref.unit_rows(rng.standard_normal((batch, n, dim)))
+    v, g = rng.standard_normal((batch, n, dv)), rng.standard_normal((batch, n, dv))
+    codes = rng.integers(0, 2**tau, (2, batch, m, n))
+    mask = rng.random((2, batch, n)) < 0.7
+    mask[:, :, 0] = True
+    return (codes[0], codes[1], q, k, v, g), dict(query_mask=mask[0], key_mask=mask[1], hash_bits=tau)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_table_form_chunking_does_not_change_results(monkeypatch, causal):
+    """Rows and value columns in chunks (the memory bound) give the same tables."""
+    args, kw = _lower_bound_problem(np.random.default_rng(3))
+    whole = ref.lower_bound_tables(*args, causal=causal, **kw)
+    monkeypatch.setattr(tables, "CHUNK_ELEMENTS", 23 * 5 * 2)  # one row, two value columns at a time
+    chunked = ref.lower_bound_tables(*args, causal=causal, **kw)
+    for a, b in zip(chunked, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    pairs = ref.sampled_grads(*args, causal=causal, backward="lower_bound", max_ratio=20.0, form="pairs", **kw)
+    for a, b in zip(whole, pairs):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_lower_bound_costs_count_pairs_and_tables():
+    """One row, one hash: queries in buckets (0, 0, 1), keys in (0, 1, 1, 1), the last key masked."""
+    q_codes, k_codes = np.array([[[0, 0, 1]]]), np.array([[[0, 1, 1, 1]]])
+    key_mask = np.array([[True, True, True, False]])
+    costs = ref.lower_bound_costs(q_codes, k_codes, dim=3, value_dim=2, key_mask=key_mask)
+    # pairs: bucket 0: 2 queries x 1 key, bucket 1: 1 x 2 -> 4 pairs of (Dv + 2D) = 8; tables: 6 tokens x 2 D Dv
+    assert costs == {"pairs": 4 * 8, "tables": 6 * 2 * 3 * 2}
+    crowded = np.zeros((1, 2, 200), int)
+    assert tables.choose_form(crowded, crowded, dim=8, value_dim=8) == "tables"
+    spread = np.arange(400).reshape(1, 2, 200) % 64
+    assert tables.choose_form(spread, spread + 1, dim=8, value_dim=8) == "pairs"
+
+
+def test_sampled_grads_refuses_bad_forms():
+    args, kw = _lower_bound_problem(np.random.default_rng(4))
+    with pytest.raises(ValueError, match="form must be one of"):
+        ref.sampled_grads(*args, max_ratio=20.0, form="table", **kw)
+    with pytest.raises(ValueError, match="tables"):
+        ref.sampled_grads(*args, backward="exact", max_ratio=20.0, form="tables", **kw)

@@ -11,7 +11,9 @@ hash functions per call). Both compute the same thing; choose one like any backe
   for testing).
 
 YOSO-E, the sampled true gradient (``backward="exact"``) and the pieces around the hot loops are shared
-``jax.numpy`` code (``yoso_jax.pairwise``); the lower-bound gradient runs on each backend's cumulation.
+``jax.numpy`` code (``yoso_jax.pairwise``). The lower-bound gradient has a pair and a table form: on
+``jax`` the table form is ``yoso_jax.tables`` (sorted tokens, batched matmuls), on ``pallas`` two
+cumulations of outer products on its kernels.
 """
 
 from __future__ import annotations

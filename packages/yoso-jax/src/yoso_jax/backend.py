@@ -25,7 +25,8 @@ class JaxBackend(Backend):
     frameworks = ("jax", "numpy", "torch")
     devices = ("cpu", "cuda")
     module = "yoso_jax.xla"
-    has_tables = True
+    has_tables = True  # bucket_tables / read_buckets: docs/math.md#bucket-tables
+    lower_bound_forms = ("pairs", "tables")  # sampled_grads(form=...): docs/math.md#lower-bound
     description = "JAX (XLA): scatter/gather hash tables in jax.numpy, the fast CPU path; float64 needs jax_enable_x64"
 
     def serves(self, call) -> bool:

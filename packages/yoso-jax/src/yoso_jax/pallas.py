@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 
 from . import pairwise
 from ._common import HIGHEST, acc_dtype, keep_rows, next_power_of_two, sylvester_hadamard
-from .tables import add_to_tables, bucket_tables, read_buckets  # noqa: F401 (primitives of this backend)
+from .buckets import add_to_tables, bucket_tables, read_buckets  # noqa: F401 (primitives of this backend)
 
 TOKEN_BLOCK = 64  # tokens per program (hashing, reading) and per loop step (writing tables)
 HASH_GROUP = 16  # hashes per hashing program (the dot's output width)
@@ -368,8 +368,16 @@ def cumulate(read_codes, write_codes, values, *, read_mask, write_mask, order: s
     return keep_rows(out / read_codes.shape[1], read_mask)
 
 
-# The lower-bound gradient always runs on this backend's cumulation (the table form): the dense pair
-# form is the XLA backend's small-input shortcut.
-sampled_grads = pairwise.sampled_grads_on(cumulate, dense_max_n=0)
+def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *, causal, hash_bits):
+    """The lower bound's table form on this backend's kernels: two cumulations of outer products
+    (``pairwise.lower_bound_grads``), so the tables are built and read by ``_tables_kernel`` /
+    ``_read_kernel`` (``_causal_kernel`` when causal)."""
+    return pairwise.lower_bound_grads(
+        q_codes, k_codes, q, k, v, grad, query_mask, key_mask, cumulate=cumulate, causal=causal, hash_bits=hash_bits
+    )
+
+
+# ``form="auto"`` takes the table form (linear in N, on the kernels); ``"pairs"`` is the shared dense one.
+sampled_grads = pairwise.sampled_grads_on(lower_bound_tables)
 expectation_forward = pairwise.expectation_forward
 expectation_backward = pairwise.expectation_backward

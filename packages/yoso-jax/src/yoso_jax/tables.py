@@ -1,14 +1,39 @@
-"""The bucket tables as arrays (``bucket_tables`` / ``read_buckets``), shared by both backends.
+"""The lower bound's table form on XLA: tokens sorted by bucket, per-bucket tables as batched matmuls.
 
-A recurrent state carried between causal calls and a sequence split across devices both work on the
-tables themselves rather than on a finished cumulation. Plain ``jax.numpy``: one scatter-add (writing)
-or gather (reading) per hash, in a ``fori_loop`` so compile time does not grow with ``m``; the outer
-products of the lower bound's tables are formed one hash at a time, never for all hashes at once.
+The sampled lower bound (docs/math.md#lower-bound) is, per hash ``s``,
+
+    dq_i = G_i^T A_s[h_s(q_i)],    A_s[b] = sum_{j in b} v_j k_j^T
+    dk_j = B_s[h_s(k_j)] v_j,      B_s[b] = sum_{i in b} q_i G_i^T
+
+(times ``(tau/2)/m``, summed over hashes), with prefix tables (keys ``j <= i``) and suffix tables (queries
+``i >= j``) when causal. Cumulating the ``Dv*D``-wide outer products through XLA's scatter and gather is
+slow on CPUs (``~1 GFLOP/s`` for 4096-wide rows), so here the tables are small dense matmuls instead.
+Per (hash, group of batch rows) -- a ``fori_loop``, so no more than one hash's temporaries exist at a
+time -- keys and queries are sorted together by bucket (one sort of packed integer keys), and then:
+
+* ``"fast"`` (not causal, every bucket holds at most ``cap`` queries and ``cap`` keys, ``cap`` a static
+  bound a little above the mean for evenly spread codes: :func:`fast_capacity`): each side is laid out bucket-major,
+  ``[runs, cap, .]``, so the tables are one batched matmul ``[runs, Dv, cap] x [runs, cap, D]`` and the
+  reads another, with no table ever leaving its bucket.
+* ``"pieces"`` (not causal, any distribution): each bucket's run is cut into pieces of ``PIECE`` tokens
+  (at most ``ceil(N / PIECE) + runs`` pieces, whatever the skew); one table per piece by batched
+  matmul, summed into its bucket (a sorted segment sum), and gathered back for the query pieces.
+* ``"blocks"`` (causal, any distribution): keys and queries merged in one order by (bucket, position,
+  keys before queries) and cut into blocks of ``BLOCK`` items. A query sees every key of its bucket
+  earlier in that order; inside a block those pairs are a masked ``[BLOCK, BLOCK]`` product, and the
+  keys of earlier blocks reach it through the table of the one bucket run that crosses into the block:
+  an exclusive prefix over blocks, segmented by run, computed exactly in two levels of masked matmuls
+  (within spans of ``PREFIX_SPAN`` blocks, then across spans). The suffix tables of ``dk`` likewise.
+
+Which of ``fast`` and ``pieces`` runs is decided per loop step from the actual codes (``lax.cond``); both
+are exact. The cost is ``O(N m D Dv)`` in every case; skewed buckets only ever cost the ``pieces``
+layout's padding, bounded by ``runs * PIECE`` slots.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,75 +41,317 @@ from jax import lax
 
 from ._common import HIGHEST, acc_dtype, keep_rows
 
-
-@functools.partial(jax.jit, static_argnames=("hash_bits",))
-def bucket_tables(codes, values, *, mask, hash_bits: int, outer=None):
-    """``[B, m, 2**tau, C]`` (or ``[..., C, F]`` with ``outer``) sums of the masked tokens' values per bucket."""
-    dtype = acc_dtype(values.dtype)
-    tokens = keep_rows(values.astype(dtype), mask)
-    if outer is not None:
-        tokens = tokens[..., :, None] * keep_rows(outer.astype(dtype), mask)[..., None, :]
-    batch, num_hashes, n = codes.shape
-    codes = codes.astype(jnp.int32)
-    rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
-
-    def one(s, tables):
-        table = jnp.zeros((batch, 1 << hash_bits) + tokens.shape[2:], dtype)
-        table = table.at[rows, lax.dynamic_index_in_dim(codes, s, 1, keepdims=False)].add(tokens)
-        return lax.dynamic_update_index_in_dim(tables, table, s, 1)
-
-    tables = jnp.zeros((batch, num_hashes, 1 << hash_bits) + tokens.shape[2:], dtype)
-    return lax.fori_loop(0, num_hashes, one, tables)
+PIECE = 32  # tokens per piece of the "pieces" layout
+BLOCK = 32  # items per block of the causal "blocks" layout
+PREFIX_SPAN = 16  # blocks per level-1 span of the blocks' segmented prefix
+GROUP_TOKENS = 8192  # batch rows are grouped per loop step up to about this many tokens (cache-sized steps)
+TABLE_ELEMENTS = 1 << 22  # ... and about this many table entries (16 MiB of float32 per table array)
+STREAMS = 2  # independent (hash, row group) pairs per loop step
+PACKED_BITS = 31  # (bucket, kind, position) sort keys packed into one int32 when they fit in this many bits
+PATHS = ("auto", "fast", "pieces", "blocks")
 
 
-@jax.jit
-def read_buckets(codes, tables, *, mask, weights=None):
-    """``(1/m) sum_s tables[b, s, codes[b, s, n]]`` (contracted with ``weights`` over the table's C axis)."""
-    batch, num_hashes, n = codes.shape
-    codes = codes.astype(jnp.int32)
-    rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
-
-    def one(s, total):
-        table = lax.dynamic_index_in_dim(tables, s, 1, keepdims=False)  # [B, 2**tau, ...]
-        read = table[rows, lax.dynamic_index_in_dim(codes, s, 1, keepdims=False)]  # [B, N, ...]
-        if weights is not None:
-            read = jnp.einsum("bnc,bncf->bnf", weights.astype(read.dtype), read, precision=HIGHEST)
-        return total + read
-
-    shape = (batch, n) + (tables.shape[4:] if weights is not None else tables.shape[3:])
-    total = lax.fori_loop(0, num_hashes, one, jnp.zeros(shape, tables.dtype))
-    return keep_rows(total / num_hashes, mask)
+def _bits(n: int) -> int:
+    return max(1, (n - 1).bit_length())
 
 
-# Up to this many scattered elements (B * m * N * C [* F]) the tokens go into the tables in one scatter over
-# all hashes; beyond, one hash at a time (the broadcast updates would be materialised for all m at once).
-FLAT_ADD_MAX_ELEMENTS = 1 << 20
+def fast_capacity(n_tokens: int, hash_bits: int) -> int:
+    """The static bucket capacity of the fast layout: the mean plus 3.5 standard deviations (Poisson)
+    plus 4, in multiples of 8. Evenly spread codes overflow it in up to ~3% of the (hash, row) steps at
+    tau = 8 (those take ``pieces``, ~1.4x slower); every slot above the mean is padding, so a looser
+    bound costs every step (4 deviations: 8-12% more slots at N = 8k-16k)."""
+    mean = n_tokens / (1 << hash_bits)
+    return max(8, int(-(-(mean + 3.5 * math.sqrt(mean) + 4) // 8) * 8))
 
 
-@functools.partial(jax.jit, static_argnames=("hash_bits",))
-def add_to_tables(tables, codes, values, *, mask, hash_bits: int, outer=None):
-    """``tables + bucket_tables(codes, values, ...)`` as a scatter-add into ``tables`` itself.
+def _dot(a, b, contract, batch=((0,), (0,))):
+    return lax.dot_general(a, b, (contract, batch), precision=HIGHEST)
 
-    Written as an update of ``tables`` (not a sum with fresh tables), XLA reuses its buffer when the caller
-    donates it (``jax.jit(..., donate_argnums=...)``): a one-token decoding step then touches ``m`` rows,
-    not all ``m * 2**tau``. Otherwise XLA copies ``tables`` once, still cheaper than building new tables.
+
+# ---- one lane: one batch row, one hash ----------------------------------------------------------------
+
+
+def _merged_order(q_codes, k_codes, q_keep, k_keep, n_buckets: int, causal: bool):
+    """Keys and queries of one lane in one sorted order -> per item ``(code, kind, pos)``.
+
+    Sorted by bucket, then keys before queries, then position (not causal), or by bucket, position,
+    keys before queries (causal). Masked tokens get the bucket ``n_buckets`` and so come last. One sort
+    of packed int32 keys when they fit in 31 bits (~10x faster on CPUs than a sort with a payload).
     """
-    dtype = tables.dtype
-    tokens = keep_rows(values.astype(dtype), mask)
-    if outer is not None:
-        tokens = tokens[..., :, None] * keep_rows(outer.astype(dtype), mask)[..., None, :]
-    batch, num_hashes, n = codes.shape
-    codes = codes.astype(jnp.int32)
-    if batch * num_hashes * tokens[0].size <= FLAT_ADD_MAX_ELEMENTS:
-        rows = jnp.arange(batch, dtype=jnp.int32)[:, None, None]
-        hashes = jnp.arange(num_hashes, dtype=jnp.int32)[None, :, None]
-        updates = jnp.broadcast_to(tokens[:, None], (batch, num_hashes) + tokens.shape[1:])
-        return tables.at[rows, hashes, codes].add(updates, mode="promise_in_bounds")
-    rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
+    n_query, n_key = q_codes.shape[0], k_codes.shape[0]
+    pos_bits = _bits(max(n_query, n_key))
+    codes = jnp.concatenate([jnp.where(k_keep, k_codes, n_buckets), jnp.where(q_keep, q_codes, n_buckets)])
+    kind = jnp.concatenate([jnp.zeros((n_key,), jnp.int32), jnp.ones((n_query,), jnp.int32)])
+    pos = jnp.concatenate([jnp.arange(n_key, dtype=jnp.int32), jnp.arange(n_query, dtype=jnp.int32)])
+    low = (pos << 1) | kind if causal else (kind << pos_bits) | pos
+    if n_buckets.bit_length() + 1 + pos_bits <= PACKED_BITS:
+        packed = lax.sort((codes << (pos_bits + 1)) | low)
+        code, low = packed >> (pos_bits + 1), packed & ((1 << (pos_bits + 1)) - 1)
+    else:
+        code, low = lax.sort((codes, low), num_keys=2)
+    if causal:
+        return code, low & 1, low >> 1
+    return code, low >> pos_bits, low & ((1 << pos_bits) - 1)
 
-    def one(s, tables):
-        return tables.at[rows, s, lax.dynamic_index_in_dim(codes, s, 1, keepdims=False)].add(
-            tokens, mode="promise_in_bounds"
-        )
 
-    return lax.fori_loop(0, num_hashes, one, tables)
+def _runs(code, kind):
+    """Per sorted item: its run (bucket) index, its rank among the items of its kind in the run, and
+    its rank in the run."""
+    idx = jnp.arange(code.shape[0], dtype=jnp.int32)
+    first = jnp.concatenate([jnp.ones((1,), bool), code[1:] != code[:-1]])
+    run = jnp.cumsum(first, dtype=jnp.int32) - 1
+    rank = idx - lax.cummax(jnp.where(first, idx, 0))
+    keys_before = jnp.cumsum(kind == 0, dtype=jnp.int32) - (kind == 0)
+    run_keys_before = lax.cummax(jnp.where(first, keys_before, 0))  # keys before the run starts
+    rank_key = keys_before - run_keys_before
+    rank_kind = jnp.where(kind == 0, rank_key, rank - (keys_before - run_keys_before))
+    return run, rank_kind, rank
+
+
+def _sorted_lane(qc, kc, qk, kk, *, n_buckets, causal):
+    code, kind, pos = _merged_order(qc, kc, qk, kk, n_buckets, causal)
+    run, rank_kind, rank = _runs(code, kind)
+    valid = code < n_buckets
+    return dict(kind=kind, pos=pos, run=run, rank_kind=rank_kind, rank=rank, valid=valid)
+
+
+def _place(sel, slot, n_slots: int, pos, n_tokens: int):
+    """Token index per slot (``n_tokens``: empty) and slot per token (``n_slots``: none), for the
+    sorted items where ``sel`` holds."""
+    slot = jnp.where(sel, slot, n_slots)
+    token_at = jnp.full((n_slots + 1,), n_tokens, jnp.int32).at[slot].set(pos, mode="promise_in_bounds")[:-1]
+    slot_of = jnp.full((n_tokens + 1,), n_slots, jnp.int32).at[jnp.where(sel, pos, n_tokens)].set(slot)[:-1]
+    return token_at, slot_of
+
+
+def _rows(x, token_at, *shape):
+    """Rows of ``x [N, C]`` at ``token_at`` (``N``, out of bounds: a zero row), reshaped to ``shape + (C,)``.
+
+    Gathered one array at a time with out-of-bounds filling: concatenating a zero row, or gathering
+    ``[k | v]`` rows and slicing them apart, costs a copy per hash (~15% of the table form's time).
+    """
+    return x.at[token_at].get(mode="fill", fill_value=0).reshape(shape + (x.shape[1],))
+
+
+def _back(out, slot_of):
+    """Slot results ``[S, D]`` back to tokens (slot ``S``, out of bounds: zero)."""
+    return out.at[slot_of].get(mode="fill", fill_value=0)
+
+
+def _fast_lane(srt, q, k, v, g, *, runs: int, cap_q: int, cap_k: int):
+    """Not causal, every run within capacity: bucket-major layouts, one table per bucket."""
+    n_query, n_key = q.shape[0], k.shape[0]
+    is_q = srt["valid"] & (srt["kind"] == 1)
+    is_k = srt["valid"] & (srt["kind"] == 0)
+    q_at, q_slot = _place(is_q, srt["run"] * cap_q + srt["rank_kind"], runs * cap_q, srt["pos"], n_query)
+    k_at, k_slot = _place(is_k, srt["run"] * cap_k + srt["rank_kind"], runs * cap_k, srt["pos"], n_key)
+    dim = q.shape[1]
+    ks, vs = _rows(k, k_at, runs, cap_k), _rows(v, k_at, runs, cap_k)
+    qs, gs = _rows(q, q_at, runs, cap_q), _rows(g, q_at, runs, cap_q)
+    a = _dot(vs, ks, ((1,), (1,)))  # A[r] = sum_j v_j k_j^T   [runs, Dv, D]
+    b = _dot(qs, gs, ((1,), (1,)))  # B[r] = sum_i q_i G_i^T   [runs, D, Dv]
+    dq = _dot(gs, a, ((2,), (1,)))  # G_i^T A[r]               [runs, cap_q, D]
+    dk = _dot(vs, b, ((2,), (2,)))  # B[r] v_j                 [runs, cap_k, D]
+    return _back(dq.reshape(-1, dim), q_slot), _back(dk.reshape(-1, dim), k_slot)
+
+
+def _pieces_lane(srt, q, k, v, g, *, runs: int, q_pieces: int, k_pieces: int):
+    """Not causal, any distribution: runs cut into pieces, piece tables summed per run."""
+    n_query, n_key, dim = q.shape[0], k.shape[0], q.shape[1]
+    starts = srt["rank_kind"] % PIECE == 0
+
+    def side(kind, n_pieces, n_tokens):
+        sel = srt["valid"] & (srt["kind"] == kind)
+        piece = jnp.cumsum(sel & starts, dtype=jnp.int32) - 1
+        at, slot_of = _place(sel, piece * PIECE + srt["rank_kind"] % PIECE, n_pieces * PIECE, srt["pos"], n_tokens)
+        piece = jnp.where(sel, piece, n_pieces)
+        run_of = jnp.full((n_pieces + 1,), runs, jnp.int32).at[piece].set(srt["run"])[:-1]  # runs: empty piece
+        return at, slot_of, run_of
+
+    q_at, q_slot, q_run = side(1, q_pieces, n_query)
+    k_at, k_slot, k_run = side(0, k_pieces, n_key)
+    ks, vs = _rows(k, k_at, k_pieces, PIECE), _rows(v, k_at, k_pieces, PIECE)
+    qs, gs = _rows(q, q_at, q_pieces, PIECE), _rows(g, q_at, q_pieces, PIECE)
+    # Piece tables, summed per run (pieces are sorted by run); row `runs` collects the empty pieces.
+    a = jax.ops.segment_sum(_dot(vs, ks, ((1,), (1,))), k_run, runs + 1, indices_are_sorted=True)
+    b = jax.ops.segment_sum(_dot(qs, gs, ((1,), (1,))), q_run, runs + 1, indices_are_sorted=True)
+    a, b = a.at[runs].set(0), b.at[runs].set(0)
+    dq = _dot(gs, a[q_run], ((2,), (1,)))
+    dk = _dot(vs, b[k_run], ((2,), (2,)))
+    return _back(dq.reshape(-1, dim), q_slot), _back(dk.reshape(-1, dim), k_slot)
+
+
+def _segmented_prefix(x, seg, span: int):
+    """Exclusive prefix sums of ``x [n, W]`` within segments (``seg [n]`` non-decreasing), exactly:
+    masked matmuls within spans of ``span`` rows, then across spans (no sequential scan, no
+    differences of long sums)."""
+    n, width = x.shape
+    spans = -(-n // span)
+    pad = spans * span - n
+    x = jnp.pad(x, ((0, pad), (0, 0))).reshape(spans, span, width)
+    seg = jnp.pad(seg, (0, pad), constant_values=jnp.iinfo(jnp.int32).max).reshape(spans, span)
+    below = jnp.arange(span)[:, None] >= jnp.arange(span)[None, :]
+    inner = (seg[:, :, None] == seg[:, None, :]) & below  # same segment, at or before
+    local = jnp.einsum("uij,ujw->uiw", inner.astype(x.dtype), x, precision=HIGHEST)  # inclusive, within span
+    # A segment reaches into span u from earlier spans only as u's first segment, and every earlier
+    # span it touches ends with it: sum the inclusive totals of those spans.
+    earlier = jnp.arange(spans)[:, None] > jnp.arange(spans)[None, :]
+    across = (seg[None, :, -1] == seg[:, :1]) & earlier  # [u, u']
+    carried = jnp.einsum("uv,vw->uw", across.astype(x.dtype), local[:, -1], precision=HIGHEST)
+    total = local + jnp.where((seg == seg[:, :1])[:, :, None], carried[:, None, :], 0)
+    return (total - x).reshape(spans * span, width)[:n]
+
+
+def _blocks_lane(srt, q, k, v, g):
+    """Causal (or any order), any distribution: merged blocks, pairs inside, one run's table across."""
+    n_query, n_key, dim = q.shape[0], k.shape[0], q.shape[1]
+    value_dim = v.shape[1]
+    n = n_query + n_key
+    blocks = -(-n // BLOCK)
+    is_q = srt["valid"] & (srt["kind"] == 1)
+    is_k = srt["valid"] & (srt["kind"] == 0)
+    item = jnp.arange(n, dtype=jnp.int32)
+    q_at, q_slot = _place(is_q, item, blocks * BLOCK, srt["pos"], n_query)
+    k_at, k_slot = _place(is_k, item, blocks * BLOCK, srt["pos"], n_key)
+    qs, gs = _rows(q, q_at, blocks, BLOCK), _rows(g, q_at, blocks, BLOCK)  # zero rows at key items
+    ks, vs = _rows(k, k_at, blocks, BLOCK), _rows(v, k_at, blocks, BLOCK)  # zero rows at query items
+    # Masked tokens (sorted last) and the padding items have zero rows: whatever run they share, they
+    # contribute nothing. Padding takes a run after all others, so runs stay non-decreasing.
+    run = jnp.pad(srt["run"], (0, blocks * BLOCK - n), constant_values=n).reshape(blocks, BLOCK)
+    first, last = run[:, :1], run[:, -1:]
+    # Within a block: query item t sees key items t' < t of its run.
+    earlier = jnp.arange(BLOCK)[:, None] > jnp.arange(BLOCK)[None, :]
+    pairs = jnp.where((run[:, :, None] == run[:, None, :]) & earlier, _dot(gs, vs, ((2,), (2,))), 0)
+    dq = _dot(pairs, ks, ((2,), (1,)))
+    dk = _dot(pairs, qs, ((1,), (1,)))
+    # Across blocks: only the first run of a block can have keys in earlier blocks, and only the last
+    # run queries in later ones. Partial tables of those runs, then segmented prefix / suffix sums.
+    in_last, in_first = (run == last)[..., None], (run == first)[..., None]
+    a_part = _dot(jnp.where(in_last, vs, 0), ks, ((1,), (1,))).reshape(blocks, -1)  # [blocks, Dv*D]
+    b_part = _dot(jnp.where(in_first, qs, 0), gs, ((1,), (1,))).reshape(blocks, -1)  # [blocks, D*Dv]
+    # Keys of run r in blocks before t: the inclusive prefix of a_part over blocks whose last run is
+    # r, read at t - 1 -- i.e. the exclusive prefix read at t, when block t's first run is r.
+    a_before = _segmented_prefix(a_part, last[:, 0], PREFIX_SPAN) + a_part  # inclusive, by last run
+    a_enter = jnp.concatenate([jnp.zeros_like(a_part[:1]), a_before[:-1]])
+    enters = jnp.concatenate([jnp.zeros((1,), bool), first[1:, 0] == last[:-1, 0]])  # run continues into t
+    a_enter = jnp.where(enters[:, None], a_enter, 0).reshape(blocks, value_dim, dim)
+    dq = dq + _dot(jnp.where(in_first, gs, 0), a_enter, ((2,), (1,)))
+    # Queries of run r in blocks after t: suffix sums = prefix sums on the reversed block order.
+    b_flip = jnp.flip(b_part, 0)
+    b_after = jnp.flip(_segmented_prefix(b_flip, -jnp.flip(first[:, 0]), PREFIX_SPAN) + b_flip, 0)
+    b_leave = jnp.concatenate([b_after[1:], jnp.zeros_like(b_part[:1])])
+    leaves = jnp.concatenate([last[:-1, 0] == first[1:, 0], jnp.zeros((1,), bool)])  # run continues after t
+    b_leave = jnp.where(leaves[:, None], b_leave, 0).reshape(blocks, dim, value_dim)
+    dk = dk + _dot(jnp.where(in_last, vs, 0), b_leave, ((2,), (2,)))
+    return _back(dq.reshape(-1, dim), q_slot), _back(dk.reshape(-1, dim), k_slot)
+
+
+# ---- cost -------------------------------------------------------------------------------------------
+
+# Effective rates (multiply-adds x 2 per second of one core) measured on a 2-core AVX-512 CPU with
+# B*H = 8, D = Dv = 64, m = 32, tau = 8 at N = 4096 and 16384 (CPU time, i.i.d. codes): the dense pair
+# form runs its matmuls at ~70 GFLOP/s, the table layouts reach ~42 ("fast"), ~29 ("pieces": the
+# segment sums) and ~34 ("blocks") on the small batched products they are made of.
+DENSE_RATE = 70e9
+FAST_RATE, PIECES_RATE, BLOCKS_RATE = 42e9, 29e9, 34e9
+
+
+def costs(batch, n_query, n_key, dim, value_dim, num_hashes, hash_bits, causal) -> dict:
+    """Estimated seconds of the dense pair form and of the table form for these static shapes.
+
+    Pairs: every (query, key) pair, ``2 Dv + 4 D`` flops for the products plus ~4 per hash for the
+    collision count. Tables: the ``fast`` layout when not causal (the codes are assumed evenly spread:
+    crowded buckets take ``pieces``, at most ~1.5x slower), else ``blocks``; per slot ``4 D Dv`` flops
+    (build one table and read the other), plus the blocks' pairs and segmented prefix.
+    """
+    pairs = batch * n_query * n_key * (2 * value_dim + 4 * dim + 4 * num_hashes) / DENSE_RATE
+    lanes = batch * num_hashes
+    runs = min(1 << hash_bits, n_query + n_key)
+    if causal:
+        n_blocks = -(-(n_query + n_key) // BLOCK)
+        spans = -(-n_blocks // PREFIX_SPAN)
+        per_block = 8 * BLOCK * dim * value_dim + 2 * BLOCK * BLOCK * (value_dim + 2 * dim)
+        prefix = 2 * 2 * dim * value_dim * (n_blocks * PREFIX_SPAN + spans * spans)
+        tables = lanes * (n_blocks * per_block + prefix) / BLOCKS_RATE
+    else:
+        slots = runs * (fast_capacity(n_query, hash_bits) + fast_capacity(n_key, hash_bits))
+        tables = lanes * slots * 4 * dim * value_dim / FAST_RATE
+    return {"pairs": pairs, "tables": tables}
+
+
+# ---- the primitive -----------------------------------------------------------------------------------
+
+
+def _group_size(batch: int, tokens: int, table_elements: int) -> int:
+    """The largest divisor of ``batch`` whose rows together hold at most ``GROUP_TOKENS`` tokens and
+    ``TABLE_ELEMENTS`` table entries (``table_elements`` per row: the tables of short inputs with many
+    buckets outweigh the tokens)."""
+    best = 1
+    for size in range(1, batch + 1):
+        if batch % size == 0 and size * tokens <= GROUP_TOKENS and size * table_elements <= TABLE_ELEMENTS:
+            best = size
+    return best
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "hash_bits", "path"))
+def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *, causal, hash_bits, path="auto"):
+    """The sampled lower bound ``(dq, dk)`` in table form (module docstring).
+
+    ``path`` (tests): ``"auto"`` -- ``blocks`` when causal, else ``fast`` where every bucket fits its
+    capacity and ``pieces`` elsewhere; or force one (``fast`` falls back to ``pieces`` where a bucket
+    does not fit, since it cannot hold it).
+    """
+    dtype = acc_dtype(q.dtype)
+    q, grad = (keep_rows(x.astype(dtype), query_mask) for x in (q, grad))
+    k, v = (keep_rows(x.astype(dtype), key_mask) for x in (k, v))
+    batch, num_hashes, n_query = q_codes.shape
+    n_key = k_codes.shape[2]
+    q_keep = jnp.ones((batch, n_query), bool) if query_mask is None else query_mask
+    k_keep = jnp.ones((batch, n_key), bool) if key_mask is None else key_mask
+    n_buckets = 1 << hash_bits
+    runs = min(n_buckets, n_query + n_key)
+    cap_q, cap_k = fast_capacity(n_query, hash_bits), fast_capacity(n_key, hash_bits)
+    q_pieces = min(n_query, -(-n_query // PIECE) + min(n_buckets, n_query))
+    k_pieces = min(n_key, -(-n_key // PIECE) + min(n_buckets, n_key))
+    use_blocks = causal or path == "blocks"
+    sort = jax.vmap(functools.partial(_sorted_lane, n_buckets=n_buckets, causal=causal))
+    fast = jax.vmap(functools.partial(_fast_lane, runs=runs, cap_q=cap_q, cap_k=cap_k))
+    pieces = jax.vmap(functools.partial(_pieces_lane, runs=runs, q_pieces=q_pieces, k_pieces=k_pieces))
+    blocks = jax.vmap(_blocks_lane)
+    table_rows = max(runs, q_pieces + k_pieces) if not use_blocks else -(-(n_query + n_key) // BLOCK)
+    group = _group_size(batch, n_query + n_key, table_rows * q.shape[2] * v.shape[2])
+    groups = batch // group
+    q_codes, k_codes = q_codes.astype(jnp.int32), k_codes.astype(jnp.int32)
+
+    def one(i):
+        """(start row, dq, dk) of the ``i``-th (hash, row group)."""
+        s, start = i // groups, (i % groups) * group
+        rows = lambda x: lax.dynamic_slice_in_dim(x, start, group)  # noqa: E731
+        srt = sort(rows(q_codes[:, s]), rows(k_codes[:, s]), rows(q_keep), rows(k_keep))
+        args = (srt, rows(q), rows(k), rows(v), rows(grad))
+        if use_blocks:
+            return start, *blocks(*args)
+        if path == "pieces":
+            return start, *pieces(*args)
+        rank_q = jnp.where(srt["valid"] & (srt["kind"] == 1), srt["rank_kind"], -1)
+        rank_k = jnp.where(srt["valid"] & (srt["kind"] == 0), srt["rank_kind"], -1)
+        fits = (jnp.max(rank_q) < cap_q) & (jnp.max(rank_k) < cap_k)
+        return start, *lax.cond(fits, fast, pieces, *args)
+
+    # Each loop step takes `streams` (hash, row group) pairs: independent work, which XLA:CPU may run
+    # on several cores at once (the small batched matmuls of one pair run on one).
+    steps = num_hashes * groups
+    streams = max(1, min(STREAMS, steps))
+    while steps % streams:
+        streams -= 1
+
+    def step(i, carry):
+        dq, dk = carry
+        for start, dq_s, dk_s in [one(i * streams + j) for j in range(streams)]:
+            dq = lax.dynamic_update_slice_in_dim(dq, lax.dynamic_slice_in_dim(dq, start, group) + dq_s, start, 0)
+            dk = lax.dynamic_update_slice_in_dim(dk, lax.dynamic_slice_in_dim(dk, start, group) + dk_s, start, 0)
+        return dq, dk
+
+    dq, dk = lax.fori_loop(0, steps // streams, step, (jnp.zeros_like(q), jnp.zeros_like(k)))
+    scale = 0.5 * hash_bits / num_hashes
+    return scale * dq, scale * dk

@@ -5,14 +5,18 @@ a shift-and-sum of the sign bits.
 
 Cumulation (``order="none"``, the forward's hot loop) builds, per hash, the table
 ``T_s = scatter_add(codes_s, values)`` of ``2^tau`` rows per batch row and gathers it back at the
-readers' codes, summing over hashes. Measured on a 2-core CPU (B*H = 8, N = 16k, m = 32, tau = 8,
-Dv = 64): scatter-add + gather takes ~75 ms when the loop over hashes is unrolled, against ~200 ms
-inside a ``lax.scan`` (a scatter in a while loop is ~2x slower, and XLA:CPU runs independent scatters
-of an unrolled loop concurrently), ~400 ms for one scatter over all hashes (the broadcast updates
-are materialised) and ~2.4 s for one-hot matmuls (2*N*2^tau*Dv flops per hash). But each unrolled
-scatter/gather pair costs ~80 ms of XLA compile time, which dominates small calls. Hence (see
-:func:`bucket_sums`): small calls (``FLAT_MAX_ELEMENTS``) use one scatter over all hashes at once;
-larger ones unroll the loop over up to ``UNROLL_HASHES`` hashes, or run it as a ``fori_loop``.
+readers' codes, summing over hashes, in a ``fori_loop`` that handles ``HASH_UNROLL`` hashes per step
+(independent scatters, which XLA:CPU may run on both cores; compile time stays that of a few hashes).
+Measured on 2 shared cores (Dv = 64, tau = 8; CPU time per call, compile time apart): the loop is the
+fastest or within noise of it from N = 64, m = 8, B*H = 1 up to N = 16k, m = 64, B*H = 8 -- at B*H = 8,
+N = 16k, m = 32: 123 ms with 1 hash per step, 110 ms with 2, 98 ms with 4, 126 ms fully unrolled --
+and the whole forward compiles in ~1.0 s (1 per step), 1.3 s (2), 1.8 s (4), where unrolling every
+hash costs ~80 ms of compile time per hash (2.5 s at m = 32, 9.6 s at m = 64). One scatter over all
+hashes at once with the broadcast values materialised ("flat", once the choice below 2^22 elements)
+compiles in ~0.6 s but runs 2-50x slower at every size (B*H = 1, N = 1024, m = 32: 16 ms against
+0.6 ms), and switching between it and the per-hash loops at size thresholds made the time zig-zag
+(m = 128 ran 10x faster than m = 64; B*H = 4 faster than B*H = 2). One strategy at every size keeps
+the time monotonic in N, m and B*H.
 
 Ordered cumulation (``"causal"``: writers at positions <= the reader's) scans over chunks of
 ``CAUSAL_CHUNK`` positions carrying all m tables: a chunk first reads the tables (all earlier
@@ -20,8 +24,9 @@ chunks), adds its own pairs from a dense ``[chunk, chunk]`` collision count with
 then scatters its writers into the tables. ``"anticausal"`` is the causal one on reversed sequences.
 Linear in N; memory O(B*m*2^tau*C) for the tables.
 
-Very wide values (the lower-bound gradient cumulates outer products ``v_j k_j^T``, Dv*D columns)
-are processed in column chunks, so temporaries stay under ``ELEMENT_BUDGET`` elements.
+Very wide values (Dv*D-wide outer products, as ``pairwise.lower_bound_grads`` cumulates them) are
+processed in column chunks, so one hash's tables stay under ``ELEMENT_BUDGET`` elements. This
+backend's own lower-bound gradient does not cumulate them: its table form is ``yoso_jax.tables``.
 """
 
 from __future__ import annotations
@@ -32,21 +37,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import pairwise
+from . import pairwise, tables
 from ._common import ELEMENT_BUDGET, HIGHEST, acc_dtype, keep_rows, sylvester_hadamard
-from .tables import add_to_tables, bucket_tables, read_buckets  # noqa: F401 (primitives of this backend)
+from .buckets import add_to_tables, bucket_tables, read_buckets  # noqa: F401 (primitives of this backend)
 
-UNROLL_HASHES = 64
-FLAT_MAX_ELEMENTS = 1 << 22  # all hashes' work (tokens x columns x m) up to which one flat scatter is used
+HASH_UNROLL = 2  # hashes per step of the cumulation's loop (module docstring)
+HASH_ELEMENTS = 1 << 22  # projections computed at once by hash_codes (16 MiB of float32)
 CAUSAL_CHUNK = 256  # 2 cores, B*H = 16, m = 32: 64 -> 1.27 s, 256 -> 0.91 s at N = 8k (0.17 -> 0.13 s at 1k)
 
 ORDERS = ("none", "causal", "anticausal")
-
-# The lower-bound gradient over all pairs (quadratic; matmuls) up to this many tokens, the linear
-# table form beyond. Measured (2 cores, B*H = 16, N = 1024, D = Dv = m*2 = 64): dense ~0.4 s,
-# tables 4 s (22 s causal): scatter/gather of Dv*D-wide rows into tables that do not fit in cache.
-# The estimated crossover is near 20k tokens.
-DENSE_LOWER_BOUND_MAX_N = 8192
 
 # ---- hashing ------------------------------------------------------------------------------------
 
@@ -89,9 +88,25 @@ def codes_from_projections(proj, num_hashes: int, hash_bits: int):
 
 @functools.partial(jax.jit, static_argnames=("hashing", "num_hashes", "hash_bits"))
 def hash_codes(x, planes, *, hashing: str, num_hashes: int, hash_bits: int):
-    """Codes ``[B, m, N]`` (int32) of the unit rows ``x [B, N, D]``."""
-    proj = projections(x, planes, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits)
-    return codes_from_projections(proj, num_hashes, hash_bits)
+    """Codes ``[B, m, N]`` (int32) of the unit rows ``x [B, N, D]``.
+
+    The projections (``m*tau`` floats per token: 8x the input for m = 32, tau = 8, D = 64) are computed
+    in chunks of tokens of at most ``HASH_ELEMENTS`` projections, so they never exist all at once.
+    """
+    batch, n, _ = x.shape
+    width = num_hashes * hash_bits if hashing == "gaussian" else planes.shape[1] * planes.shape[-1]
+    chunk = max(1, min(n, HASH_ELEMENTS // max(1, batch * width)))
+
+    def codes_of(rows):
+        proj = projections(rows, planes, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits)
+        return codes_from_projections(proj, num_hashes, hash_bits)
+
+    if chunk >= n:
+        return codes_of(x)
+    chunks = -(-n // chunk)
+    padded = jnp.pad(x, ((0, 0), (0, chunks * chunk - n), (0, 0)))
+    codes = lax.map(codes_of, jnp.moveaxis(padded.reshape(batch, chunks, chunk, -1), 1, 0))  # [chunks, B, m, chunk]
+    return jnp.moveaxis(codes, 0, 2).reshape(batch, num_hashes, chunks * chunk)[:, :, :n]
 
 
 # ---- cumulation ---------------------------------------------------------------------------------
@@ -134,15 +149,17 @@ def in_column_chunks(fn, values, elements_per_column: int):
     return out.reshape(out.shape[:-2] + (chunks * width,))[..., :columns]
 
 
-def sum_over_hashes(one, num_hashes: int, unroll: bool):
-    """``sum_s one(s)``: a Python loop when ``unroll`` (fast to run), else a ``fori_loop`` (fast to compile)."""
-    if unroll:
+def sum_over_hashes(one, num_hashes: int, unroll: int | bool):
+    """``sum_s one(s)``: a Python loop when ``unroll is True``, else a ``fori_loop`` of ``unroll`` hashes
+    per step (bounded compile time; the hashes of one step are independent work)."""
+    if unroll is True:
         total = one(0)
         for s in range(1, num_hashes):
             total = total + one(s)
         return total
     first = one(0)
-    return lax.fori_loop(1, num_hashes, lambda s, total: total + one(s), first)
+    steps = max(1, min(int(unroll), num_hashes - 1))
+    return lax.fori_loop(1, num_hashes, lambda s, total: total + one(s), first, unroll=steps)
 
 
 def fusion_fence(x):
@@ -159,13 +176,14 @@ def fusion_fence(x):
     return jnp.zeros_like(x).at[rows].set(x, indices_are_sorted=True, unique_indices=True)
 
 
-def bucket_sums(read_codes, write_codes, values, num_buckets: int, strategy: str | None = None):
+def bucket_sums(read_codes, write_codes, values, num_buckets: int, strategy: str = "loop"):
     """Unordered cumulation without the 1/m: scatter-add the writers into per-hash tables, gather at the readers.
 
-    ``strategy`` (default: by size, see the module docstring): ``"flat"`` -- one scatter and one gather
-    over all hashes at once, the broadcast values materialised (small calls: cheapest to compile);
-    ``"unrolled"`` -- one scatter/gather pair per hash in a Python loop (large calls: fastest);
-    ``"loop"`` -- the same pair in a ``fori_loop`` (many hashes on large calls: bounded compile time).
+    ``strategy`` (the module docstring has the measurements): ``"loop"`` -- one scatter/gather pair
+    per hash in a ``fori_loop`` of ``HASH_UNROLL`` hashes per step, the default at every size;
+    ``"unrolled"`` -- the same pairs in a Python loop (compile time grows with m); ``"flat"`` -- one
+    scatter and one gather over all hashes at once, the broadcast values materialised (slow; kept for
+    comparison).
     """
     batch, num_hashes, n_read = read_codes.shape
     n_write = write_codes.shape[2]
@@ -173,8 +191,7 @@ def bucket_sums(read_codes, write_codes, values, num_buckets: int, strategy: str
 
     def columns(vals):
         width = vals.shape[-1]
-        chosen = strategy or _strategy(num_hashes, tokens * width)
-        if chosen == "flat":
+        if strategy == "flat":
             # Each (batch row, hash) owns num_buckets rows of one flat table.
             offsets = (jnp.arange(batch * num_hashes, dtype=jnp.int32) * num_buckets).reshape(batch, num_hashes, 1)
             updates = jnp.broadcast_to(vals[:, None], (batch, num_hashes, n_write, width)).reshape(-1, width)
@@ -193,16 +210,16 @@ def bucket_sums(read_codes, write_codes, values, num_buckets: int, strategy: str
             readers = (lax.dynamic_index_in_dim(read_codes, s, 1, keepdims=False) + offsets).reshape(-1)
             return table.at[readers].get(mode="promise_in_bounds")
 
-        total = sum_over_hashes(one, num_hashes, unroll=chosen == "unrolled")
-        return (fusion_fence(total) if chosen == "unrolled" else total).reshape(batch, n_read, width)
+        total = sum_over_hashes(one, num_hashes, unroll=True if strategy == "unrolled" else HASH_UNROLL)
+        # A loop's result is its carry; only the unrolled sum can be fused into (and recomputed by) its consumers.
+        return (fusion_fence(total) if strategy == "unrolled" else total).reshape(batch, n_read, width)
 
-    return in_column_chunks(columns, values, tokens)  # the flat strategy is only chosen below the budget
-
-
-def _strategy(num_hashes: int, work_per_hash: int) -> str:
-    if work_per_hash * num_hashes <= FLAT_MAX_ELEMENTS:
-        return "flat"
-    return "unrolled" if num_hashes <= UNROLL_HASHES else "loop"
+    if strategy == "flat":  # it holds m times the values at once: in column chunks within the budget
+        return in_column_chunks(columns, values, tokens * num_hashes)
+    # The loops hold one hash's tables besides rows of the output's size: only tables over the budget
+    # (very wide values) call for column chunks, which otherwise cost one more copy of the output
+    # (B*H = 8, N = 64k, Dv = 64: 329 -> 132 MiB of scratch).
+    return in_column_chunks(columns, values, batch * num_buckets)
 
 
 def causal_bucket_sums(read_codes, write_codes, values, num_buckets: int):
@@ -249,7 +266,16 @@ def causal_bucket_sums(read_codes, write_codes, values, num_buckets: int):
     return in_column_chunks(columns, values, per_column)
 
 
-# The primitives this backend shares with ``pallas`` (see ``pairwise``), bound to this one's cumulation.
-sampled_grads = pairwise.sampled_grads_on(cumulate, dense_max_n=DENSE_LOWER_BOUND_MAX_N)
+def lower_bound_form(batch, n_query, n_key, dim, value_dim, num_hashes, hash_bits, causal) -> str:
+    """The cheaper form of the sampled lower bound for these static shapes (``tables.costs``)."""
+    cost = tables.costs(batch, n_query, n_key, dim, value_dim, num_hashes, hash_bits, causal)
+    return "tables" if cost["tables"] < cost["pairs"] else "pairs"
+
+
+# The lower bound's table form is this backend's own (``tables``: sorted tokens, batched matmuls;
+# cumulating Dv*D-wide outer products through scatter/gather, as ``pallas`` does, is ~10x slower here).
+# ``form="auto"`` picks by static shapes: the dense pair form costs the same whatever the codes, and
+# the table form's layouts differ by at most ~1.5x between even and crowded buckets.
+sampled_grads = pairwise.sampled_grads_on(tables.lower_bound_tables, choose=lower_bound_form)
 expectation_forward = pairwise.expectation_forward
 expectation_backward = pairwise.expectation_backward

@@ -2,7 +2,8 @@
 
 This package is the oracle the other backends are tested against. It favours clarity over speed,
 but stays linear in sequence length in the forward (hashing, cumulation) and never holds a full
-N x N matrix (YOSO-E and the sampled gradients go over collision counts in chunks of queries).
+N x N matrix (YOSO-E and the sampled gradients' pair form go over collision counts in chunks of
+queries; the lower bound's table form is linear in N).
 
 It computes in the input dtype (float16 is promoted to float32) and accepts float64; sums over
 tokens accumulate in float64.
@@ -11,7 +12,8 @@ Modules:
   hashing      -- Gaussian SimHash and Hadamard fast-hash codes
   probability  -- collision probability, its clamped derivative, the lower bound, triple collisions
   cumulation   -- the LSH cumulation (forward and roles-swapped) in table form
-  pairwise     -- YOSO-E forward/backward and the sampled gradients (lower bound, true)
+  pairwise     -- YOSO-E forward/backward and the sampled gradients (lower bound, true), pair form
+  tables       -- the lower bound's table form (per-bucket tables of outer products) and both forms' costs
   attention    -- the whole forward and its full gradient (the oracle), unit rows with their VJP
   backend      -- the adapter that exposes all this to ``yoso`` as the ``reference`` backend
 """
@@ -42,6 +44,7 @@ from .probability import (
     lower_bound_derivative,
     triple_collision_probability,
 )
+from .tables import lower_bound_costs, lower_bound_tables
 
 __version__ = "0.1.0"
 
@@ -63,7 +66,9 @@ __all__ = [
     "hash_codes",
     "hashes_per_rotation",
     "importance_ratio",
+    "lower_bound_costs",
     "lower_bound_derivative",
+    "lower_bound_tables",
     "num_rotations",
     "padded_dim",
     "read_buckets",

@@ -20,7 +20,8 @@ class ReferenceBackend(Backend):
     description = "plain vectorised NumPy; the oracle every other backend is tested against"
     devices = ("cpu",)
     module = "yoso_reference"  # the oracle's functions take exactly the primitives' arguments
-    has_tables = True
+    has_tables = True  # bucket_tables / read_buckets: docs/math.md#bucket-tables
+    lower_bound_forms = ("pairs", "tables")  # sampled_grads(form=...): docs/math.md#lower-bound
 
     def version(self) -> str:
         return __version__

@@ -7,7 +7,8 @@ Each is a pairwise weight matrix over (query, key) applied to values and gradien
                          with ``D = p'`` (clamped, ``backward="exact"``) or ``(tau/2) p`` (``"lower_bound"``);
 * YOSO-m backward      ``dQ = (S ⊙ W ⊙ M ⊙ G V^T) K`` and its transpose for ``dK``, where
                          ``S_ij`` is the fraction of the m hashes in which ``q_i`` and ``k_j`` collide and
-                         ``W`` is ``tau/2`` (lower bound) or the clamped importance ratio ``p'/p`` (*YOSO).
+                         ``W`` is ``tau/2`` (lower bound) or the clamped importance ratio ``p'/p`` (*YOSO);
+                         the lower bound's table form is in ``tables``.
 
 ``M`` combines the query mask, the key mask and (``causal=True``) ``j <= i``. Inputs are unit vectors
 ``q [B, Nq, D]``, ``k [B, Nk, D]``, values ``v [B, Nk, Dv]``, output gradients ``grad [B, Nq, Dv]``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .probability import collision_derivative, collision_probability, importance_ratio, lower_bound_derivative
+from .tables import FORMS, choose_form, lower_bound_tables
 
 # Pairwise entries per chunk (all batch rows together): 2^22 float64 = 32 MiB per temporary.
 CHUNK_ELEMENTS = 1 << 22
@@ -150,7 +152,7 @@ def sampled_grads(
     hash_bits: int,
     backward: str = "lower_bound",
     max_ratio: float,
-    form: str = "auto",  # only the pair form is written here so far (ReferenceBackend.lower_bound_forms)
+    form: str = "auto",
 ):
     """The sampled gradient of YOSO-m w.r.t. unit ``q`` and ``k`` -> ``(dq, dk)``.
 
@@ -158,20 +160,36 @@ def sampled_grads(
     forward's own hashes and ``W`` weighs each colliding pair:
 
     * ``backward="lower_bound"`` (paper eq. 4): ``W = tau/2``. Unbiased for YOSO-E's lower-bound
-      gradient; it equals ``(tau/2)(1/m) sum_s G_i^T A_s[h_s(q_i)]`` with
-      ``A_s[b] = sum_{j in b} v_j k_j^T``, the table form the fast backends use.
+      gradient. Because ``W`` is the same for every pair it also has a table form,
+      ``(tau/2)(1/m) sum_s G_i^T A_s[h_s(q_i)]`` with ``A_s[b] = sum_{j in b} v_j k_j^T``
+      (:func:`yoso_reference.tables.lower_bound_tables`). ``form`` picks how it is computed:
+      ``"pairs"`` (over the collision counts, chunked over queries), ``"tables"``, or ``"auto"``: the
+      cheaper for these codes by :func:`yoso_reference.tables.lower_bound_costs`.
     * ``backward="exact"`` (the paper's *YOSO): ``W = min(p'/p, max_ratio)``, the importance ratio.
       Unbiased for :func:`expectation_backward` with ``backward="exact"``, since ``E[S_ij] = p_ij``.
+      The weight depends on the pair, so there is no table form: ``form`` must be ``"auto"`` or ``"pairs"``.
     """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    if form == "tables" and backward != "lower_bound":
+        raise ValueError(f"form='tables' needs backward='lower_bound' (*YOSO has no table form), got {backward!r}")
+    if backward == "lower_bound" and form == "auto":
+        form = choose_form(
+            q_codes, k_codes, dim=q.shape[-1], value_dim=v.shape[-1], query_mask=query_mask, key_mask=key_mask
+        )
+    if backward == "lower_bound" and form == "tables":
+        masks = dict(query_mask=query_mask, key_mask=key_mask)
+        return lower_bound_tables(q_codes, k_codes, q, k, v, grad, **masks, causal=causal, hash_bits=hash_bits)
     if backward == "lower_bound":
 
         def weight(rows, x):
             return 0.5 * hash_bits * collision_matrix(q_codes[:, :, rows], k_codes)
-    elif backward == "exact":
+    else:
 
         def weight(rows, x):
             return collision_matrix(q_codes[:, :, rows], k_codes) * importance_ratio(x, hash_bits, max_ratio)
-    else:
-        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+
     dq, dk, _ = _pairwise_backward(q, k, v, grad, weight, query_mask=query_mask, key_mask=key_mask, causal=causal)
     return dq, dk
