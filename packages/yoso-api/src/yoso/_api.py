@@ -7,7 +7,7 @@ backend selection picks; then the glue runs the call on that backend.
 from __future__ import annotations
 
 from ._glue import glue_for
-from ._validate import prepare, prepare_hashing
+from ._validate import check_output, prepare, prepare_hashing
 
 
 def attention(
@@ -65,7 +65,9 @@ def attention(
     """
     glue = glue_for(("q", "k", "v"), (q, k, v))
     prep = _prepare(glue, q, k, v, options=locals())
-    return glue.attention(glue.select(prep.call), prep)
+    out = glue.attention(glue.select(prep.call), prep)
+    check_output(glue, prep, out)  # normalize=False: an overflowing result is refused, not returned as inf
+    return out
 
 
 _OPTIONS = tuple(attention.__kwdefaults__)
@@ -93,7 +95,9 @@ def attention_vjp(q, k, v, **kwargs):
     if glue.name != "numpy":
         raise TypeError(f"attention_vjp is for NumPy arrays; with {glue.name} use the framework's autograd")
     prep = _prepare(glue, q, k, v, options=_check_keywords("attention_vjp", kwargs), requires_grad=True)
-    return glue.attention_vjp(glue.select(prep.call), prep)
+    out, vjp = glue.attention_vjp(glue.select(prep.call), prep)
+    check_output(glue, prep, out)
+    return out, vjp
 
 
 def backend_for(q, k, v, **kwargs) -> str:

@@ -7,6 +7,8 @@ scalar arithmetic touch them, so the NumPy, torch and JAX glue all share this on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # The sampled true gradient weighs each colliding pair by the importance ratio p'/p, which diverges as
 # the cosine -> 1 (and -> -1); it is clamped at MAX_RATIO_PER_BIT * hash_bits. The lower bound uses
 # hash_bits / 2, and the ratio is >= 0.55 * hash_bits everywhere, so the clamp only acts within about
@@ -82,6 +84,135 @@ def backward(backend, q, k, v, codes, query_mask, key_mask, grad, *, mode, backw
         max_ratio=clamp,
     )
     return dq, dk, dv
+
+
+# ---- the normalisations around the core, written once for every framework ----------------------------
+#
+# The glue hands these functions its framework's array operations (``ops``, see below) and gets back the
+# arrays the core takes, then the output. Written once, they give NumPy, torch and JAX callers the same
+# rules (docs/math.md#unit-normalisation, #output-normalisation, #scale-and-overflow):
+#
+# * only directions matter, for every finite input: a row is normalised in the accumulation dtype, and a
+#   row whose largest magnitude lies outside [SAFE_MIN, SAFE_MAX] -- where squaring its entries could
+#   overflow or underflow float32 -- is divided by that magnitude first. Rows inside the range (all
+#   ordinary data) are normalised exactly as plain ``x / ||x||``, bit for bit.
+# * zero rows of q and k attend to nothing and are attended by nothing: they are folded into the masks,
+#   so every backend and both modes treat them as masked rows (and E[YOSO-m] = YOSO-E holds for them).
+# * the bucket sums cannot overflow: a batch row of v whose largest magnitude is outside the range is
+#   divided by it (``value_scale``); the normalised output does not change under a positive rescaling
+#   of v, and the unnormalised one is multiplied back.
+# * when the value checks cannot run (tracing), a non-finite input gives NaN outputs, never a plausible
+#   number: a NaN row would otherwise hash to code 0 like any zero projection.
+#
+# ``ops`` provides: ``accumulate(x)`` (x in the accumulation dtype), ``cast(x, like)`` (x in like's dtype),
+# ``peak(x, dims)`` (max |x| over the last ``dims`` axes, keepdims, no gradient), ``where(c, a, b)``,
+# ``sqrt(x)``, ``sum_last(x)`` (keepdims), ``finite_rows(x)`` (all finite over the last axis),
+# ``any_last(x)`` and ``all_finite(x)`` (a 0-d bool).
+SAFE_MIN, SAFE_MAX = 2.0**-32, 2.0**32
+
+
+def _scale_for(ops, peak):
+    """1 where ``peak`` (a largest magnitude) is 0, NaN or inside the safe range, else about ``peak``.
+
+    Not ``peak`` itself: XLA divides by multiplying with the reciprocal, and on the CPU it flushes
+    subnormal numbers to zero, so a divisor above 2**126 (float32) would turn the whole row into zeros.
+    Large rows are brought to about 2**20, small ones to about 2**-20: reciprocals and squares stay normal.
+    """
+    large, small = peak > SAFE_MAX, (peak != 0) & (peak < SAFE_MIN)
+    # Each factor is 1 unless its case holds; no branch can overflow (powers of two: exact).
+    return (ops.where(large, peak, 2.0**20) * 2.0**-20) * (ops.where(small, peak, 2.0**-20) * 2.0**20)
+
+
+def unit_rows(ops, x):
+    """``(x / ||x||, nonzero)`` over the last axis of ``x`` (in the accumulation dtype).
+
+    Depends only on each row's direction, for every finite row; a zero row stays 0 (``nonzero`` False,
+    gradient 0); a row holding NaN or inf becomes NaN (it counts as non-zero, so NaN flows on).
+    """
+    peak = ops.peak(x, 1)
+    nonzero = peak != 0  # NaN != 0: a NaN row is not a zero row
+    y = x / _scale_for(ops, peak)
+    squared = ops.sum_last(y * y)  # >= 1 for a scaled row, >= 2**-64 for one inside the range
+    unit = ops.where(nonzero, y / ops.sqrt(ops.where(nonzero, squared, 1.0)), 0.0)
+    return unit, nonzero[..., 0]
+
+
+def row_norms(ops, x):
+    """``||x||`` over the last axis (keepdims), without overflow or underflow for any finite row."""
+    scale = _scale_for(ops, ops.peak(x, 1))
+    y = x / scale
+    return scale * ops.sqrt(ops.sum_last(y * y))
+
+
+def value_scale(ops, v):
+    """Per batch row of ``v [B, N, C]``: its largest magnitude if that is outside the safe range, else 1
+    (``[B, 1, 1]``, in the accumulation dtype)."""
+    return _scale_for(ops, ops.accumulate(ops.peak(v, 2)))
+
+
+def keep_rows(ops, x, mask):
+    """``x`` with the rows where ``mask [B, N]`` is False replaced by zeros (by selection: NaN cannot leak)."""
+    return x if mask is None else ops.where(mask[..., None], x, 0.0)
+
+
+def _and(mask, other):
+    return other if mask is None else mask & other
+
+
+@dataclass
+class CoreInputs:
+    """What the core takes, from :func:`core_inputs`; ``scale`` and ``bad`` go to :func:`core_output`."""
+
+    q: object  # unit rows, in q's dtype
+    k: object  # unit rows, in k's dtype
+    v: object  # v / scale, zero on masked keys
+    query_mask: object  # the caller's query mask and the non-zero rows of q
+    key_mask: object  # the caller's key mask and the non-zero rows of k
+    scale: object  # [B, 1, 1] (value_scale)
+    bad: object  # [B, Nq, 1] bool: output rows a non-finite input reaches (unchecked calls), else None
+    q_kept: object  # q and k with masked rows zeroed, in the accumulation dtype (for the NumPy chain rule)
+    k_kept: object
+
+
+def core_inputs(ops, q, k, v, query_mask, key_mask, planes=None, *, checked: bool) -> CoreInputs:
+    """The canonical arrays (``[B, N, D]``, masks ``[B, N]`` or None) as the core takes them.
+
+    ``checked``: whether the value checks ran; if not (a traced call), ``bad`` marks the output rows that
+    an unmasked non-finite row of q (its own row), of k or v (its whole batch row) or non-finite planes
+    (everything) would otherwise turn into finite garbage.
+    """
+    q_kept = ops.accumulate(keep_rows(ops, q, query_mask))
+    k_kept = ops.accumulate(keep_rows(ops, k, key_mask))
+    q_unit, q_nonzero = unit_rows(ops, q_kept)
+    k_unit, k_nonzero = unit_rows(ops, k_kept)
+    bad = None
+    if not checked:
+        v_kept = keep_rows(ops, v, key_mask)
+        keys_bad = ops.any_last(~(ops.finite_rows(k_kept) & ops.finite_rows(v_kept)))  # [B]
+        bad = ~ops.finite_rows(q_kept)[..., None] | keys_bad[:, None, None]
+        if planes is not None:
+            bad = bad | ~ops.all_finite(planes)
+    query_mask, key_mask = _and(query_mask, q_nonzero), _and(key_mask, k_nonzero)
+    v = keep_rows(ops, v, key_mask)
+    scale = value_scale(ops, v)
+    return CoreInputs(
+        q=ops.cast(q_unit, q),
+        k=ops.cast(k_unit, k),
+        v=ops.cast(v / scale, v),
+        query_mask=query_mask,
+        key_mask=key_mask,
+        scale=scale,
+        bad=bad,
+        q_kept=q_kept,
+        k_kept=k_kept,
+    )
+
+
+def core_output(ops, y, inputs: CoreInputs, *, normalize: bool):
+    """The output from the core's ``Y`` (accumulation dtype): ``Y/||Y||``, or ``Y`` scaled back; NaN where
+    ``inputs.bad``."""
+    out = unit_rows(ops, y)[0] if normalize else y * inputs.scale
+    return out if inputs.bad is None else ops.where(inputs.bad, float("nan"), out)
 
 
 def bucketed(n: int) -> int:

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from ._planes import check_hash_args, planes_shape
-from .backends import BACKWARDS, MODES, Call
+from .backends import BACKWARDS, FLOAT_DTYPES, MODES, Call
+
+# The prepare() of each entry point is three frames below the caller's line: prepare <- _prepare (or the
+# entry point's own prepare call) <- the entry point <- the caller. Warnings point there, so Python's
+# default filter shows each once per call site.
+_CALLER = 4
 
 
 @dataclass
@@ -28,6 +34,7 @@ class Prepared:
     planes: Any  # [P, ...] with P in {1, B}, or None in expectation mode
     normalize: bool
     shapes: tuple[tuple[int, ...], ...]  # the original shapes of q, k, v
+    checked: bool = True  # whether the value checks ran (False while jax.jit/vmap or torch.compile trace)
 
 
 def _fmt(shape) -> str:
@@ -105,20 +112,25 @@ def _check_mask(glue, name: str, mask, lead: tuple[int, ...], length: int, lengt
     return glue.flatten(glue.asarray(mask, like=like), lead, (length,))
 
 
-def _prepare_planes(glue, planes, lead, batch, like, *, num_hashes, hash_bits, dim, hashing, seed, generator, key):
+def native(x):
+    """A NumPy array in the machine's byte order (big-endian data is converted, not refused: frameworks'
+    converters reject it with messages that do not name the argument); anything else as it is."""
+    dtype = getattr(x, "dtype", None)
+    if type(x).__module__ == "numpy" and dtype is not None and not dtype.isnative:
+        return x.astype(dtype.newbyteorder("="))
+    return x
+
+
+def _check_planes(glue, planes, lead, like, expected, *, num_hashes, hash_bits, dim, hashing):
+    """Explicit hash functions, checked and converted (``glue.planes_array``), with their leading dims."""
     import numpy as np  # loaded by the first call, not by `import yoso`
 
-    expected = planes_shape(num_hashes, hash_bits, dim, hashing)
-    if planes is None:
-        drawn = glue.draw_planes(expected, hashing=hashing, seed=seed, generator=generator, key=key, like=like)
-        return glue.flatten(drawn, (), expected)
-    if seed is not None or generator is not None or key is not None:
-        raise ValueError("pass either planes= or seed=/generator=/key=, not both")
     if not glue.owns(planes) and not isinstance(planes, np.ndarray):
         raise TypeError(f"planes must be a NumPy or {glue.name} array, got {type(planes).__name__}")
+    planes = native(planes)
     shape, dtype, planes_device = glue.describe(planes)
-    if not dtype.startswith(("float", "bfloat")):
-        raise TypeError(f"planes must be a floating array, got dtype {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"planes must be a floating array ({', '.join(FLOAT_DTYPES)}), got dtype {dtype}")
     if glue.owns(planes) and planes_device != glue.describe(like)[2]:
         raise ValueError(f"planes are on {planes_device} but the inputs are on {glue.describe(like)[2]}")
     n = len(expected)
@@ -135,10 +147,77 @@ def _prepare_planes(glue, planes, lead, batch, like, *, num_hashes, hash_bits, d
         fits = False
     if not fits:
         raise ValueError(f"planes leading dims {_fmt(planes_lead)} do not broadcast to q's leading dims {_fmt(lead)}")
-    planes = glue.planes_array(planes, like=like)
+    return glue.planes_array(planes, like=like), planes_lead
+
+
+def _prepare_planes(glue, planes, lead, like, *, mode, num_hashes, hash_bits, dim, hashing, seed, generator, key):
+    """The canonical planes ``[P, ...]`` (P = 1: shared, or B), or None in expectation mode.
+
+    YOSO-E uses no hash functions, but refuses what sample mode would refuse (bad planes, seeds, keys,
+    generators): a mistake must not pass silently because of the mode.
+    """
+    expected = planes_shape(num_hashes, hash_bits, dim, hashing)
+    if planes is None:
+        glue.check_randomness(seed=seed, generator=generator, key=key, like=like)
+        if mode == "expectation":
+            return None
+        drawn = glue.draw_planes(expected, hashing=hashing, seed=seed, generator=generator, key=key, like=like)
+        return glue.flatten(drawn, (), expected)
+    if seed is not None or generator is not None or key is not None:
+        raise ValueError("pass either planes= or seed=/generator=/key=, not both")
+    planes, planes_lead = _check_planes(
+        glue, planes, lead, like, expected, num_hashes=num_hashes, hash_bits=hash_bits, dim=dim, hashing=hashing
+    )
     if not planes_lead or math.prod(planes_lead) == 1:
-        return glue.flatten(planes, (), expected)  # shared by every batch row: P = 1
+        return glue.flatten(planes, planes_lead, expected)  # shared by every batch row: P = 1
     return glue.flatten(planes, lead, expected)
+
+
+def _check_values(glue, rows: dict, lengths: dict, *, planes, hashing, masks: dict) -> bool:
+    """Refuse NaN/inf in unmasked rows and bad planes; warn about all-False key masks. False: could not check."""
+    flags = glue.value_flags(rows, planes=planes, hashing=hashing, masks=masks)
+    if flags is None:
+        return False
+    for name in rows:
+        count, first = flags[name]
+        if count:
+            b, i = divmod(int(first), lengths[name])
+            raise ValueError(
+                f"{name} has NaN or inf in {int(count)} unmasked row(s) (first: batch row {b} of the flattened "
+                f"leading dims, row {i}); they would poison every hash table they touch"
+            )
+    if planes is not None and flags["planes"]:
+        raise ValueError("planes contain NaN or inf")
+    if planes is not None and hashing == "hadamard" and flags["planes_pm1"]:
+        raise ValueError("planes for hashing='hadamard' are ±1 diagonals; got other values")
+    for name in masks:
+        if flags[name]:
+            warnings.warn(
+                f"{name} is False everywhere: every key is masked, so the output is all zeros. yoso's masks are "
+                "True = attend (torch.nn.MultiheadAttention's key_padding_mask is True = ignore: pass ~mask)",
+                UserWarning,
+                stacklevel=_CALLER + 1,
+            )
+    return True
+
+
+def check_output(glue, prep: Prepared, out) -> None:
+    """``normalize=False``: refuse an output that overflowed its dtype (the inputs were finite).
+
+    The intermediate sums cannot overflow (``yoso._core.value_scale``), so a non-finite unnormalised output
+    means the true result exceeds the dtype's range; ``|Y_ic| <= sum_j |v_jc|`` over the visible keys.
+    """
+    if prep.normalize or not prep.checked:
+        return
+    call = prep.call
+    flat = glue.flatten(out, prep.lead, (call.n_query, call.value_dim))
+    flags = glue.value_flags({"output": (flat, None)}, planes=None, hashing=call.hashing, masks={})
+    if flags is not None and flags["output"][0]:
+        raise ValueError(
+            f"the unnormalised output (normalize=False) of finite q, k, v overflows {call.dtype}: its rows are "
+            f"sums of up to Nk={call.n_key} rows of v, which exceed the dtype's range here (|output| <= the sum "
+            "of |v| over the visible keys); pass normalize=True, a wider dtype, or smaller values"
+        )
 
 
 def _describe_rows(glue, name: str, x):
@@ -148,9 +227,17 @@ def _describe_rows(glue, name: str, x):
         raise ValueError(f"{name} must have at least 2 dims [..., N, D], got shape {_fmt(shape)}")
     if 0 in shape:
         raise ValueError(f"{name} has an empty dimension (shape {_fmt(shape)}); every size must be >= 1")
-    if not dtype.startswith(("float", "bfloat")):
-        raise TypeError(f"{name} must be a floating-point array, got dtype {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point array ({', '.join(FLOAT_DTYPES)}), got dtype {dtype}")
     return shape, dtype, device
+
+
+def _refuse_meta(name: str, shape, device: str) -> None:
+    if device.split(":")[0] == "meta":
+        raise ValueError(
+            f"{name} is on the meta device, which holds shapes but no values (shape {_fmt(shape)}); yoso computes "
+            "values: pass tensors on a real device (torch.compile traces with fake tensors of its own)"
+        )
 
 
 def prepare(
@@ -201,6 +288,7 @@ def prepare(
         raise TypeError(f"q, k and v must share one dtype, got q {dtypes['q']}, k {dtypes['k']}, v {dtypes['v']}")
     if len(set(devices.values())) > 1:
         raise ValueError(f"q, k and v must be on one device, got q {devices['q']}, k {devices['k']}, v {devices['v']}")
+    _refuse_meta("q", shapes["q"], devices["q"])
     (n_query, dim), (n_key, k_dim), (v_len, value_dim) = (shapes[n][-2:] for n in ("q", "k", "v"))
     if k_dim != dim:
         raise ValueError(f"q and k must share the last dim D; got q {_fmt(shapes['q'])}, k {_fmt(shapes['k'])}")
@@ -219,30 +307,32 @@ def prepare(
     key_mask = _check_mask(glue, "key_padding_mask", key_padding_mask, lead, n_key, "Nk", q, devices["q"])
     q_mask = _check_mask(glue, "query_mask", query_mask, lead, n_query, "Nq", q, devices["q"])
 
-    if mode == "sample":
-        canonical_planes = _prepare_planes(
-            glue,
-            planes,
-            lead,
-            batch,
-            q,
-            num_hashes=num_hashes,
-            hash_bits=hash_bits,
-            dim=dim,
-            hashing=hashing,
-            seed=seed,
-            generator=generator,
-            key=key,
-        )
-    else:
-        # YOSO-E is the expectation over all hash functions: planes and seeds have nothing to do.
-        canonical_planes = None
-
-    q_c, k_c, v_c = (glue.flatten(x, lead, shapes[n][-2:]) for n, x in (("q", q), ("k", k), ("v", v)))
-    glue.check_values(
-        {"q": (q_c, q_mask), "k": (k_c, key_mask), "v": (v_c, key_mask)},
-        planes=canonical_planes if planes is not None else None,
+    given_planes = _prepare_planes(
+        glue,
+        planes,
+        lead,
+        q,
+        mode=mode,
+        num_hashes=num_hashes,
+        hash_bits=hash_bits,
+        dim=dim,
         hashing=hashing,
+        seed=seed,
+        generator=generator,
+        key=key,
+    )
+    # YOSO-E is the expectation over all hash functions: it uses none (but explicit ones were checked).
+    canonical_planes = given_planes if mode == "sample" else None
+
+    q, k, v = native(q), native(k), native(v)
+    q_c, k_c, v_c = (glue.flatten(x, lead, shapes[n][-2:]) for n, x in (("q", q), ("k", k), ("v", v)))
+    checked = _check_values(
+        glue,
+        {"q": (q_c, q_mask), "k": (k_c, key_mask), "v": (v_c, key_mask)},
+        {"q": n_query, "k": n_key, "v": n_key},
+        planes=given_planes if planes is not None else None,
+        hashing=hashing,
+        masks={} if key_mask is None else {"key_padding_mask": key_mask},
     )
     call = Call(
         framework=glue.name,
@@ -272,6 +362,7 @@ def prepare(
         planes=canonical_planes,
         normalize=bool(normalize),
         shapes=(shapes["q"], shapes["k"], shapes["v"]),
+        checked=checked,
     )
 
 
@@ -281,6 +372,7 @@ class PreparedHashing:
     lead: tuple[int, ...]  # the leading dims of x (and of the codes)
     x: Any  # [B, N, D]
     planes: Any  # [P, ...] with P in {1, B}
+    checked: bool = True  # whether the value checks ran
 
 
 def prepare_hashing(glue, x, *, planes, num_hashes, hash_bits, hashing, seed, generator, key) -> PreparedHashing:
@@ -289,13 +381,14 @@ def prepare_hashing(glue, x, *, planes, num_hashes, hash_bits, hashing, seed, ge
     check_hash_args(num_hashes, hash_bits, hashing)
     num_hashes, hash_bits = int(num_hashes), int(hash_bits)
     shape, dtype, device = _describe_rows(glue, "x", x)
+    _refuse_meta("x", shape, device)
     lead, (n, dim) = tuple(shape[:-2]), tuple(shape[-2:])
     flat_planes = _prepare_planes(
         glue,
         planes,
         lead,
-        math.prod(lead),
         x,
+        mode="sample",
         num_hashes=num_hashes,
         hash_bits=hash_bits,
         dim=dim,
@@ -304,8 +397,15 @@ def prepare_hashing(glue, x, *, planes, num_hashes, hash_bits, hashing, seed, ge
         generator=generator,
         key=key,
     )
-    x_flat = glue.flatten(x, lead, (n, dim))
-    glue.check_values({"x": (x_flat, None)}, planes=flat_planes if planes is not None else None, hashing=hashing)
+    x_flat = glue.flatten(native(x), lead, (n, dim))
+    checked = _check_values(
+        glue,
+        {"x": (x_flat, None)},
+        {"x": n},
+        planes=flat_planes if planes is not None else None,
+        hashing=hashing,
+        masks={},
+    )
     call = Call(
         framework=glue.name,
         device=device.split(":")[0],
@@ -323,4 +423,4 @@ def prepare_hashing(glue, x, *, planes, num_hashes, hash_bits, hashing, seed, ge
         hash_bits=hash_bits,
         requires_grad=False,
     )
-    return PreparedHashing(call=call, lead=lead, x=x_flat, planes=flat_planes)
+    return PreparedHashing(call=call, lead=lead, x=x_flat, planes=flat_planes, checked=checked)

@@ -16,7 +16,7 @@ Modules:
   backend      -- the adapter that exposes all this to ``yoso`` as the ``reference`` backend
 """
 
-from .attention import attention, attention_and_grads, unit_rows, unit_rows_vjp
+from .attention import attention, attention_and_grads, nonzero_rows, row_norms, unit_rows, unit_rows_vjp
 from .cumulation import ORDERS, cumulate
 from .hashing import (
     gaussian_codes,
@@ -63,8 +63,10 @@ __all__ = [
     "hashes_per_rotation",
     "importance_ratio",
     "lower_bound_derivative",
+    "nonzero_rows",
     "num_rotations",
     "padded_dim",
+    "row_norms",
     "sampled_grads",
     "sylvester_hadamard",
     "triple_collision_probability",
