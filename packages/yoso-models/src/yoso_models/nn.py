@@ -163,7 +163,9 @@ class YosoSelfAttention(nn.Module):
     def _depthwise_conv(self, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """YOSO-C's convolution over the sequence of each head's values ``v [B, H, N, Dh]``."""
         if mask is not None:
-            v = v * mask[:, None, :, None].to(v.dtype)  # padded tokens must not leak through the kernel either
+            # Padded tokens must not leak through the kernel either: by selection, not multiplication
+            # (0 * inf and 0 * NaN are NaN).
+            v = torch.where(mask[:, None, :, None], v, torch.zeros_like(v))
         w = self.conv_window
         left, right = (w - 1, 0) if self.causal else ((w - 1) // 2, w // 2)
         return self.conv(F.pad(v, (0, 0, left, right)))
@@ -196,7 +198,7 @@ class YosoSelfAttention(nn.Module):
         if self.conv is not None:
             conv = self._depthwise_conv(v, key_padding_mask)
             if mask is not None:
-                conv = conv * mask[..., None].to(conv.dtype)
+                conv = torch.where(mask[..., None], conv, torch.zeros_like(conv))
             out = out + conv
         out = out.transpose(1, 2).reshape(batch, length, self.embed_dim)
         return self.dropout(self.out_proj(out))
