@@ -55,14 +55,16 @@ class Glue(abc.ABC):
         YOSO-E draws nothing, and refuses bad ones all the same)."""
 
     @abc.abstractmethod
-    def value_flags(self, rows: dict, *, planes, hashing: str, masks: dict) -> dict | None:
+    def value_flags(self, rows: dict, *, planes, hashing: str, masks: dict, sums: dict | None = None) -> dict | None:
         """The data-dependent facts ``yoso._validate`` decides on, in one pass (one device synchronisation).
 
         ``rows``: name -> (array ``[B, N, C]``, mask ``[B, N]`` or None): ``flags[name]`` is
         ``(count, first)``, the number of unmasked rows holding NaN or inf and the flat index ``b * N + i``
         of the first. ``planes`` (or None): ``flags["planes"]`` whether they hold NaN or inf,
         ``flags["planes_pm1"]`` whether Hadamard planes hold other values than ±1. ``masks``: name -> mask
-        or None: ``flags[name]`` whether that mask is False everywhere. Returns None when the values cannot
+        or None: ``flags[name]`` whether that mask is False everywhere. ``sums``: name -> (array ``[B, N, C]``,
+        mask): ``flags["sum:" + name]``, the largest sum over unmasked rows of ``|x|`` of one batch row and
+        column, in the accumulation dtype (inf where it overflows). Returns None when the values cannot
         be read (while ``jax.jit``/``jax.vmap`` or ``torch.compile`` trace): the checks are then skipped,
         and the glue makes non-finite inputs give NaN outputs instead (``yoso._core.core_inputs``).
         """

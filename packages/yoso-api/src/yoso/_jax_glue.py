@@ -76,6 +76,10 @@ class _Ops:
         return jnp.sum(x, axis=-1, keepdims=True)
 
     @staticmethod
+    def mantissa(x):
+        return jnp.frexp(x)[0]
+
+    @staticmethod
     def finite_rows(x):
         return jnp.isfinite(x).all(axis=-1)
 
@@ -232,18 +236,24 @@ _core_vjp.defvjp(_core_fwd, _core_bwd)
 @functools.partial(jax.jit, static_argnames=("config", "layouts", "out_shape", "checked"))
 def _attention(arrays, *, config: _Config, layouts, out_shape, checked: bool):
     q, k, v, planes, query_mask, key_mask = _resolve_all(arrays, layouts)
-    inputs = _core.core_inputs(OPS, q, k, v, query_mask, key_mask, planes, checked=checked)
+    inputs = _core.core_inputs(OPS, q, k, v, query_mask, key_mask, planes, normalize=config.normalize, checked=checked)
     y = _core_vjp(inputs.q, inputs.k, inputs.v, planes, inputs.query_mask, inputs.key_mask, config)
     out = _core.core_output(OPS, y, inputs, normalize=config.normalize)
     return out.astype(q.dtype).reshape(out_shape)
 
 
-@functools.partial(jax.jit, static_argnames=("layouts", "hashing", "n_rows", "n_masks"))
-def _value_flags(arrays, *, layouts, hashing, n_rows: int, n_masks: int):
+@functools.partial(jax.jit, static_argnames=("layouts", "hashing", "n_rows", "n_masks", "n_sums"))
+def _value_flags(arrays, *, layouts, hashing, n_rows: int, n_masks: int, n_sums: int):
     """One program for all checks: per (rows, mask) pair the count and first flat index of unmasked rows
-    holding NaN/inf, then "planes not finite" and "Hadamard planes not ±1", then "mask all False" per mask."""
+    holding NaN/inf, then "planes not finite" and "Hadamard planes not ±1", then "mask all False" per mask;
+    and the largest column sum of |x| per (x, mask) pair of ``sums``."""
     resolved = _resolve_all(arrays, layouts)
-    pairs, planes, masks = resolved[: 2 * n_rows], resolved[2 * n_rows], resolved[2 * n_rows + 1 :]
+    pairs, planes = resolved[: 2 * n_rows], resolved[2 * n_rows]
+    masks = resolved[2 * n_rows + 1 : 2 * n_rows + 1 + n_masks]
+    summed = resolved[2 * n_rows + 1 + n_masks :]
+    column_sums = [
+        jnp.abs(OPS.accumulate(_keep_rows(x, mask))).sum(axis=-2).max() for x, mask in zip(summed[::2], summed[1::2])
+    ]
     flags = []
     for x, mask in zip(pairs[::2], pairs[1::2]):
         bad = ~jnp.isfinite(x).all(axis=-1)
@@ -253,7 +263,8 @@ def _value_flags(arrays, *, layouts, hashing, n_rows: int, n_masks: int):
     flags.append(no if planes is None else ~jnp.isfinite(planes).all())
     flags.append(no if planes is None or hashing != "hadamard" else ~((planes == 1) | (planes == -1)).all())
     flags += [~mask.any() for mask in masks]
-    return jnp.stack([jnp.asarray(f, dtype=jnp.int32) for f in flags])
+    sums = jnp.stack(column_sums) if column_sums else jnp.zeros((0,), jnp.float32)
+    return jnp.stack([jnp.asarray(f, dtype=jnp.int32) for f in flags]), sums
 
 
 # ---- serving NumPy arrays and torch tensors ----------------------------------------------------------
@@ -394,18 +405,24 @@ class JaxGlue(Glue):
         return jnp.asarray(np.asarray(draw(shape, hashing, rng_from_seed(seed)), dtype=np.dtype(dtype)))
 
     @staticmethod
-    def value_flags(rows: dict, *, planes, hashing, masks: dict):
+    def value_flags(rows: dict, *, planes, hashing, masks: dict, sums: dict | None = None):
+        sums = sums or {}
         items = [f for pair in rows.values() for f in pair] + [planes] + list(masks.values())
-        if any(f is not None and _concrete(_as_flat(f).array) is None for f in items):
+        items += [f for pair in sums.values() for f in pair]
+        flats = [None if f is None else _as_flat(f) for f in items]
+        values = [None if f is None else _concrete(f.array) for f in flats]
+        if any(f is not None and value is None for f, value in zip(flats, values)):
             return None  # abstract (inside jit/vmap): data-dependent errors are impossible; the glue poisons
-        arrays, layouts = _arrays_and_layouts([None if f is None else _as_flat(f) for f in items])
-        found = np.asarray(
-            jax.device_get(_value_flags(arrays, layouts=layouts, hashing=hashing, n_rows=len(rows), n_masks=len(masks)))
-        ).tolist()
-        found = iter(found)
+        # The concrete values, not the tracers of an eager jax.grad/jax.vjp: the flags are read on the host.
+        flats = [None if f is None else _Flat(value, f.lead, f.tail) for f, value in zip(flats, values)]
+        arrays, layouts = _arrays_and_layouts(flats)
+        counts = dict(n_rows=len(rows), n_masks=len(masks), n_sums=len(sums))
+        found, column_sums = jax.device_get(_value_flags(arrays, layouts=layouts, hashing=hashing, **counts))
+        found = iter(np.asarray(found).tolist())
         flags = {name: (next(found), next(found)) for name in rows}
         flags["planes"], flags["planes_pm1"] = bool(next(found)), bool(next(found))
         flags.update({name: bool(next(found)) for name in masks})
+        flags.update(zip(("sum:" + name for name in sums), np.asarray(column_sums).tolist()))
         return flags
 
     @staticmethod

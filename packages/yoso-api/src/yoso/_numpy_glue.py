@@ -43,6 +43,10 @@ class _Ops:
         return np.sum(x, axis=-1, keepdims=True)
 
     @staticmethod
+    def mantissa(x):
+        return np.frexp(x)[0]
+
+    @staticmethod
     def finite_rows(x):
         return np.isfinite(x).all(axis=-1)
 
@@ -65,10 +69,7 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 def unit_rows_vjp(x: np.ndarray, cotangent: np.ndarray) -> np.ndarray:
     """VJP of :func:`unit_rows` at ``x``: ``(g - u (u·g)) / ||x||``, and 0 on zero rows."""
-    u, nonzero = _core.unit_rows(OPS, x)
-    norm = _core.row_norms(OPS, x)
-    safe = np.where(nonzero[..., None], norm, 1)
-    return np.where(nonzero[..., None], (cotangent - u * np.sum(u * cotangent, axis=-1, keepdims=True)) / safe, 0)
+    return _core.unit_rows_vjp(OPS, x, cotangent)
 
 
 def _keep_rows(x, mask):
@@ -175,7 +176,7 @@ class NumpyGlue(Glue):
         return draw(shape, hashing, rng_from_seed(seed))
 
     @staticmethod
-    def value_flags(rows: dict, *, planes, hashing, masks: dict) -> dict:
+    def value_flags(rows: dict, *, planes, hashing, masks: dict, sums: dict | None = None) -> dict:
         flags = {}
         for name, (x, mask) in rows.items():
             bad = ~np.isfinite(x).all(axis=-1)
@@ -187,6 +188,9 @@ class NumpyGlue(Glue):
             flags["planes_pm1"] = hashing == "hadamard" and not np.isin(planes, (-1.0, 1.0)).all()
         for name, mask in masks.items():
             flags[name] = mask is not None and not mask.any()
+        for name, (x, mask) in (sums or {}).items():
+            with np.errstate(over="ignore"):  # an overflowing sum is the answer (inf), not a warning
+                flags["sum:" + name] = float(np.abs(OPS.accumulate(_keep_rows(x, mask))).sum(axis=-2).max())
         return flags
 
     def hash_codes(self, backend, prep):
@@ -207,7 +211,9 @@ class NumpyGlue(Glue):
         """The forward (and, with ``with_vjp``, its VJP) on a NumPy-framework backend."""
         call = prep.call
         dtype = np.dtype(call.dtype)
-        inputs = _core.core_inputs(OPS, prep.q, prep.k, prep.v, prep.query_mask, prep.key_mask, checked=True)
+        inputs = _core.core_inputs(
+            OPS, prep.q, prep.k, prep.v, prep.query_mask, prep.key_mask, normalize=prep.normalize, checked=True
+        )
         query_mask, key_mask = inputs.query_mask, inputs.key_mask
         options = dict(hash_bits=call.hash_bits, causal=call.causal)
         forward, backward = (_core.forward, _core.backward) if backend.framework == "numpy" else _JAX_CORE
@@ -237,8 +243,7 @@ class NumpyGlue(Glue):
                     f"the cotangent must have the output's shape {list(out_shape)}, got {list(cotangent.shape)}"
                 )
             grad = cotangent.reshape(call.batch, call.n_query, call.value_dim).astype(y.dtype)
-            # The chain rule of core_output: through Y/||Y||, or through Y * scale.
-            grad = unit_rows_vjp(y, grad) if prep.normalize else grad * inputs.scale
+            grad = unit_rows_vjp(y, grad) if prep.normalize else grad  # the chain rule of core_output
             grad = _keep_rows(grad, query_mask)
             dq_unit, dk_unit, dv = backward(
                 backend,
@@ -256,7 +261,7 @@ class NumpyGlue(Glue):
             grads = (
                 _keep_rows(unit_rows_vjp(inputs.q_kept, dq_unit), query_mask),
                 _keep_rows(unit_rows_vjp(inputs.k_kept, dk_unit), key_mask),
-                _keep_rows(dv / inputs.scale, key_mask),  # the core saw v / scale
+                _keep_rows(dv if inputs.scale is None else _core._divide(OPS, dv, inputs.scale), key_mask),
             )
             return tuple(
                 _unbroadcast(g.reshape(prep.lead + tuple(shape[-2:])), shape).astype(dtype)

@@ -53,6 +53,10 @@ class _Ops:
         return x.sum(dim=-1, keepdim=True)
 
     @staticmethod
+    def mantissa(x: Tensor) -> Tensor:
+        return torch.frexp(x)[0]
+
+    @staticmethod
     def finite_rows(x: Tensor) -> Tensor:
         return torch.isfinite(x).all(dim=-1)
 
@@ -339,7 +343,7 @@ class TorchGlue(Glue):
         return (bits * 2 - 1).to(dtype)
 
     @staticmethod
-    def value_flags(rows: dict, *, planes, hashing, masks: dict):
+    def value_flags(rows: dict, *, planes, hashing, masks: dict, sums: dict | None = None):
         if torch.compiler.is_compiling():
             return None  # data-dependent checks would break the graph; the glue poisons instead
         flags = []
@@ -360,6 +364,9 @@ class TorchGlue(Glue):
         if planes is not None:
             out["planes"], out["planes_pm1"] = bool(next(found)), bool(next(found))
         out.update({name: bool(next(found)) for name in masks})
+        if sums:  # normalize=False only: a second synchronisation
+            found = [OPS.accumulate(_keep_rows(x, mask)).abs().sum(dim=-2).amax() for x, mask in sums.values()]
+            out.update(zip(("sum:" + name for name in sums), torch.stack(found).tolist()))
         return out
 
     @staticmethod
@@ -386,7 +393,15 @@ class TorchGlue(Glue):
     def attention(backend, prep):
         call = prep.call
         inputs = _core.core_inputs(
-            OPS, prep.q, prep.k, prep.v, prep.query_mask, prep.key_mask, prep.planes, checked=prep.checked
+            OPS,
+            prep.q,
+            prep.k,
+            prep.v,
+            prep.query_mask,
+            prep.key_mask,
+            prep.planes,
+            normalize=prep.normalize,
+            checked=prep.checked,
         )
         y, _, _ = core(
             inputs.q,

@@ -173,9 +173,12 @@ def _prepare_planes(glue, planes, lead, like, *, mode, num_hashes, hash_bits, di
     return glue.flatten(planes, lead, expected)
 
 
-def _check_values(glue, rows: dict, lengths: dict, *, planes, hashing, masks: dict) -> bool:
-    """Refuse NaN/inf in unmasked rows and bad planes; warn about all-False key masks. False: could not check."""
-    flags = glue.value_flags(rows, planes=planes, hashing=hashing, masks=masks)
+def _check_values(glue, rows: dict, lengths: dict, *, planes, hashing, masks: dict, unnormalised=None) -> bool:
+    """Refuse NaN/inf in unmasked rows and bad planes; warn about all-False key masks; with ``unnormalised``
+    (``(v, key_mask, dtype)``: a normalize=False call), refuse values whose sums could overflow. False: could
+    not check."""
+    sums = None if unnormalised is None else {"v": unnormalised[:2]}
+    flags = glue.value_flags(rows, planes=planes, hashing=hashing, masks=masks, sums=sums)
     if flags is None:
         return False
     for name in rows:
@@ -190,6 +193,18 @@ def _check_values(glue, rows: dict, lengths: dict, *, planes, hashing, masks: di
         raise ValueError("planes contain NaN or inf")
     if planes is not None and hashing == "hadamard" and flags["planes_pm1"]:
         raise ValueError("planes for hashing='hadamard' are ±1 diagonals; got other values")
+    if unnormalised is not None:
+        import numpy as np  # loaded by the first call, not by `import yoso`
+
+        dtype = "float64" if unnormalised[2] == "float64" else "float32"  # the accumulation dtype
+        largest = float(np.finfo(dtype).max)
+        if not flags["sum:v"] <= largest:
+            raise ValueError(
+                f"v is too large for normalize=False: the unnormalised output sums up to Nk={lengths['v']} rows of "
+                f"v, and a column of v sums to {flags['sum:v']:.3g} in absolute value, beyond {dtype}'s range "
+                f"({largest:.3g}); pass normalize=True (the normalised output does not depend on the scale of v) "
+                "or smaller values"
+            )
     for name in masks:
         if flags[name]:
             warnings.warn(
@@ -204,8 +219,8 @@ def _check_values(glue, rows: dict, lengths: dict, *, planes, hashing, masks: di
 def check_output(glue, prep: Prepared, out) -> None:
     """``normalize=False``: refuse an output that overflowed its dtype (the inputs were finite).
 
-    The intermediate sums cannot overflow (``yoso._core.value_scale``), so a non-finite unnormalised output
-    means the true result exceeds the dtype's range; ``|Y_ic| <= sum_j |v_jc|`` over the visible keys.
+    The sums of |v| fit the accumulation dtype (checked before the call), so the output is finite there;
+    casting it to a narrower input dtype (float16) can still overflow, which is refused here.
     """
     if prep.normalize or not prep.checked:
         return
@@ -216,7 +231,7 @@ def check_output(glue, prep: Prepared, out) -> None:
         raise ValueError(
             f"the unnormalised output (normalize=False) of finite q, k, v overflows {call.dtype}: its rows are "
             f"sums of up to Nk={call.n_key} rows of v, which exceed the dtype's range here (|output| <= the sum "
-            "of |v| over the visible keys); pass normalize=True, a wider dtype, or smaller values"
+            "of |v| over the visible keys); pass normalize=True, a wider dtype, or smaller values of v"
         )
 
 
@@ -333,6 +348,7 @@ def prepare(
         planes=given_planes if planes is not None else None,
         hashing=hashing,
         masks={} if key_mask is None else {"key_padding_mask": key_mask},
+        unnormalised=None if normalize else (v_c, key_mask, dtypes["v"]),
     )
     call = Call(
         framework=glue.name,

@@ -146,9 +146,12 @@ class YosoSelfAttention(nn.Module):
         return self.eval_mode, self.eval_seed
 
     def _check_inputs(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be a tensor [batch, seq_len, embed_dim={self.embed_dim}], got {shape}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor [batch, seq_len, embed_dim={self.embed_dim}], got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be a tensor [batch, seq_len, embed_dim={self.embed_dim}], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         if key_padding_mask is None:
             return
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:

@@ -199,10 +199,12 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         if kwargs.get(name) is not None:
             raise ValueError(f"yoso attention does not support {what} ({name}={kwargs[name]!r})")
     for name, x in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(
-                f"{name} must be a 4-D tensor [batch, heads, seq_len, head_dim]; got {getattr(x, 'shape', x)}"
-            )
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a 4-D tensor [batch, heads, seq_len, head_dim]; got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq_len, head_dim]; got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     batch, heads, q_len, _ = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     if kv_heads != heads:
