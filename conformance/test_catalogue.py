@@ -35,13 +35,17 @@ from yoso.testing import to_framework, to_numpy
 # ---- front ends -----------------------------------------------------------------------------------------
 
 _FRONT_ENDS: dict[str, list[str]] = {"qkv": [], "rows": [], "planes": [], "layer": []}
+_FRAMEWORK: dict[str, str] = {}  # front end -> the only caller framework it takes (layers)
 
 
-def front_end(kind: str):
-    """Register a fixture as a front end of ``kind``: every catalogue case of that kind runs through it."""
+def front_end(kind: str, framework: str | None = None):
+    """Register a fixture as a front end of ``kind``: every catalogue case of that kind runs through it (on
+    the targets of ``framework`` only, if given)."""
 
     def register(function):
         _FRONT_ENDS[kind].append(function.__name__)
+        if framework is not None:
+            _FRAMEWORK[function.__name__] = framework
         return pytest.fixture(function)
 
     return register
@@ -60,12 +64,41 @@ def _runs(front: str, case: Case) -> bool:
     return layer is None or not case.layers or layer in case.layers
 
 
+def _layer_targets(config, framework: str) -> list[tuple[str, str]]:
+    """The selected (backend, caller framework) pairs whose framework a layer takes (conftest's targets)."""
+    import conftest
+
+    pairs = []
+    for name in conftest._selected(config):
+        backend, _ = conftest._load(name)
+        frameworks = conftest._frameworks(backend) if backend is not None else (framework,)
+        pairs += [(name, framework)] if framework in frameworks else []
+    return pairs
+
+
 def pytest_generate_tests(metafunc):
     for kind, names in _FRONT_ENDS.items():
-        if f"{kind}_front" in metafunc.fixturenames:
-            pairs = [(name, case) for name in names for case in _CASES[kind] if _runs(name, case)]
-            ids = [f"{name}-{case.id}" for name, case in pairs]
-            metafunc.parametrize((f"{kind}_front", "case"), pairs, ids=ids, indirect=[f"{kind}_front"])
+        if f"{kind}_front" not in metafunc.fixturenames:
+            continue
+        pairs = [(name, case) for name in names for case in _CASES[kind] if _runs(name, case)]
+        if "layer_target" in metafunc.fixturenames:  # a layer runs only on the targets of its framework
+            combos = [
+                (name, case, t) for name, case in pairs for t in _layer_targets(metafunc.config, _FRAMEWORK[name])
+            ]
+            ids = [f"{name}-{case.id}-{t[0]}-{t[1]}" for name, case, t in combos]
+            names = (f"{kind}_front", "case", "layer_target")
+            metafunc.parametrize(names, combos, ids=ids, indirect=[f"{kind}_front", "layer_target"])
+            continue
+        ids = [f"{name}-{case.id}" for name, case in pairs]
+        metafunc.parametrize((f"{kind}_front", "case"), pairs, ids=ids, indirect=[f"{kind}_front"])
+
+
+@pytest.fixture
+def layer_target(request):
+    """Like conftest's ``target``, parametrised here: only the targets a layer's framework has."""
+    import conftest
+
+    return conftest._target(request)
 
 
 @pytest.fixture
@@ -222,18 +255,12 @@ def _models(module: str, framework: str):
         pytest.skip(f"yoso_models.{module} cannot load ({exc}); the models nox session runs these cases")
 
 
-def _layer_target(target, framework: str, layer: str):
-    if target.framework != framework:
-        pytest.skip(f"the {layer} layer takes {framework} arrays; this target is {target.name}-{target.framework}")
-
-
 class TorchLayer:
     """``yoso_models.nn.YosoSelfAttention``."""
 
     names = {"width": "embed_dim", "heads": "num_heads", "input": "x", "mask": "key_padding_mask", "dropout": "dropout"}
 
     def __init__(self, target):
-        _layer_target(target, "torch", "nn")
         self.nn, self.target = _models("nn", "torch"), target
 
     def build(self, options: dict):
@@ -268,7 +295,6 @@ class FlaxLayer:
     }
 
     def __init__(self, target):
-        _layer_target(target, "jax", "nnx")
         self.nnx, self.target = _models("nnx", "flax"), target
 
     def build(self, options: dict):
@@ -301,7 +327,6 @@ class TransformersAttention:
     names = {"width": "hidden_size", "heads": "num_heads", "input": "query", "mask": "attention_mask"}
 
     def __init__(self, target):
-        _layer_target(target, "torch", "transformers")
         self.hf, self.target = _models("transformers", "transformers"), target
 
     def build(self, options: dict):
@@ -335,19 +360,19 @@ class TransformersAttention:
         return to_numpy(out.flatten(-2))
 
 
-@front_end("layer")
-def nn_layer(target):
-    return TorchLayer(target)
+@front_end("layer", framework="torch")
+def nn_layer(layer_target):
+    return TorchLayer(layer_target)
 
 
-@front_end("layer")
-def nnx_layer(target):
-    return FlaxLayer(target)
+@front_end("layer", framework="jax")
+def nnx_layer(layer_target):
+    return FlaxLayer(layer_target)
 
 
-@front_end("layer")
-def transformers_attention(target):
-    return TransformersAttention(target)
+@front_end("layer", framework="torch")
+def transformers_attention(layer_target):
+    return TransformersAttention(layer_target)
 
 
 _LAYER_NAMES = {"nn_layer": "nn", "nnx_layer": "nnx", "transformers_attention": "hf"}
@@ -485,10 +510,10 @@ def test_planes_case(planes_front, case, target, rng):
         run_holds(case, planes_front, target, inputs)
 
 
-def test_layer_case(layer_front, case, target, rng):
+def test_layer_case(layer_front, case, layer_target, rng):
     front = layer_front
-    inputs = case.inputs(Draw(rng, target.framework, "float32"))
-    values = {n: v.make(target.framework) if isinstance(v, Native) else v for n, v in inputs.items()}
+    inputs = case.inputs(Draw(rng, layer_target.framework, "float32"))
+    values = {n: v.make(layer_target.framework) if isinstance(v, Native) else v for n, v in inputs.items()}
     values = {
         n: v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype == np.float64 else v for n, v in values.items()
     }
