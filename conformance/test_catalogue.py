@@ -649,3 +649,22 @@ def test_traced_calls_give_nan_for_nan_inputs(target, rng):
         assert np.isnan(to_numpy(run(*arrays(q, k, v), target.array(pn)))).all()
         got = to_numpy(codes(target.array(qn), planes))
         assert (got[0, 1] == -1).all() and (np.delete(got, 1, axis=1)[0] >= 0).all()
+
+
+# Environment variables a backend reads, each with values it must refuse naming the variable (never dropped,
+# and never a silent fall-back to another backend).
+SETTINGS = {
+    "triton": [("YOSO_TRITON_MAX_TABLE_BYTES", value) for value in ("lots", "0", "-1", "4.5GB")],
+}
+
+
+def test_bad_backend_settings_are_named(target, monkeypatch, rng):
+    if target.name not in SETTINGS:
+        pytest.skip(f"the {target.name!r} backend reads no setting a user could get wrong")
+    q, k, v = rng.standard_normal((1, 3, 4)), rng.standard_normal((1, 3, 4)), rng.standard_normal((1, 3, 2))
+    arrays = [target.array(x) for x in (q, k, v)]
+    for variable, value in SETTINGS[target.name]:
+        monkeypatch.setenv(variable, value)
+        for choice in (target.name, None):
+            with yoso.set_backend(choice), pytest.raises(ValueError, match=rf"{variable}.*{re.escape(repr(value))}"):
+                yoso.attention(*arrays, seed=0, num_hashes=2, hash_bits=2)
