@@ -615,21 +615,20 @@ def test_traced_calls_give_nan_for_nan_inputs(target, rng):
     if target.framework == "jax":
         import jax
 
-        def run(q, k, v, planes):
-            return jax.jit(lambda *a: yoso.attention(*a[:3], planes=a[3], num_hashes=4, hash_bits=3))(q, k, v, planes)
-
-        def codes(x, planes):
-            return jax.jit(lambda x, p: yoso.hash_codes(x, planes=p, num_hashes=4, hash_bits=3))(x, planes)
+        # One traced function each, called on same-shaped inputs: one trace (and compilation) each.
+        run = jax.jit(lambda q, k, v, p: yoso.attention(q, k, v, planes=p, num_hashes=4, hash_bits=3))
+        codes = jax.jit(lambda x, p: yoso.hash_codes(x, planes=p, num_hashes=4, hash_bits=3))
     else:
         import torch
 
-        def run(q, k, v, planes):
-            f = lambda *a: yoso.attention(*a[:3], planes=a[3], num_hashes=4, hash_bits=3)  # noqa: E731
-            return torch.compile(f, backend="eager", fullgraph=True)(q, k, v, planes)
-
-        def codes(x, planes):
-            f = lambda x, p: yoso.hash_codes(x, planes=p, num_hashes=4, hash_bits=3)  # noqa: E731
-            return torch.compile(f, backend="eager", fullgraph=True)(x, planes)
+        run = torch.compile(
+            lambda q, k, v, p: yoso.attention(q, k, v, planes=p, num_hashes=4, hash_bits=3),
+            backend="eager",
+            fullgraph=True,
+        )
+        codes = torch.compile(
+            lambda x, p: yoso.hash_codes(x, planes=p, num_hashes=4, hash_bits=3), backend="eager", fullgraph=True
+        )
 
     arrays = lambda *xs: [target.array(x) for x in xs]  # noqa: E731
     planes = target.array(p)
