@@ -16,10 +16,9 @@ from typing import Any
 from ._planes import check_hash_args, planes_shape
 from .backends import BACKWARDS, FLOAT_DTYPES, MODES, Call
 
-# The prepare() of each entry point is three frames below the caller's line: prepare <- _prepare (or the
-# entry point's own prepare call) <- the entry point <- the caller. Warnings point there, so Python's
-# default filter shows each once per call site.
-_CALLER = 4
+# Warnings point at the caller's line, so that Python's default filter shows each once per call site:
+# _check_values <- prepare <- _prepare <- the entry point (yoso.attention, ...) <- the caller.
+_CALLER = 4  # frames from prepare() up to the caller
 
 
 @dataclass
