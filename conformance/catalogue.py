@@ -6,12 +6,13 @@ objects built for the caller framework at hand) and its expectation:
 * :class:`Raises` -- this exception type, with a message that names ``argument`` (and matches ``match``),
   raised before anything is computed (``computed=True``: once the output exists, so not by
   ``yoso.backend_for``, which computes nothing);
-* :class:`Holds` -- a property of the result (the checks live in ``test_catalogue.py``, ``PROPERTIES``):
-  ``finite`` (output and gradients), ``unit_rows`` (every output row of N-YOSO-E has norm 1),
-  ``directions`` (the same result as ``reference=``, the inputs before rescaling), ``masked_twin`` (bitwise
-  the same result as ``reference=``, the inputs with the zero rows masked instead), ``same_as`` (bitwise the
-  result of ``reference=``), ``warns`` (a UserWarning, and a finite result), ``no_leak`` (layers: padded
-  tokens' content cannot change real tokens' outputs).
+* :class:`Holds` -- a property of the result (checked by ``test_catalogue.py``: ``run_holds`` and
+  ``test_layer_case``): ``finite`` (output and gradients), ``unit_rows`` (every output row of N-YOSO-E has
+  norm 1), ``directions`` (close to the result of ``reference``, the inputs before rescaling),
+  ``masked_twin`` (bitwise the result of ``reference``, the inputs with the zero rows masked instead),
+  ``same_as`` (bitwise the result of ``reference``), ``warns`` (a UserWarning, and a finite result),
+  ``codes_in_range`` and ``zero_row_code_0`` (hash codes), ``planes_layout`` (``yoso.hash_planes``),
+  ``no_leak`` (layers: padded tokens' content cannot change real tokens' outputs).
 
 Four lists, one per kind of front end: ``QKV`` (``yoso.attention``, its gradients, ``yoso.backend_for``),
 ``ROWS`` (``yoso.hash_codes``), ``PLANES`` (``yoso.hash_planes``), ``LAYERS`` (the model layers). Layer cases
@@ -45,7 +46,7 @@ class Raises:
 
 @dataclass(frozen=True)
 class Holds:
-    prop: str  # a key of test_catalogue.PROPERTIES
+    prop: str  # one of the properties of the module docstring
 
 
 @dataclass(frozen=True)
