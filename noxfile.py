@@ -167,11 +167,16 @@ def tests(session: nox.Session, backend: str) -> None:
 @nox.session
 def models(session: nox.Session) -> None:
     """yoso-models' tests: yoso_models.nn, yoso_models.transformers (tiny random models, no downloads),
-    yoso_models.nnx (Flax NNX, on the jax backend), a smoke run of examples/listops.py."""
+    yoso_models.nnx (Flax NNX, on the jax backend), a smoke run of examples/listops.py; and the layer cases
+    of the conformance catalogue."""
     packages = ["-e", REFERENCE, "-e", API, "-e", JAX_BACKENDS, "-e", f"{MODELS}[torch,flax,transformers]"]
     session.install(TORCH, TRANSFORMERS, FLAX, JAX, *TEST_TOOLS, *packages)
     env = {"YOSO_TEST_REQUIRE_TRANSFORMERS": "1", "YOSO_TEST_REQUIRE_FLAX": "1", "HF_HUB_OFFLINE": "1"}
     _pytest(session, f"{MODELS}/tests", env=env)
+    # The conformance catalogue's layer cases need yoso-models, which only this session installs (the
+    # backend sessions skip them, saying so): here they run on both backends, and must.
+    catalogue = {"YOSO_TEST_BACKENDS": "reference,jax", "YOSO_TEST_REQUIRE": "1", "YOSO_TEST_REQUIRE_MODELS": "1"}
+    _pytest(session, "conformance/test_catalogue.py", "-k", "test_layer_case", env={**env, **catalogue})
 
 
 @nox.session

@@ -176,3 +176,111 @@ def test_attention_vjp_errors(rng):
     out, vjp = yoso.attention_vjp(q, k, v, seed=0)
     with pytest.raises(ValueError, match=r"cotangent must have the output's shape \[2, 3, 5, 3\]"):
         vjp(np.ones((2, 3, 5)))
+
+
+# ---- the causes of issue 12: each pinned once per caller framework (the conformance catalogue has more) ----
+
+
+@pytest.mark.parametrize("num_hashes", [65537, 2**31, 10**30])
+def test_num_hashes_has_a_documented_bound(caller, rng, num_hashes):
+    import yoso
+
+    with pytest.raises(ValueError, match=r"num_hashes must be <= 65536"):
+        caller.attention(*_ok(rng), num_hashes=num_hashes)
+    with pytest.raises(ValueError, match=r"num_hashes must be <= 65536"):
+        yoso.hash_planes(num_hashes, 8, 4)
+    with pytest.raises(ValueError, match=r"num_hashes must be <= 65536"):
+        yoso.check_options(num_hashes=num_hashes)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(seed=-1), TypeError, "seed must be None"),
+        (dict(planes=np.ones((3, 3))), ValueError, r"planes for hashing='gaussian'.*got \[3, 3\]"),
+        (dict(planes=np.full((32, 8, 4), np.nan)), ValueError, "planes contain NaN"),
+        (dict(planes=np.ones((32, 8, 4)), seed=0), ValueError, "either planes= or seed="),
+        (dict(hashing="hadamard", hash_bits=8), ValueError, "hash_bits <= 4"),
+        (dict(generator="g"), TypeError, "generator"),
+        (dict(key="k"), TypeError, "key"),
+    ],
+)
+def test_expectation_mode_refuses_what_sample_mode_refuses(caller, rng, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        caller.attention(*_ok(rng), mode="expectation", **kwargs)
+
+
+def test_planes_with_leading_ones_are_shared_planes(caller, rng):
+    import yoso
+
+    q, k, v = _ok(rng)
+    p = yoso.hash_planes(4, 3, 4, seed=1)
+    want = caller.attention(q, k, v, planes=p, num_hashes=4, hash_bits=3)
+    for planes in (p[None], p[None, None]):
+        np.testing.assert_array_equal(caller.attention(q, k, v, planes=planes, num_hashes=4, hash_bits=3), want)
+
+
+def test_big_endian_numpy_is_converted(caller, rng):
+    import yoso
+
+    q, k, v = _ok(rng)
+    p = yoso.hash_planes(4, 3, 4, seed=1)
+    want = caller.attention(q, k, v, planes=p, num_hashes=4, hash_bits=3)
+    got = caller.attention(q, k, v, planes=p.astype(">f8"), num_hashes=4, hash_bits=3)
+    np.testing.assert_array_equal(got, want)
+    if caller.framework == "numpy":
+        big = [x.astype(">f4") for x in (q, k, v)]
+        np.testing.assert_array_equal(yoso.attention(*big, planes=p, num_hashes=4, hash_bits=3), want)
+
+
+def test_dtypes_outside_the_four_are_refused(rng):
+    import yoso
+
+    q, k, v = _ok(rng)
+    with pytest.raises(TypeError, match=r"q must be a floating-point array.*float128"):
+        yoso.attention(*(x.astype(np.longdouble) for x in (q, k, v)))
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"q must be a floating-point array.*float8_e4m3fn"):
+        yoso.attention(*(torch.as_tensor(x).to(torch.float8_e4m3fn) for x in (q, k, v)))
+    with pytest.raises(ValueError, match=r"q is on the meta device"):
+        yoso.attention(*(torch.as_tensor(x).to("meta") for x in (q, k, v)))
+    with pytest.raises(ValueError, match=r"x is on the meta device"):
+        yoso.hash_codes(torch.ones(2, 3, device="meta"))
+
+
+def test_an_all_false_key_mask_warns_once_per_call_site(caller, rng):
+    import warnings
+
+    q, k, v = _ok(rng)
+    mask = np.zeros((2, 3, 6), bool)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's default: once per location
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for _ in range(3):
+            out = caller.attention(q, k, v, key_padding_mask=mask, seed=0)
+    hits = [w for w in caught if "False everywhere" in str(w.message)]
+    assert len(hits) == 1 and hits[0].category is UserWarning
+    assert (out == 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one row without keys is no mistake: no warning
+        mask[0, 0] = True
+        caller.attention(q, k, v, key_padding_mask=mask, seed=0)
+
+
+def test_the_warning_points_at_the_caller(rng):
+    import yoso
+
+    q, k, v = _ok(rng)
+    with pytest.warns(UserWarning, match="False everywhere") as record:
+        yoso.attention(q, k, v, key_padding_mask=np.zeros(6, bool), seed=0)
+    assert record[0].filename == __file__
+
+
+def test_unnormalised_overflow_is_refused(caller, rng):
+    q = np.ones((1, 4, 3))
+    with pytest.raises(ValueError, match=r"v is too large for normalize=False"):
+        caller.attention(q, q, np.full((1, 4, 2), 3e38), mode="expectation", normalize=False)
+    # normalize=True: the same values are fine (v is rescaled, the output does not depend on its scale).
+    out = caller.attention(q, q, np.full((1, 4, 2), 3e38), mode="expectation")
+    np.testing.assert_allclose(out, np.sqrt(0.5), rtol=1e-6)

@@ -231,3 +231,32 @@ def test_hash_planes_layouts():
         yoso.hash_planes(0, 3, 10)
     with pytest.raises(TypeError, match="seed"):
         yoso.hash_planes(4, 3, 10, seed=1.5)
+
+
+class _SettingBackend(RecordingBackend):
+    """A backend with a setting of its own, read in unsupported() as yoso-triton reads its table budget."""
+
+    name = "setting"
+    dtypes = ("float32", "float64")
+
+    def unsupported(self, call):
+        import os
+
+        value = os.environ.get("YOSO_TEST_SETTING", "1")
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"YOSO_TEST_SETTING must be a positive integer, got {value!r}")
+        return super().unsupported(call)
+
+
+def test_a_bad_backend_setting_is_named_not_dropped(monkeypatch):
+    backends.register(_SettingBackend())
+    try:
+        for value in ("lots", "0", "-3"):
+            monkeypatch.setenv("YOSO_TEST_SETTING", value)
+            for choice in (None, "setting"):  # automatic selection must not skip it silently
+                with yoso.set_backend(choice), pytest.raises(ValueError, match=rf"YOSO_TEST_SETTING.*{value!r}"):
+                    yoso.attention(*_qkv(), seed=0)
+            with pytest.raises(ValueError, match="YOSO_TEST_SETTING"):
+                yoso.backend_for(*_qkv(), seed=0)
+    finally:
+        backends.unregister("setting")

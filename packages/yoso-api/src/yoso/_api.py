@@ -7,7 +7,7 @@ backend selection picks; then the glue runs the call on that backend.
 from __future__ import annotations
 
 from ._glue import glue_for
-from ._validate import prepare, prepare_hashing
+from ._validate import check_output, prepare, prepare_hashing
 
 
 def attention(
@@ -45,9 +45,10 @@ def attention(
             ``jax.vmap`` and ``jax.grad`` (the hyperparameters below must then be static Python values).
         key_padding_mask: bool ``[..., Nk]``, True = attend to this key. Masked keys (whatever they
             hold) cannot change any output. Leading dims broadcast, e.g. ``[B, 1, Nk]`` for ``[B, H, ...]``.
-        query_mask: bool ``[..., Nq]``, True = keep; masked query rows are exact zeros.
+        query_mask: bool ``[..., Nq]``, True = keep; masked query rows are exact zeros. Zero rows of q and
+            k count as masked: they attend to nothing and are attended by nothing (docs/math.md).
         causal: query i attends to keys j <= i (needs Nq == Nk).
-        num_hashes: m, the number of hashes averaged (variance ~ 1/m). Sample mode only.
+        num_hashes: m, the number of hashes averaged (variance ~ 1/m), 1 to 65536. Sample mode only.
         hash_bits: tau, hyperplanes per hash; attention weight (1 - angle/pi)^tau, sharper as tau grows.
         mode: "sample" (YOSO-m, linear in N) or "expectation" (YOSO-E, exact, quadratic time, O(N) memory).
         hashing: "gaussian" (dense random hyperplanes, exact collision probability) or "hadamard"
@@ -107,6 +108,8 @@ def attention(
         result = parallel_attention(glue, backend, prep)
     else:
         result = glue.attention(backend, prep)
+    # normalize=False: an overflowing result is refused, not returned as inf
+    check_output(glue, prep, result[0] if prep.state is not None and prep.state.output else result)
     if packing is None:
         return result
     from ._packing import pack
@@ -157,7 +160,9 @@ def attention_vjp(q, k, v, **kwargs):
     options = _check_keywords("attention_vjp", kwargs)
     if options["cu_seqlens"] is None:
         prep = _prepare(glue, q, k, v, options=options, requires_grad=True)
-        return glue.attention_vjp(glue.select(prep.call), prep)
+        out, vjp = glue.attention_vjp(glue.select(prep.call), prep)
+        check_output(glue, prep, out[0] if prep.state is not None and prep.state.output else out)
+        return out, vjp
     import numpy as np
 
     from ._packing import pack, unpack
@@ -166,6 +171,7 @@ def attention_vjp(q, k, v, **kwargs):
     prep = _prepare(glue, *unpacked, options=options, requires_grad=True)
     result, inner_vjp = glue.attention_vjp(glue.select(prep.call), prep)
     stateful = prep.state is not None and prep.state.output
+    check_output(glue, prep, result[0] if stateful else result)
 
     def vjp(cotangent):
         if stateful:
@@ -213,7 +219,9 @@ def hash_codes(
 
     Bit ``b`` of hash ``s`` of a row is ``planes[s, b] · x > 0`` for ``hashing="gaussian"`` (the code is
     ``sum_b 2**b * bit_b``), and the signs of the structured rotation for ``"hadamard"`` (layouts:
-    :func:`yoso.hash_planes`). Codes depend only on the rows' directions; a zero row has code 0.
+    :func:`yoso.hash_planes`). Codes depend only on the rows' directions; a zero row has code 0 (attention
+    treats zero rows as masked). Under ``jax.jit``/``torch.compile``, where NaN/inf cannot be refused, a row
+    holding them gets code -1.
 
     Args:
         x: rows ``[..., N, D]`` (NumPy, torch or JAX); the result is int32 in the same framework and device.

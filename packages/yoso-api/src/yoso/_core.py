@@ -7,6 +7,8 @@ scalar arithmetic touch them, so the NumPy, torch and JAX glue all share this on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # The sampled true gradient weighs each colliding pair by the importance ratio p'/p, which diverges as
 # the cosine -> 1 (and -> -1); it is clamped at MAX_RATIO_PER_BIT * hash_bits. The lower bound uses
 # hash_bits / 2, and the ratio is >= 0.55 * hash_bits everywhere, so the clamp only acts within about
@@ -204,6 +206,150 @@ def backward_state(
         if grad_key_tables is not None:
             d_key_tables = d_key_tables + grad_key_tables
     return dq, dk, dv, d_tables, d_key_tables
+
+
+# ---- the normalisations around the core, written once for every framework ----------------------------
+#
+# The glue hands these functions its framework's array operations (``ops``, see below) and gets back the
+# arrays the core takes, then the output. Written once, they give NumPy, torch and JAX callers the same
+# rules (docs/math.md#unit-normalisation, #output-normalisation, #scale-and-overflow):
+#
+# * only directions matter, for every finite input: a row is normalised in the accumulation dtype, and a
+#   row whose largest magnitude lies outside [SAFE_MIN, SAFE_MAX] -- where squaring its entries could
+#   overflow or underflow float32 -- is first divided by the power of two nearest below that magnitude
+#   (exact). Rows inside the range (all ordinary data) are normalised as plain ``x / ||x||``.
+# * zero rows of q and k attend to nothing and are attended by nothing: they are folded into the masks,
+#   so every backend and both modes treat them as masked rows (and E[YOSO-m] = YOSO-E holds for them).
+# * the bucket sums cannot overflow: with normalize=True a batch row of v whose largest magnitude is
+#   outside the range is divided by a power of two near it (``value_scale``, exact), which the normalised
+#   output does not see. The unnormalised output is Y itself, finite whenever the sums of |v| over the
+#   visible keys fit the dtype; an overflow is refused after the call (``yoso._validate.check_output``).
+# * when the value checks cannot run (tracing), a non-finite input gives NaN outputs, never a plausible
+#   number: a NaN row would otherwise hash to code 0 like any zero projection.
+#
+# ``ops`` provides: ``accumulate(x)`` (x in the accumulation dtype), ``cast(x, like)`` (x in like's dtype),
+# ``peak(x, dims)`` (max |x| over the last ``dims`` axes, keepdims, no gradient), ``mantissa(x)`` (frexp's),
+# ``where(c, a, b)``, ``sqrt(x)``, ``sum_last(x)`` (keepdims), ``finite_rows(x)`` (all finite over the last
+# axis), ``any_last(x)`` and ``all_finite(x)`` (a 0-d bool).
+SAFE_MIN, SAFE_MAX = 2.0**-32, 2.0**32
+
+
+def _scale_for(ops, peak):
+    """1 where ``peak`` (a largest magnitude, ``[..., 1]``) is 0, not finite or inside the safe range, else the
+    largest power of two <= ``peak``: dividing by it is exact, in every dtype."""
+    extreme = (peak != 0) & ((peak < SAFE_MIN) | (peak > SAFE_MAX)) & ops.finite_rows(peak)[..., None]
+    safe = ops.where(extreme, peak, 1.0)
+    # peak = mantissa * 2**e with the mantissa in [0.5, 1): peak / (2 * mantissa) = 2**(e - 1), exactly.
+    return ops.where(extreme, safe / (2 * ops.mantissa(safe)), 1.0)
+
+
+def _divide(ops, x, scale):
+    """``x / scale`` for a power of two ``scale`` (``[..., 1]``), exactly.
+
+    Not directly: XLA divides by multiplying with the reciprocal, and on the CPU it flushes subnormal
+    numbers to zero, so dividing by more than 2**126 (float32) would give zeros. Both sides are first
+    brought nearer to 1 by the same power of two.
+    """
+    pre = ops.where(scale > 2.0**64, 2.0**-64, ops.where(scale < 2.0**-64, 2.0**64, 1.0))
+    return (x * pre) / (scale * pre)
+
+
+def unit_rows(ops, x):
+    """``(x / ||x||, nonzero)`` over the last axis of ``x`` (in the accumulation dtype).
+
+    Depends only on each row's direction, for every finite row; a zero row stays 0 (``nonzero`` False,
+    gradient 0); a row holding NaN or inf becomes NaN (it counts as non-zero, so NaN flows on).
+    """
+    peak = ops.peak(x, 1)
+    nonzero = peak != 0  # NaN != 0: a NaN row is not a zero row
+    y = _divide(ops, x, _scale_for(ops, peak))
+    squared = ops.sum_last(y * y)  # >= 1 for a scaled row, >= 2**-64 for one inside the range
+    unit = ops.where(nonzero, y / ops.sqrt(ops.where(nonzero, squared, 1.0)), 0.0)
+    return unit, nonzero[..., 0]
+
+
+def unit_rows_vjp(ops, x, cotangent):
+    """The vector-Jacobian product of :func:`unit_rows` at ``x``: ``(g - u (u·g)) / ||x||``, 0 on zero rows
+    (for glue that writes its chain rule out: NumPy)."""
+    unit, nonzero = unit_rows(ops, x)
+    scale = _scale_for(ops, ops.peak(x, 1))
+    y = _divide(ops, x, scale)
+    norm = ops.sqrt(ops.where(nonzero[..., None], ops.sum_last(y * y), 1.0))  # ||x|| / scale
+    tangent = cotangent - unit * ops.sum_last(unit * cotangent)
+    return ops.where(nonzero[..., None], _divide(ops, tangent, scale) / norm, 0.0)
+
+
+def value_scale(ops, v):
+    """Per batch row of ``v [B, N, C]``: 1, or the power of two nearest below its largest magnitude if that
+    is outside the safe range (``[B, 1, 1]``, in the accumulation dtype)."""
+    return _scale_for(ops, ops.accumulate(ops.peak(v, 2)))
+
+
+def keep_rows(ops, x, mask):
+    """``x`` with the rows where ``mask [B, N]`` is False replaced by zeros (by selection: NaN cannot leak)."""
+    return x if mask is None else ops.where(mask[..., None], x, 0.0)
+
+
+def _and(mask, other):
+    return other if mask is None else mask & other
+
+
+@dataclass
+class CoreInputs:
+    """What the core takes, from :func:`core_inputs`; ``scale`` and ``bad`` go to :func:`core_output`."""
+
+    q: object  # unit rows, in q's dtype
+    k: object  # unit rows, in k's dtype
+    v: object  # v / scale, zero on masked keys
+    query_mask: object  # the caller's query mask and the non-zero rows of q
+    key_mask: object  # the caller's key mask and the non-zero rows of k
+    scale: object  # [B, 1, 1] (value_scale), or None: v as it is (normalize=False)
+    bad: object  # [B, Nq, 1] bool: output rows a non-finite input reaches (unchecked calls), else None
+    q_kept: object  # q and k with masked rows zeroed, in the accumulation dtype (for the NumPy chain rule)
+    k_kept: object
+
+
+def core_inputs(ops, q, k, v, query_mask, key_mask, planes=None, *, normalize: bool, checked: bool) -> CoreInputs:
+    """The canonical arrays (``[B, N, D]``, masks ``[B, N]`` or None) as the core takes them.
+
+    ``normalize``: whether the output is normalised; only then is v rescaled (the unnormalised output is Y
+    itself: it is finite whenever the sums of |v| fit the dtype, and ``yoso._validate.check_output``
+    refuses it otherwise). ``checked``: whether the value checks ran; if not (a traced call), ``bad`` marks
+    the output rows that an unmasked non-finite row of q (its own row), of k or v (its whole batch row) or
+    non-finite planes (everything) would otherwise turn into finite garbage.
+    """
+    q_kept = ops.accumulate(keep_rows(ops, q, query_mask))
+    k_kept = ops.accumulate(keep_rows(ops, k, key_mask))
+    q_unit, q_nonzero = unit_rows(ops, q_kept)
+    k_unit, k_nonzero = unit_rows(ops, k_kept)
+    bad = None
+    if not checked:
+        v_kept = keep_rows(ops, v, key_mask)
+        keys_bad = ops.any_last(~(ops.finite_rows(k_kept) & ops.finite_rows(v_kept)))  # [B]
+        bad = ~ops.finite_rows(q_kept)[..., None] | keys_bad[:, None, None]
+        if planes is not None:
+            bad = bad | ~ops.all_finite(planes)
+    query_mask, key_mask = _and(query_mask, q_nonzero), _and(key_mask, k_nonzero)
+    v = keep_rows(ops, v, key_mask)
+    scale = value_scale(ops, v) if normalize else None
+    return CoreInputs(
+        q=ops.cast(q_unit, q),
+        k=ops.cast(k_unit, k),
+        v=v if scale is None else ops.cast(_divide(ops, v, scale), v),
+        query_mask=query_mask,
+        key_mask=key_mask,
+        scale=scale,
+        bad=bad,
+        q_kept=q_kept,
+        k_kept=k_kept,
+    )
+
+
+def core_output(ops, y, inputs: CoreInputs, *, normalize: bool):
+    """The output from the core's ``Y`` (accumulation dtype): ``Y/||Y||`` (unchanged by v's rescaling), or
+    ``Y``; NaN where ``inputs.bad``."""
+    out = unit_rows(ops, y)[0] if normalize else y
+    return out if inputs.bad is None else ops.where(inputs.bad, float("nan"), out)
 
 
 def bucketed(n: int) -> int:

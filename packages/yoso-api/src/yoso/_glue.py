@@ -50,8 +50,24 @@ class Glue(abc.ABC):
         """Fresh hash functions of ``shape`` from ``seed`` / the framework's RNG (``generator``, ``key``)."""
 
     @abc.abstractmethod
-    def check_values(self, rows: dict, *, planes, hashing: str) -> None:
-        """Refuse NaN/inf in rows that are not masked (``rows``: name -> (array, mask)) and bad planes."""
+    def check_randomness(self, *, seed, generator, key, like) -> None:
+        """Refuse a ``seed``, ``generator`` or ``key`` this framework cannot draw from (without drawing:
+        YOSO-E draws nothing, and refuses bad ones all the same)."""
+
+    @abc.abstractmethod
+    def value_flags(self, rows: dict, *, planes, hashing: str, masks: dict, sums: dict | None = None) -> dict | None:
+        """The data-dependent facts ``yoso._validate`` decides on, in one pass (one device synchronisation).
+
+        ``rows``: name -> (array ``[B, N, C]``, mask ``[B, N]`` or None): ``flags[name]`` is
+        ``(count, first)``, the number of unmasked rows holding NaN or inf and the flat index ``b * N + i``
+        of the first. ``planes`` (or None): ``flags["planes"]`` whether they hold NaN or inf,
+        ``flags["planes_pm1"]`` whether Hadamard planes hold other values than ±1. ``masks``: name -> mask
+        or None: ``flags[name]`` whether that mask is False everywhere. ``sums``: name -> (array ``[B, N, C]``,
+        mask): ``flags["sum:" + name]``, the largest sum over unmasked rows of ``|x|`` of one batch row and
+        column, in the accumulation dtype (inf where it overflows). Returns None when the values cannot
+        be read (while ``jax.jit``/``jax.vmap`` or ``torch.compile`` trace): the checks are then skipped,
+        and the glue makes non-finite inputs give NaN outputs instead (``yoso._core.core_inputs``).
+        """
 
     def check_static(self, values: dict) -> None:  # noqa: B027 (a hook: most frameworks need nothing)
         """Refuse hyperparameters that are not plain Python values (tracing frameworks); default: nothing."""

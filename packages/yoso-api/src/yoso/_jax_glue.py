@@ -41,7 +41,7 @@ import numpy as np
 
 from . import _core, backends
 from ._glue import Glue
-from ._planes import draw, rng_from_seed
+from ._planes import check_seed, draw, rng_from_seed
 
 _PLATFORMS = {"gpu": "cuda"}  # JAX's platform names -> the device types of yoso's Call
 
@@ -50,13 +50,55 @@ def _accumulate_dtype(dtype):
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
+class _Ops:
+    """JAX's array operations for the normalisations written once in ``yoso._core``."""
+
+    @staticmethod
+    def accumulate(x):
+        return x.astype(_accumulate_dtype(x.dtype))
+
+    @staticmethod
+    def cast(x, like):
+        return x.astype(like.dtype)
+
+    @staticmethod
+    def peak(x, dims: int):
+        return jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=tuple(range(-dims, 0)), keepdims=True))
+
+    @staticmethod
+    def where(c, a, b):
+        return jnp.where(c, a, b)
+
+    sqrt = staticmethod(jnp.sqrt)
+
+    @staticmethod
+    def sum_last(x):
+        return jnp.sum(x, axis=-1, keepdims=True)
+
+    @staticmethod
+    def mantissa(x):
+        return jnp.frexp(x)[0]
+
+    @staticmethod
+    def finite_rows(x):
+        return jnp.isfinite(x).all(axis=-1)
+
+    @staticmethod
+    def any_last(x):
+        return x.any(axis=-1)
+
+    @staticmethod
+    def all_finite(x):
+        return jnp.isfinite(x).all()
+
+
+OPS = _Ops()
+
+
 def _unit(x):
-    """``x / ||x||`` over the last axis in the accumulation dtype; zero rows stay zero (gradient 0)."""
-    x = x.astype(_accumulate_dtype(x.dtype))
-    # The norm's own derivative is 0/0 at a zero row: take the square root of a safe value instead.
-    squared = jnp.sum(x * x, axis=-1, keepdims=True)
-    nonzero = squared > 0
-    return jnp.where(nonzero, x / jnp.sqrt(jnp.where(nonzero, squared, 1)), 0)
+    """``x / ||x||`` over the last axis in the accumulation dtype, direction only; zero rows stay zero
+    (gradient 0: the square root only ever sees non-zero values)."""
+    return _core.unit_rows(OPS, OPS.accumulate(x))[0]
 
 
 def _keep_rows(x, mask):
@@ -92,6 +134,10 @@ class _Flat:
     def resolve(self, array=None):
         array = self.array if array is None else array
         return _apply_layout(array, self.layout)
+
+
+def _as_flat(x) -> _Flat:
+    return x if isinstance(x, _Flat) else _Flat(x, (x.shape[0],), tuple(x.shape[1:]))
 
 
 def _apply_layout(array, layout):
@@ -187,30 +233,38 @@ def _core_bwd(config, residuals, grad):
 _core_vjp.defvjp(_core_fwd, _core_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layouts", "out_shape"))
-def _attention(arrays, *, config: _Config, layouts, out_shape):
+@functools.partial(jax.jit, static_argnames=("config", "layouts", "out_shape", "checked"))
+def _attention(arrays, *, config: _Config, layouts, out_shape, checked: bool):
     q, k, v, planes, query_mask, key_mask = _resolve_all(arrays, layouts)
-    q = _keep_rows(q, query_mask)
-    k = _keep_rows(k, key_mask)
-    v = _keep_rows(v, key_mask)
-    y = _core_vjp(_unit(q).astype(q.dtype), _unit(k).astype(k.dtype), v, planes, query_mask, key_mask, config)
-    out = _unit(y) if config.normalize else y
+    inputs = _core.core_inputs(OPS, q, k, v, query_mask, key_mask, planes, normalize=config.normalize, checked=checked)
+    y = _core_vjp(inputs.q, inputs.k, inputs.v, planes, inputs.query_mask, inputs.key_mask, config)
+    out = _core.core_output(OPS, y, inputs, normalize=config.normalize)
     return out.astype(q.dtype).reshape(out_shape)
 
 
-@functools.partial(jax.jit, static_argnames=("layouts", "hashing"))
-def _bad_values(arrays, *, layouts, hashing):
-    """Flags, one program for all checks: per (rows, mask) pair "NaN/inf in an unmasked row", then
-    "planes not finite" and "Hadamard planes not ±1"."""
-    *pairs, planes = _resolve_all(arrays, layouts)
+@functools.partial(jax.jit, static_argnames=("layouts", "hashing", "n_rows", "n_masks", "n_sums"))
+def _value_flags(arrays, *, layouts, hashing, n_rows: int, n_masks: int, n_sums: int):
+    """One program for all checks: per (rows, mask) pair the count and first flat index of unmasked rows
+    holding NaN/inf, then "planes not finite" and "Hadamard planes not ±1", then "mask all False" per mask;
+    and the largest column sum of |x| per (x, mask) pair of ``sums``."""
+    resolved = _resolve_all(arrays, layouts)
+    pairs, planes = resolved[: 2 * n_rows], resolved[2 * n_rows]
+    masks = resolved[2 * n_rows + 1 : 2 * n_rows + 1 + n_masks]
+    summed = resolved[2 * n_rows + 1 + n_masks :]
+    column_sums = [
+        jnp.abs(OPS.accumulate(_keep_rows(x, mask))).sum(axis=-2).max() for x, mask in zip(summed[::2], summed[1::2])
+    ]
     flags = []
     for x, mask in zip(pairs[::2], pairs[1::2]):
         bad = ~jnp.isfinite(x).all(axis=-1)
-        flags.append((bad if mask is None else bad & mask).any())
+        bad = bad if mask is None else bad & mask
+        flags += [bad.sum(), jnp.argmax(bad.ravel())]
     no = jnp.zeros((), dtype=bool)
     flags.append(no if planes is None else ~jnp.isfinite(planes).all())
     flags.append(no if planes is None or hashing != "hadamard" else ~((planes == 1) | (planes == -1)).all())
-    return jnp.stack(flags)
+    flags += [~mask.any() for mask in masks]
+    sums = jnp.stack(column_sums) if column_sums else jnp.zeros((0,), jnp.float32)
+    return jnp.stack([jnp.asarray(f, dtype=jnp.int32) for f in flags]), sums
 
 
 # ---- the recurrent state: one custom_vjp around yoso._core.forward_state/backward_state ------------------
@@ -421,13 +475,19 @@ def from_host(x):
 # ---- the glue object used by yoso.attention -------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("backend", "layouts", "hashing", "num_hashes", "hash_bits"))
-def _hash_codes(arrays, *, backend: str, layouts, hashing: str, num_hashes: int, hash_bits: int):
+@functools.partial(jax.jit, static_argnames=("backend", "layouts", "hashing", "num_hashes", "hash_bits", "checked"))
+def _hash_codes(arrays, *, backend: str, layouts, hashing: str, num_hashes: int, hash_bits: int, checked: bool):
     x, planes = _resolve_all(arrays, layouts)
     codes = backends.get(backend).hash_codes(
         _unit(x).astype(x.dtype), planes, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits
     )
-    return codes.astype(jnp.int32).transpose(0, 2, 1)
+    codes = codes.astype(jnp.int32)
+    if not checked:  # traced: a row holding NaN/inf gets code -1, never a plausible one
+        bad = ~OPS.finite_rows(x)
+        if planes is not None:
+            bad = bad | ~OPS.all_finite(planes)
+        codes = jnp.where(bad[:, None, :], -1, codes)
+    return codes.transpose(0, 2, 1)
 
 
 class JaxGlue(Glue):
@@ -476,14 +536,19 @@ class JaxGlue(Glue):
         return _Flat(x, lead, tail)  # materialised inside the jitted call (see _Flat)
 
     @staticmethod
-    def draw_planes(shape, *, hashing, seed, generator, key, like):
-        dtype = _accumulate_dtype(like.dtype)
+    def check_randomness(*, seed, generator, key, like):
         if generator is not None:
             raise TypeError("generator= is a torch.Generator, for torch tensors; with JAX arrays pass key= or seed=")
+        check_seed(seed)
         if key is not None:
             if seed is not None:
                 raise ValueError("pass either seed= or key=, not both")
             _check_key(key)
+
+    @staticmethod
+    def draw_planes(shape, *, hashing, seed, generator, key, like):
+        dtype = _accumulate_dtype(like.dtype)
+        if key is not None:
             if hashing == "gaussian":
                 return jax.random.normal(key, shape, dtype=dtype)
             return jax.random.rademacher(key, shape, dtype=dtype)
@@ -497,21 +562,25 @@ class JaxGlue(Glue):
         return jnp.asarray(np.asarray(draw(shape, hashing, rng_from_seed(seed)), dtype=np.dtype(dtype)))
 
     @staticmethod
-    def check_values(rows: dict, *, planes, hashing) -> None:
-        items = [f for pair in rows.values() for f in pair] + [planes]
-        if any(f is not None and _concrete(f.array) is None for f in items):
-            return  # abstract (inside jit/vmap): data-dependent errors are impossible; eager calls check
-        arrays, layouts = _arrays_and_layouts(items)
-        found = np.asarray(jax.device_get(_bad_values(arrays, layouts=layouts, hashing=hashing)))
-        for name, hit in zip(rows, found):
-            if hit:
-                raise ValueError(
-                    f"{name} has NaN or inf in unmasked rows; they would poison every hash table they touch"
-                )
-        if found[-2]:
-            raise ValueError("planes contain NaN or inf")
-        if found[-1]:
-            raise ValueError("planes for hashing='hadamard' are ±1 diagonals; got other values")
+    def value_flags(rows: dict, *, planes, hashing, masks: dict, sums: dict | None = None):
+        sums = sums or {}
+        items = [f for pair in rows.values() for f in pair] + [planes] + list(masks.values())
+        items += [f for pair in sums.values() for f in pair]
+        flats = [None if f is None else _as_flat(f) for f in items]
+        values = [None if f is None else _concrete(f.array) for f in flats]
+        if any(f is not None and value is None for f, value in zip(flats, values)):
+            return None  # abstract (inside jit/vmap): data-dependent errors are impossible; the glue poisons
+        # The concrete values, not the tracers of an eager jax.grad/jax.vjp: the flags are read on the host.
+        flats = [None if f is None else _Flat(value, f.lead, f.tail) for f, value in zip(flats, values)]
+        arrays, layouts = _arrays_and_layouts(flats)
+        counts = dict(n_rows=len(rows), n_masks=len(masks), n_sums=len(sums))
+        found, column_sums = jax.device_get(_value_flags(arrays, layouts=layouts, hashing=hashing, **counts))
+        found = iter(np.asarray(found).tolist())
+        flags = {name: (next(found), next(found)) for name in rows}
+        flags["planes"], flags["planes_pm1"] = bool(next(found)), bool(next(found))
+        flags.update({name: bool(next(found)) for name in masks})
+        flags.update(zip(("sum:" + name for name in sums), np.asarray(column_sums).tolist()))
+        return flags
 
     @staticmethod
     def same_values(a, b):
@@ -564,6 +633,7 @@ class JaxGlue(Glue):
             hashing=call.hashing,
             num_hashes=call.num_hashes,
             hash_bits=call.hash_bits,
+            checked=prep.checked,
         )
         return codes.reshape(prep.lead + (call.n_query, call.num_hashes))
 
@@ -583,7 +653,8 @@ class JaxGlue(Glue):
             normalize=prep.normalize,
         )
         arrays, layouts = _arrays_and_layouts([prep.q, prep.k, prep.v, prep.planes, prep.query_mask, prep.key_mask])
-        return _attention(arrays, config=config, layouts=layouts, out_shape=prep.lead + (call.n_query, call.value_dim))
+        out_shape = prep.lead + (call.n_query, call.value_dim)
+        return _attention(arrays, config=config, layouts=layouts, out_shape=out_shape, checked=prep.checked)
 
     @staticmethod
     def _attention_state(backend, prep):

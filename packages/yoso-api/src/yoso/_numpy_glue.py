@@ -13,21 +13,63 @@ import numpy as np
 
 from . import _core
 from ._glue import Glue
-from ._planes import draw, rng_from_seed
+from ._planes import check_seed, draw, rng_from_seed
+
+
+def _accumulate_dtype(dtype) -> np.dtype:
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+class _Ops:
+    """NumPy's array operations for the normalisations written once in ``yoso._core``."""
+
+    @staticmethod
+    def accumulate(x):
+        return x.astype(_accumulate_dtype(x.dtype), copy=False)
+
+    @staticmethod
+    def cast(x, like):
+        return x.astype(like.dtype, copy=False)
+
+    @staticmethod
+    def peak(x, dims: int):
+        return np.max(np.abs(x), axis=tuple(range(-dims, 0)), keepdims=True)
+
+    where = staticmethod(np.where)
+    sqrt = staticmethod(np.sqrt)
+
+    @staticmethod
+    def sum_last(x):
+        return np.sum(x, axis=-1, keepdims=True)
+
+    @staticmethod
+    def mantissa(x):
+        return np.frexp(x)[0]
+
+    @staticmethod
+    def finite_rows(x):
+        return np.isfinite(x).all(axis=-1)
+
+    @staticmethod
+    def any_last(x):
+        return x.any(axis=-1)
+
+    @staticmethod
+    def all_finite(x):
+        return np.isfinite(x).all()
+
+
+OPS = _Ops()
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
-    """``x / ||x||`` along the last axis; zero rows stay zero."""
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return np.where(norm > 0, x / np.where(norm > 0, norm, 1), 0)
+    """``x / ||x||`` along the last axis (direction only, whatever the scale); zero rows stay zero."""
+    return _core.unit_rows(OPS, x)[0]
 
 
 def unit_rows_vjp(x: np.ndarray, cotangent: np.ndarray) -> np.ndarray:
     """VJP of :func:`unit_rows` at ``x``: ``(g - u (u·g)) / ||x||``, and 0 on zero rows."""
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    safe = np.where(norm > 0, norm, 1)
-    u = x / safe
-    return np.where(norm > 0, (cotangent - u * np.sum(u * cotangent, axis=-1, keepdims=True)) / safe, 0)
+    return _core.unit_rows_vjp(OPS, x, cotangent)
 
 
 def _keep_rows(x, mask):
@@ -198,32 +240,36 @@ class NumpyGlue(Glue):
         return np.broadcast_to(x, tuple(lead) + tuple(tail)).reshape((math.prod(lead),) + tuple(tail))
 
     @staticmethod
-    def draw_planes(shape, *, hashing, seed, generator, key, like):
+    def check_randomness(*, seed, generator, key, like):
         if generator is not None:
             raise TypeError("generator= is for torch tensors; with NumPy arrays pass seed= (an int or a Generator)")
         if key is not None:
             raise TypeError(
                 "key= is a JAX PRNG key, for JAX arrays; with NumPy arrays pass seed= (an int or a Generator)"
             )
+        check_seed(seed)
+
+    @staticmethod
+    def draw_planes(shape, *, hashing, seed, generator, key, like):
         return draw(shape, hashing, rng_from_seed(seed))
 
     @staticmethod
-    def check_values(rows: dict, *, planes, hashing) -> None:
+    def value_flags(rows: dict, *, planes, hashing, masks: dict, sums: dict | None = None) -> dict:
+        flags = {}
         for name, (x, mask) in rows.items():
             bad = ~np.isfinite(x).all(axis=-1)
             if mask is not None:
                 bad &= mask
-            if bad.any():
-                b, i = np.argwhere(bad)[0]
-                raise ValueError(
-                    f"{name} has NaN or inf in {int(bad.sum())} unmasked row(s) (first: batch {b}, row {i}); "
-                    "they would poison every hash table they touch"
-                )
+            flags[name] = (int(bad.sum()), int(np.argmax(bad.ravel())))
         if planes is not None:
-            if not np.isfinite(planes).all():
-                raise ValueError("planes contain NaN or inf")
-            if hashing == "hadamard" and not np.isin(planes, (-1.0, 1.0)).all():
-                raise ValueError("planes for hashing='hadamard' are ±1 diagonals; got other values")
+            flags["planes"] = not np.isfinite(planes).all()
+            flags["planes_pm1"] = hashing == "hadamard" and not np.isin(planes, (-1.0, 1.0)).all()
+        for name, mask in masks.items():
+            flags[name] = mask is not None and not mask.any()
+        for name, (x, mask) in (sums or {}).items():
+            with np.errstate(over="ignore"):  # an overflowing sum is the answer (inf), not a warning
+                flags["sum:" + name] = float(np.abs(OPS.accumulate(_keep_rows(x, mask))).sum(axis=-2).max())
+        return flags
 
     @staticmethod
     def same_values(a, b) -> bool:
@@ -248,8 +294,9 @@ class NumpyGlue(Glue):
 
     def hash_codes(self, backend, prep):
         call = prep.call
+        x = unit_rows(OPS.accumulate(prep.x)).astype(prep.x.dtype, copy=False)
         codes = backend.hash_codes(
-            unit_rows(prep.x), prep.planes, hashing=call.hashing, num_hashes=call.num_hashes, hash_bits=call.hash_bits
+            x, prep.planes, hashing=call.hashing, num_hashes=call.num_hashes, hash_bits=call.hash_bits
         )
         return _codes_out(np.asarray(codes), prep.lead)
 
@@ -265,27 +312,28 @@ class NumpyGlue(Glue):
             return self._run_state(backend, prep, with_vjp=with_vjp)
         call = prep.call
         dtype = np.dtype(call.dtype)
-        q = _keep_rows(prep.q, prep.query_mask)
-        k = _keep_rows(prep.k, prep.key_mask)
-        v = _keep_rows(prep.v, prep.key_mask)
-        q_unit, k_unit = unit_rows(q), unit_rows(k)
+        inputs = _core.core_inputs(
+            OPS, prep.q, prep.k, prep.v, prep.query_mask, prep.key_mask, normalize=prep.normalize, checked=True
+        )
+        query_mask, key_mask = inputs.query_mask, inputs.key_mask
         options = dict(hash_bits=call.hash_bits, causal=call.causal)
         forward, backward = (_core.forward, _core.backward) if backend.framework == "numpy" else _JAX_CORE
         y, codes = forward(
             backend,
-            q_unit,
-            k_unit,
-            v,
+            inputs.q,
+            inputs.k,
+            inputs.v,
             prep.planes,
-            prep.query_mask,
-            prep.key_mask,
+            query_mask,
+            key_mask,
             mode=call.mode,
             hashing=call.hashing,
             num_hashes=call.num_hashes,
             **options,
         )
         out_shape = prep.lead + (call.n_query, call.value_dim)
-        out = (unit_rows(y) if prep.normalize else y).astype(dtype).reshape(out_shape)
+        with np.errstate(over="ignore"):  # an unnormalised result beyond the dtype: yoso._validate.check_output
+            out = _core.core_output(OPS, y, inputs, normalize=prep.normalize).astype(dtype).reshape(out_shape)
         if not with_vjp:
             return out
 
@@ -296,24 +344,25 @@ class NumpyGlue(Glue):
                     f"the cotangent must have the output's shape {list(out_shape)}, got {list(cotangent.shape)}"
                 )
             grad = cotangent.reshape(call.batch, call.n_query, call.value_dim).astype(y.dtype)
-            grad = _keep_rows(unit_rows_vjp(y, grad) if prep.normalize else grad, prep.query_mask)
+            grad = unit_rows_vjp(y, grad) if prep.normalize else grad  # the chain rule of core_output
+            grad = _keep_rows(grad, query_mask)
             dq_unit, dk_unit, dv = backward(
                 backend,
-                q_unit,
-                k_unit,
-                v,
+                inputs.q,
+                inputs.k,
+                inputs.v,
                 codes,
-                prep.query_mask,
-                prep.key_mask,
+                query_mask,
+                key_mask,
                 grad,
                 mode=call.mode,
                 backward=call.backward,
                 **options,
             )
             grads = (
-                _keep_rows(unit_rows_vjp(q, dq_unit), prep.query_mask),
-                _keep_rows(unit_rows_vjp(k, dk_unit), prep.key_mask),
-                _keep_rows(dv, prep.key_mask),
+                _keep_rows(unit_rows_vjp(inputs.q_kept, dq_unit), query_mask),
+                _keep_rows(unit_rows_vjp(inputs.k_kept, dk_unit), key_mask),
+                _keep_rows(dv if inputs.scale is None else _core._divide(OPS, dv, inputs.scale), key_mask),
             )
             return tuple(
                 _unbroadcast(g.reshape(prep.lead + tuple(shape[-2:])), shape).astype(dtype)

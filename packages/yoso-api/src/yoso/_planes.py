@@ -20,6 +20,10 @@ if TYPE_CHECKING:  # numpy loads with the first call, not with `import yoso`
     import numpy as np
 
 MAX_HASH_BITS = 16  # 2^16 buckets per hash table; larger tables do not fit fast memory anywhere
+# The variance of YOSO-m falls as 1/m: beyond a few hundred hashes the sampling error is below float32
+# rounding of the output anyway. The bound keeps absurd counts (2**31, 10**30) from failing deep inside
+# an allocator or an integer conversion: they are refused here, naming the argument.
+MAX_NUM_HASHES = 1 << 16
 
 
 def padded_dim(dim: int) -> int:
@@ -47,6 +51,11 @@ def check_hash_args(num_hashes, hash_bits, hashing) -> None:
             raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if num_hashes < 1:
         raise ValueError(f"num_hashes must be >= 1, got {num_hashes}")
+    if num_hashes > MAX_NUM_HASHES:
+        raise ValueError(
+            f"num_hashes must be <= {MAX_NUM_HASHES} (the variance of YOSO-m falls as 1/num_hashes; far fewer "
+            f"already sample below float32 rounding), got {num_hashes}"
+        )
     if not 1 <= hash_bits <= MAX_HASH_BITS:
         raise ValueError(
             f"hash_bits must be in [1, {MAX_HASH_BITS}] (tables hold 2**hash_bits buckets per hash), got {hash_bits}"
@@ -55,15 +64,23 @@ def check_hash_args(num_hashes, hash_bits, hashing) -> None:
         raise ValueError(f"hashing must be 'gaussian' or 'hadamard', got {hashing!r}")
 
 
+def check_seed(seed) -> None:
+    """Refuse what :func:`rng_from_seed` cannot use, without drawing anything (YOSO-E draws nothing but
+    refuses a bad seed all the same)."""
+    import numpy as np
+
+    if isinstance(seed, np.random.Generator):
+        return
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise TypeError(f"seed must be None, a non-negative int or a numpy.random.Generator, got {seed!r}")
+
+
 def rng_from_seed(seed) -> np.random.Generator:
     """``None`` (fresh entropy), a non-negative int, or a ``numpy.random.Generator`` (used as is)."""
     import numpy as np
 
-    if isinstance(seed, np.random.Generator):
-        return seed
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
-        raise TypeError(f"seed must be None, a non-negative int or a numpy.random.Generator, got {seed!r}")
-    return np.random.default_rng(seed)
+    check_seed(seed)
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
 def hash_planes(num_hashes: int, hash_bits: int, dim: int, *, hashing: str = "gaussian", seed=None) -> np.ndarray:

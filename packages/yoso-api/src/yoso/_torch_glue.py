@@ -21,7 +21,7 @@ import torch
 
 from . import _core, backends
 from ._glue import Glue
-from ._planes import draw, rng_from_seed
+from ._planes import check_seed, draw, rng_from_seed
 
 Tensor = torch.Tensor
 
@@ -30,12 +30,51 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class _Ops:
+    """torch's array operations for the normalisations written once in ``yoso._core``."""
+
+    @staticmethod
+    def accumulate(x: Tensor) -> Tensor:
+        return x.to(_accumulate_dtype(x.dtype))
+
+    @staticmethod
+    def cast(x: Tensor, like: Tensor) -> Tensor:
+        return x.to(like.dtype)
+
+    @staticmethod
+    def peak(x: Tensor, dims: int) -> Tensor:
+        return x.detach().abs().amax(dim=tuple(range(-dims, 0)), keepdim=True)
+
+    where = staticmethod(torch.where)
+    sqrt = staticmethod(torch.sqrt)
+
+    @staticmethod
+    def sum_last(x: Tensor) -> Tensor:
+        return x.sum(dim=-1, keepdim=True)
+
+    @staticmethod
+    def mantissa(x: Tensor) -> Tensor:
+        return torch.frexp(x)[0]
+
+    @staticmethod
+    def finite_rows(x: Tensor) -> Tensor:
+        return torch.isfinite(x).all(dim=-1)
+
+    @staticmethod
+    def any_last(x: Tensor) -> Tensor:
+        return x.any(dim=-1)
+
+    @staticmethod
+    def all_finite(x: Tensor) -> Tensor:
+        return torch.isfinite(x).all()
+
+
+OPS = _Ops()
+
+
 def _unit(x: Tensor) -> Tensor:
-    """``x / ||x||`` over the last dim in the accumulation dtype; zero rows stay zero (gradient 0)."""
-    x = x.to(_accumulate_dtype(x.dtype))
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    nonzero = norm > 0
-    return torch.where(nonzero, x / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(x))
+    """``x / ||x||`` over the last dim in the accumulation dtype, direction only; zero rows stay zero."""
+    return _core.unit_rows(OPS, OPS.accumulate(x))[0]
 
 
 def _keep_rows(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -541,20 +580,24 @@ class TorchGlue(Glue):
         return x.expand(tuple(lead) + tuple(tail)).reshape((math.prod(lead),) + tuple(tail))
 
     @staticmethod
-    def draw_planes(shape, *, hashing, seed, generator, key, like):
+    def check_randomness(*, seed, generator, key, like):
         if key is not None:
             raise TypeError("key= is a JAX PRNG key, for JAX arrays; with torch tensors pass seed= or generator=")
-        dtype = _accumulate_dtype(like.dtype)
-        if seed is not None:
-            if generator is not None:
-                raise ValueError("pass either seed= or generator=, not both")
-            # An int seed gives the same hash functions for every framework, device and backend.
-            return torch.as_tensor(draw(shape, hashing, rng_from_seed(seed)), device=like.device).to(dtype)
+        check_seed(seed)
         if generator is not None:
+            if seed is not None:
+                raise ValueError("pass either seed= or generator=, not both")
             if not isinstance(generator, torch.Generator):
                 raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
             if generator.device.type != like.device.type:
                 raise ValueError(f"generator is on {generator.device} but q, k, v are on {like.device}")
+
+    @staticmethod
+    def draw_planes(shape, *, hashing, seed, generator, key, like):
+        dtype = _accumulate_dtype(like.dtype)
+        if seed is not None:
+            # An int seed gives the same hash functions for every framework, device and backend.
+            return torch.as_tensor(draw(shape, hashing, rng_from_seed(seed)), device=like.device).to(dtype)
         # torch's own RNG (or the generator): reproducible with torch.manual_seed, and replayed
         # identically by torch.utils.checkpoint, so recomputation sees the same hash functions.
         if hashing == "gaussian":
@@ -563,27 +606,31 @@ class TorchGlue(Glue):
         return (bits * 2 - 1).to(dtype)
 
     @staticmethod
-    def check_values(rows: dict, *, planes, hashing) -> None:
+    def value_flags(rows: dict, *, planes, hashing, masks: dict, sums: dict | None = None):
         if torch.compiler.is_compiling():
-            return  # data-dependent checks would break the graph; eager calls check
+            return None  # data-dependent checks would break the graph; the glue poisons instead
         flags = []
         for x, mask in rows.values():
             bad = ~torch.isfinite(x).all(dim=-1)
-            flags.append((bad if mask is None else bad & mask).any())
+            bad = bad if mask is None else bad & mask
+            flags += [bad.sum(), bad.flatten().to(torch.uint8).argmax()]
         if planes is not None:
             flags.append(~torch.isfinite(planes).all())
-            if hashing == "hadamard":
-                flags.append(~((planes == 1) | (planes == -1)).all())
-        found = torch.stack(flags).tolist()  # one device sync for all checks
-        for name, hit in zip(rows, found):
-            if hit:
-                raise ValueError(
-                    f"{name} has NaN or inf in unmasked rows; they would poison every hash table they touch"
-                )
-        if planes is not None and found[len(rows)]:
-            raise ValueError("planes contain NaN or inf")
-        if planes is not None and hashing == "hadamard" and found[-1]:
-            raise ValueError("planes for hashing='hadamard' are ±1 diagonals; got other values")
+            flags.append(hashing == "hadamard" and ~((planes == 1) | (planes == -1)).all())
+        for mask in masks.values():
+            flags.append(~mask.any())
+        if not flags:
+            return {}
+        found = torch.stack([torch.as_tensor(f, device=flags[0].device).to(torch.int64) for f in flags]).tolist()
+        found = iter(found)  # one device sync for all checks
+        out = {name: (next(found), next(found)) for name in rows}
+        if planes is not None:
+            out["planes"], out["planes_pm1"] = bool(next(found)), bool(next(found))
+        out.update({name: bool(next(found)) for name in masks})
+        if sums:  # normalize=False only: a second synchronisation
+            found = [OPS.accumulate(_keep_rows(x, mask)).abs().sum(dim=-2).amax() for x, mask in sums.values()]
+            out.update(zip(("sum:" + name for name in sums), torch.stack(found).tolist()))
+        return out
 
     @staticmethod
     def select(call):
@@ -631,6 +678,11 @@ class TorchGlue(Glue):
         call = prep.call
         x = _unit(prep.x).to(prep.x.dtype)
         codes = hash_codes_op(x, prep.planes, backend.name, call.hashing, call.num_hashes, call.hash_bits)
+        if not prep.checked:  # traced: a row holding NaN/inf gets code -1, never a plausible one
+            bad = ~OPS.finite_rows(prep.x)
+            if prep.planes is not None:
+                bad = bad | ~OPS.all_finite(prep.planes)
+            codes = torch.where(bad[:, None, :], torch.full_like(codes, -1), codes)
         return codes.transpose(1, 2).reshape(prep.lead + (call.n_query, call.num_hashes))
 
     @staticmethod
@@ -638,16 +690,24 @@ class TorchGlue(Glue):
         if prep.state is not None:
             return TorchGlue._attention_state(backend, prep)
         call = prep.call
-        q = _keep_rows(prep.q, prep.query_mask)
-        k = _keep_rows(prep.k, prep.key_mask)
-        v = _keep_rows(prep.v, prep.key_mask)
-        y, _, _ = core(
-            _unit(q).to(q.dtype),
-            _unit(k).to(k.dtype),
-            v,
-            prep.planes,
+        inputs = _core.core_inputs(
+            OPS,
+            prep.q,
+            prep.k,
+            prep.v,
             prep.query_mask,
             prep.key_mask,
+            prep.planes,
+            normalize=prep.normalize,
+            checked=prep.checked,
+        )
+        y, _, _ = core(
+            inputs.q,
+            inputs.k,
+            inputs.v,
+            prep.planes,
+            inputs.query_mask,
+            inputs.key_mask,
             backend.name,
             call.mode,
             call.hashing,
@@ -656,7 +716,7 @@ class TorchGlue(Glue):
             call.causal,
             call.backward,
         )
-        out = _unit(y) if prep.normalize else y
+        out = _core.core_output(OPS, y, inputs, normalize=prep.normalize)
         return out.to(prep.q.dtype).reshape(prep.lead + (call.n_query, call.value_dim))
 
     @staticmethod

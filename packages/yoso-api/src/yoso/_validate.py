@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from ._planes import check_hash_args, planes_shape
-from .backends import BACKWARDS, MODES, Call
+from .backends import BACKWARDS, FLOAT_DTYPES, MODES, Call
+
+# Warnings point at the caller's line, so that Python's default filter shows each once per call site:
+# _check_values <- prepare <- _prepare <- the entry point (yoso.attention, ...) <- the caller.
+_CALLER = 4  # frames from prepare() up to the caller
 
 
 @dataclass
@@ -28,6 +33,7 @@ class Prepared:
     planes: Any  # [P, ...] with P in {1, B}, or None in expectation mode
     normalize: bool
     shapes: tuple[tuple[int, ...], ...]  # the original shapes of q, k, v
+    checked: bool = True  # whether the value checks ran (False while jax.jit/vmap or torch.compile trace)
     parallel: Any = None  # a SequenceParallel for group= / axis_name= calls (yoso._sequence_parallel)
     state: StateSpec | None = None  # a call that continues or returns a recurrent state
 
@@ -118,26 +124,25 @@ def _check_mask(glue, name: str, mask, lead: tuple[int, ...], length: int, lengt
     return glue.flatten(glue.asarray(mask, like=like), lead, (length,))
 
 
-def _prepare_planes(glue, planes, lead, batch, like, **options):
-    return _planes_with_raw(glue, planes, lead, batch, like, **options)[1]
+def native(x):
+    """A NumPy array in the machine's byte order (big-endian data is converted, not refused: frameworks'
+    converters reject it with messages that do not name the argument); anything else as it is."""
+    dtype = getattr(x, "dtype", None)
+    if type(x).__module__ == "numpy" and dtype is not None and not dtype.isnative:
+        return x.astype(dtype.newbyteorder("="))
+    return x
 
 
-def _planes_with_raw(glue, planes, lead, batch, like, *, num_hashes, hash_bits, dim, hashing, seed, generator, key):
-    """``(raw, canonical)``: the hash functions with their own leading dims (what a state carries), and
-    flattened to ``[P, ...]``."""
+def _check_planes(glue, planes, lead, like, expected, *, num_hashes, hash_bits, dim, hashing):
+    """Explicit hash functions, checked and converted (``glue.planes_array``), with their leading dims."""
     import numpy as np  # loaded by the first call, not by `import yoso`
 
-    expected = planes_shape(num_hashes, hash_bits, dim, hashing)
-    if planes is None:
-        drawn = glue.draw_planes(expected, hashing=hashing, seed=seed, generator=generator, key=key, like=like)
-        return drawn, glue.flatten(drawn, (), expected)
-    if seed is not None or generator is not None or key is not None:
-        raise ValueError("pass either planes= or seed=/generator=/key=, not both")
     if not glue.owns(planes) and not isinstance(planes, np.ndarray):
         raise TypeError(f"planes must be a NumPy or {glue.name} array, got {type(planes).__name__}")
+    planes = native(planes)
     shape, dtype, planes_device = glue.describe(planes)
-    if not dtype.startswith(("float", "bfloat")):
-        raise TypeError(f"planes must be a floating array, got dtype {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"planes must be a floating array ({', '.join(FLOAT_DTYPES)}), got dtype {dtype}")
     if glue.owns(planes) and planes_device != glue.describe(like)[2]:
         raise ValueError(f"planes are on {planes_device} but the inputs are on {glue.describe(like)[2]}")
     n = len(expected)
@@ -154,10 +159,98 @@ def _planes_with_raw(glue, planes, lead, batch, like, *, num_hashes, hash_bits, 
         fits = False
     if not fits:
         raise ValueError(f"planes leading dims {_fmt(planes_lead)} do not broadcast to q's leading dims {_fmt(lead)}")
-    planes = glue.planes_array(planes, like=like)
+    return glue.planes_array(planes, like=like), planes_lead
+
+
+def _prepare_planes(glue, planes, lead, like, **options):
+    """The canonical planes ``[P, ...]`` (P = 1: shared, or B), or None in expectation mode."""
+    return _planes_with_raw(glue, planes, lead, like, **options)[1]
+
+
+def _planes_with_raw(glue, planes, lead, like, *, mode, num_hashes, hash_bits, dim, hashing, seed, generator, key):
+    """``(raw, canonical)``: the hash functions with their own leading dims (what a state carries), and
+    flattened to ``[P, ...]`` (P = 1: shared, or B); ``(None, None)`` in expectation mode.
+
+    YOSO-E uses no hash functions, but refuses what sample mode would refuse (bad planes, seeds, keys,
+    generators): a mistake must not pass silently because of the mode.
+    """
+    expected = planes_shape(num_hashes, hash_bits, dim, hashing)
+    if planes is None:
+        glue.check_randomness(seed=seed, generator=generator, key=key, like=like)
+        if mode == "expectation":
+            return None, None
+        drawn = glue.draw_planes(expected, hashing=hashing, seed=seed, generator=generator, key=key, like=like)
+        return drawn, glue.flatten(drawn, (), expected)
+    if seed is not None or generator is not None or key is not None:
+        raise ValueError("pass either planes= or seed=/generator=/key=, not both")
+    planes, planes_lead = _check_planes(
+        glue, planes, lead, like, expected, num_hashes=num_hashes, hash_bits=hash_bits, dim=dim, hashing=hashing
+    )
     if not planes_lead or math.prod(planes_lead) == 1:
-        return planes, glue.flatten(planes, (), expected)  # shared by every batch row: P = 1
+        return planes, glue.flatten(planes, planes_lead, expected)  # shared by every batch row: P = 1
     return planes, glue.flatten(planes, lead, expected)
+
+
+def _check_values(glue, rows: dict, lengths: dict, *, planes, hashing, masks: dict, unnormalised=None) -> bool:
+    """Refuse NaN/inf in unmasked rows and bad planes; warn about all-False key masks; with ``unnormalised``
+    (``(v, key_mask, dtype)``: a normalize=False call), refuse values whose sums could overflow. False: could
+    not check."""
+    sums = None if unnormalised is None else {"v": unnormalised[:2]}
+    flags = glue.value_flags(rows, planes=planes, hashing=hashing, masks=masks, sums=sums)
+    if flags is None:
+        return False
+    for name in rows:
+        count, first = flags[name]
+        if count:
+            b, i = divmod(int(first), lengths[name])
+            raise ValueError(
+                f"{name} has NaN or inf in {int(count)} unmasked row(s) (first: batch row {b} of the flattened "
+                f"leading dims, row {i}); they would poison every hash table they touch"
+            )
+    if planes is not None and flags["planes"]:
+        raise ValueError("planes contain NaN or inf")
+    if planes is not None and hashing == "hadamard" and flags["planes_pm1"]:
+        raise ValueError("planes for hashing='hadamard' are ±1 diagonals; got other values")
+    if unnormalised is not None:
+        import numpy as np  # loaded by the first call, not by `import yoso`
+
+        dtype = "float64" if unnormalised[2] == "float64" else "float32"  # the accumulation dtype
+        largest = float(np.finfo(dtype).max)
+        if not flags["sum:v"] <= largest:
+            raise ValueError(
+                f"v is too large for normalize=False: the unnormalised output sums up to Nk={lengths['v']} rows of "
+                f"v, and a column of v sums to {flags['sum:v']:.3g} in absolute value, beyond {dtype}'s range "
+                f"({largest:.3g}); pass normalize=True (the normalised output does not depend on the scale of v) "
+                "or smaller values"
+            )
+    for name in masks:
+        if flags[name]:
+            warnings.warn(
+                f"{name} is False everywhere: every key is masked, so the output is all zeros. yoso's masks are "
+                "True = attend (torch.nn.MultiheadAttention's key_padding_mask is True = ignore: pass ~mask)",
+                UserWarning,
+                stacklevel=_CALLER + 1,
+            )
+    return True
+
+
+def check_output(glue, prep: Prepared, out) -> None:
+    """``normalize=False``: refuse an output that overflowed its dtype (the inputs were finite).
+
+    The sums of |v| fit the accumulation dtype (checked before the call), so the output is finite there;
+    casting it to a narrower input dtype (float16) can still overflow, which is refused here.
+    """
+    if prep.normalize or not prep.checked:
+        return
+    call = prep.call
+    flat = glue.flatten(out, prep.lead, (call.n_query, call.value_dim))
+    flags = glue.value_flags({"output": (flat, None)}, planes=None, hashing=call.hashing, masks={})
+    if flags is not None and flags["output"][0]:
+        raise ValueError(
+            f"the unnormalised output (normalize=False) of finite q, k, v overflows {call.dtype}: its rows are "
+            f"sums of up to Nk={call.n_key} rows of v, which exceed the dtype's range here (|output| <= the sum "
+            "of |v| over the visible keys); pass normalize=True, a wider dtype, or smaller values of v"
+        )
 
 
 def _describe_rows(glue, name: str, x):
@@ -167,9 +260,17 @@ def _describe_rows(glue, name: str, x):
         raise ValueError(f"{name} must have at least 2 dims [..., N, D], got shape {_fmt(shape)}")
     if 0 in shape:
         raise ValueError(f"{name} has an empty dimension (shape {_fmt(shape)}); every size must be >= 1")
-    if not dtype.startswith(("float", "bfloat")):
-        raise TypeError(f"{name} must be a floating-point array, got dtype {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point array ({', '.join(FLOAT_DTYPES)}), got dtype {dtype}")
     return shape, dtype, device
+
+
+def _refuse_meta(name: str, shape, device: str) -> None:
+    if device.split(":")[0] == "meta":
+        raise ValueError(
+            f"{name} is on the meta device, which holds shapes but no values (shape {_fmt(shape)}); yoso computes "
+            "values: pass tensors on a real device (torch.compile traces with fake tensors of its own)"
+        )
 
 
 def prepare(
@@ -237,6 +338,7 @@ def prepare(
         raise TypeError(f"q, k and v must share one dtype, got q {dtypes['q']}, k {dtypes['k']}, v {dtypes['v']}")
     if len(set(devices.values())) > 1:
         raise ValueError(f"q, k and v must be on one device, got q {devices['q']}, k {devices['k']}, v {devices['v']}")
+    _refuse_meta("q", shapes["q"], devices["q"])
     (n_query, dim), (n_key, k_dim), (v_len, value_dim) = (shapes[n][-2:] for n in ("q", "k", "v"))
     if k_dim != dim:
         raise ValueError(f"q and k must share the last dim D; got q {_fmt(shapes['q'])}, k {_fmt(shapes['k'])}")
@@ -271,21 +373,18 @@ def prepare(
     key_mask = _check_mask(glue, "key_padding_mask", key_padding_mask, lead, n_key, "Nk", q, devices["q"])
     q_mask = _check_mask(glue, "query_mask", query_mask, lead, n_query, "Nq", q, devices["q"])
 
-    if mode == "sample":
-        plane_options = dict(num_hashes=num_hashes, hash_bits=hash_bits, dim=dim, hashing=hashing)
-        if initial_state is not None:
-            # The hash functions come from the state; planes=/seed= may only repeat them.
-            raw_planes, canonical_planes = _state_planes(
-                glue, initial_state, planes, seed, lead, batch, q, plane_options
-            )
-        else:
-            raw_planes, canonical_planes = _planes_with_raw(
-                glue, planes, lead, batch, q, **plane_options, seed=seed, generator=generator, key=key
-            )
+    plane_options = dict(mode=mode, num_hashes=num_hashes, hash_bits=hash_bits, dim=dim, hashing=hashing)
+    if initial_state is not None:
+        # The hash functions come from the state; planes=/seed= may only repeat them.
+        raw_planes, given_planes = _state_planes(glue, initial_state, planes, seed, lead, q, plane_options)
     else:
-        # YOSO-E is the expectation over all hash functions: planes and seeds have nothing to do.
-        canonical_planes = None
+        raw_planes, given_planes = _planes_with_raw(
+            glue, planes, lead, q, **plane_options, seed=seed, generator=generator, key=key
+        )
+    # YOSO-E is the expectation over all hash functions: it uses none (but explicit ones were checked).
+    canonical_planes = given_planes if mode == "sample" else None
 
+    q, k, v = native(q), native(k), native(v)
     q_c, k_c, v_c = (glue.flatten(x, lead, shapes[n][-2:]) for n, x in (("q", q), ("k", k), ("v", v)))
     state = None
     if stateful:
@@ -311,10 +410,14 @@ def prepare(
             output=bool(output_final_state),
             key_tables_out=bool(differentiable_state),
         )
-    glue.check_values(
+    checked = _check_values(
+        glue,
         {"q": (q_c, q_mask), "k": (k_c, key_mask), "v": (v_c, key_mask)},
-        planes=canonical_planes if planes is not None or initial_state is not None else None,
+        {"q": n_query, "k": n_key, "v": n_key},
+        planes=given_planes if planes is not None or initial_state is not None else None,
         hashing=hashing,
+        masks={} if key_mask is None else {"key_padding_mask": key_mask},
+        unnormalised=None if normalize else (v_c, key_mask, dtypes["v"]),
     )
     call = Call(
         framework=glue.name,
@@ -346,6 +449,7 @@ def prepare(
         planes=canonical_planes,
         normalize=bool(normalize),
         shapes=(shapes["q"], shapes["k"], shapes["v"]),
+        checked=checked,
         parallel=parallel,
         state=state,
     )
@@ -403,7 +507,7 @@ def _check_state_options(
     return True
 
 
-def _state_planes(glue, state, planes, seed, lead, batch, like, options):
+def _state_planes(glue, state, planes, seed, lead, like, options):
     """``(raw, canonical)`` hash functions of a call continuing ``state``: the state's, which ``planes=`` or
     ``seed=`` may repeat (checked where the values are known: not inside ``jax.jit``/``torch.compile``)."""
     if state.planes is None or not (glue.owns(state.planes) or _is_numpy(state.planes)):
@@ -413,13 +517,13 @@ def _state_planes(glue, state, planes, seed, lead, batch, like, options):
         )
     try:
         raw, canonical = _planes_with_raw(
-            glue, state.planes, lead, batch, like, **options, seed=None, generator=None, key=None
+            glue, state.planes, lead, like, **options, seed=None, generator=None, key=None
         )
     except ValueError as exc:
         raise ValueError(f"initial_state.planes do not fit this call: {exc}") from None
     if planes is None and seed is None:
         return raw, canonical
-    _, given = _planes_with_raw(glue, planes, lead, batch, like, **options, seed=seed, generator=None, key=None)
+    _, given = _planes_with_raw(glue, planes, lead, like, **options, seed=seed, generator=None, key=None)
     if glue.same_values(canonical, given) is False:
         what = "planes=" if planes is not None else f"seed={seed!r}"
         raise ValueError(
@@ -497,6 +601,7 @@ class PreparedHashing:
     lead: tuple[int, ...]  # the leading dims of x (and of the codes)
     x: Any  # [B, N, D]
     planes: Any  # [P, ...] with P in {1, B}
+    checked: bool = True  # whether the value checks ran
 
 
 def prepare_hashing(glue, x, *, planes, num_hashes, hash_bits, hashing, seed, generator, key) -> PreparedHashing:
@@ -505,13 +610,14 @@ def prepare_hashing(glue, x, *, planes, num_hashes, hash_bits, hashing, seed, ge
     check_hash_args(num_hashes, hash_bits, hashing)
     num_hashes, hash_bits = int(num_hashes), int(hash_bits)
     shape, dtype, device = _describe_rows(glue, "x", x)
+    _refuse_meta("x", shape, device)
     lead, (n, dim) = tuple(shape[:-2]), tuple(shape[-2:])
     flat_planes = _prepare_planes(
         glue,
         planes,
         lead,
-        math.prod(lead),
         x,
+        mode="sample",
         num_hashes=num_hashes,
         hash_bits=hash_bits,
         dim=dim,
@@ -520,8 +626,15 @@ def prepare_hashing(glue, x, *, planes, num_hashes, hash_bits, hashing, seed, ge
         generator=generator,
         key=key,
     )
-    x_flat = glue.flatten(x, lead, (n, dim))
-    glue.check_values({"x": (x_flat, None)}, planes=flat_planes if planes is not None else None, hashing=hashing)
+    x_flat = glue.flatten(native(x), lead, (n, dim))
+    checked = _check_values(
+        glue,
+        {"x": (x_flat, None)},
+        {"x": n},
+        planes=flat_planes if planes is not None else None,
+        hashing=hashing,
+        masks={},
+    )
     call = Call(
         framework=glue.name,
         device=device.split(":")[0],
@@ -539,7 +652,7 @@ def prepare_hashing(glue, x, *, planes, num_hashes, hash_bits, hashing, seed, ge
         hash_bits=hash_bits,
         requires_grad=False,
     )
-    return PreparedHashing(call=call, lead=lead, x=x_flat, planes=flat_planes)
+    return PreparedHashing(call=call, lead=lead, x=x_flat, planes=flat_planes, checked=checked)
 
 
 # ---- sequence parallelism: group= (torch.distributed) and axis_name= (JAX) ---------------------------

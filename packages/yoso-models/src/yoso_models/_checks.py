@@ -27,7 +27,7 @@ def check_choice(name: str, value, options) -> None:
 
 
 def check_dropout(name: str, value) -> None:
-    if not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
 
 

@@ -36,11 +36,14 @@ Two upstream bugs (transformers 5.23.0):
   it with SimHash of both (:func:`yoso.hash_codes`, ``hashing="gaussian"``, on upstream's draw).
 * Padding: ``YosoSelfAttention`` turns the 0/1 ``attention_mask`` into ``int(1.0 + mask / 10000.0)``, which
   is 1 for both 0 and 1, so every token is "real" and padded tokens change the outputs of real ones (in
-  the sampled and the expectation path alike). The patch **cannot** fix this: the masks are already all
-  ones when they reach ``lsh_cumulation``, and the padded tokens' values are real data. The kernels honour
-  whatever mask they are given (tested). Workarounds: batches of equal-length sequences, or a BERT-family
-  model with ``attn_implementation="yoso"`` (:func:`yoso_models.transformers.register`), whose
-  padding is exact.
+  the sampled and the expectation path alike). The mask that expression does read correctly is
+  ``(mask - 1) * 1e4`` (0 for real tokens, -1e4 for padded ones: ``int(1 - 1) = 0``), so the patch also
+  wraps ``YosoSelfAttention.forward`` to hand it that form (:func:`additive_mask`): padding is then exact
+  (tested, sampled and expectation path). Not with ``conv_window`` set (YOSO-C): the same mask multiplies
+  the values of the convolution there, where it must stay 0/1, so such models are left as upstream has
+  them, and padded tokens still change real ones -- use batches of equal-length sequences, or a BERT-family
+  model with ``attn_implementation="yoso"`` (:func:`yoso_models.transformers.register`), whose padding is
+  exact. The kernels honour whatever mask they are given (tested).
 """
 
 from __future__ import annotations
@@ -117,6 +120,37 @@ def gaussian_hashing(query, key, num_hash: int, hash_len: int):
     return yoso.hash_codes(query, **options), yoso.hash_codes(key, **options)
 
 
+# ---- the padding mask ----------------------------------------------------------------------------------
+
+
+def additive_mask(mask):
+    """A 0/1 ``attention_mask`` as ``(mask - 1) * 1e4``, the form ``int(1.0 + mask / 10000.0)`` reads right.
+
+    Only a 0/1 mask with at least one real token is converted: a mask already in that form (0 and -1e4) is
+    returned as it is, and so is one of zeros alone, which upstream reads as "every token real" (a 0/1 mask
+    with no real token at all means nothing). The decision is a tensor ``where``, so ``torch.compile``
+    traces it.
+    """
+    import torch
+
+    zero_one = ((mask == 0) | (mask == 1)).all() & (mask == 1).any()
+    return torch.where(zero_one, (mask - 1) * 1e4, mask.to(torch.promote_types(mask.dtype, torch.float32)))
+
+
+def _exact_padding_forward(forward):
+    """``YosoSelfAttention.forward`` handed :func:`additive_mask` of its mask (not for YOSO-C: module docstring)."""
+    import functools
+
+    @functools.wraps(forward)
+    def patched(self, hidden_states, attention_mask=None, *args, **kwargs):
+        if attention_mask is not None and not getattr(self, "use_conv", False):
+            attention_mask = additive_mask(attention_mask)
+        return forward(self, hidden_states, attention_mask, *args, **kwargs)
+
+    patched.__yoso_original__ = forward
+    return patched
+
+
 # ---- the kernels object ------------------------------------------------------------------------------
 
 
@@ -153,8 +187,9 @@ def _encode(codes, hash_len: int, dtype):
 class YosoKernels:
     """What ``modeling_yoso.lsh_cumulation`` must provide, on :func:`yoso.attention` (module docstring)."""
 
-    def __init__(self, module=None, previous=None, previous_hashing=None):
+    def __init__(self, module=None, previous=None, previous_hashing=None, previous_forward=None):
         self.module, self.previous, self.previous_hashing = module, previous, previous_hashing
+        self.previous_forward = previous_forward
 
     def fast_hash(
         self, query_mask, query_vector, key_mask, key_vector, num_hash, hash_code_len, use_cuda=None, version=1
@@ -253,6 +288,8 @@ class YosoKernels:
         self.module.lsh_cumulation = self.previous
         if self.previous_hashing is not None:
             self.module.hashing = self.previous_hashing
+        if self.previous_forward is not None:
+            self.module.YosoSelfAttention.forward = self.previous_forward
 
 
 def _calls_on_lsh_cumulation(module) -> dict[str, list[int]]:
@@ -314,8 +351,9 @@ def patch_yoso_model(*, fix_hashing: bool = True, module=None) -> YosoKernels:
         module: the module to patch; default ``transformers.models.yoso.modeling_yoso``.
 
     Returns the installed kernels; ``.restore()`` undoes the patch. Raises ``RuntimeError`` naming the
-    difference if the module does not call the kernels the way this integration expects. Does not fix the
-    upstream padding bug (module docstring).
+    difference if the module does not call the kernels the way this integration expects. Also makes padding
+    exact by handing ``YosoSelfAttention`` its mask as ``(mask - 1) * 1e4``, except in YOSO-C models
+    (``conv_window`` set), where upstream's padding leak remains (module docstring).
     """
     if module is None:
         try:
@@ -329,8 +367,12 @@ def patch_yoso_model(*, fix_hashing: bool = True, module=None) -> YosoKernels:
     if isinstance(current, YosoKernels):  # patched before: keep what was there originally
         current.restore()
         current = module.lsh_cumulation
-    kernels = YosoKernels(module, current, module.hashing if fix_hashing else None)
+    attention = getattr(module, "YosoSelfAttention", None)
+    forward = None if attention is None else attention.forward
+    kernels = YosoKernels(module, current, module.hashing if fix_hashing else None, forward)
     module.lsh_cumulation = kernels
     if fix_hashing:
         module.hashing = gaussian_hashing
+    if forward is not None:  # exact padding (module docstring); absent in stand-in modules of tests
+        attention.forward = _exact_padding_forward(forward)
     return kernels

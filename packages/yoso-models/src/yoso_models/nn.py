@@ -168,9 +168,12 @@ class YosoSelfAttention(nn.Module):
         return self.eval_mode, self.eval_seed
 
     def _check_inputs(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be a tensor [batch, seq_len, embed_dim={self.embed_dim}], got {shape}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor [batch, seq_len, embed_dim={self.embed_dim}], got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be a tensor [batch, seq_len, embed_dim={self.embed_dim}], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         if key_padding_mask is None:
             return
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
@@ -185,7 +188,9 @@ class YosoSelfAttention(nn.Module):
     def _depthwise_conv(self, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """YOSO-C's convolution over the sequence of each head's values ``v [B, H, N, Dh]``."""
         if mask is not None:
-            v = v * mask[:, None, :, None].to(v.dtype)  # padded tokens must not leak through the kernel either
+            # Padded tokens must not leak through the kernel either: by selection, not multiplication
+            # (0 * inf and 0 * NaN are NaN).
+            v = torch.where(mask[:, None, :, None], v, torch.zeros_like(v))
         w = self.conv_window
         left, right = (w - 1, 0) if self.causal else ((w - 1) // 2, w // 2)
         return self.conv(F.pad(v, (0, 0, left, right)))
@@ -280,7 +285,7 @@ class YosoSelfAttention(nn.Module):
             else:
                 conv = self._depthwise_conv(v, key_padding_mask)
             if mask is not None:
-                conv = conv * mask[..., None].to(conv.dtype)
+                conv = torch.where(mask[..., None], conv, torch.zeros_like(conv))
             out = out + conv
         out = out.transpose(1, 2).reshape(batch, length, self.embed_dim)
         out = self.dropout(self.out_proj(out))

@@ -93,6 +93,7 @@ class YosoAttention(nnx.Module):
 
         self.num_heads = num_heads
         self.head_dim = head_dim
+        self.in_features = int(in_features)
         self.options = dict(
             num_hashes=num_hashes,
             hash_bits=hash_bits,
@@ -119,12 +120,45 @@ class YosoAttention(nnx.Module):
         x = x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
         return jnp.swapaxes(x, -3, -2)
 
+    def _check_inputs(self, inputs_q, inputs_kv, key_padding_mask, query_mask, deterministic) -> None:
+        """Refuse, naming the argument, what would otherwise fail deep inside JAX (the torch layer's checks)."""
+        import numpy as np
+
+        for name, x in (("inputs_q", inputs_q), ("inputs_kv", inputs_kv)):
+            if x is None:
+                continue
+            if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+                raise TypeError(
+                    f"{name} must be a JAX or NumPy array [..., seq_len, in_features], got {type(x).__name__}"
+                )
+            if len(x.shape) < 2 or x.shape[-1] != self.in_features:
+                raise ValueError(
+                    f"{name} must have shape [..., seq_len, in_features={self.in_features}], got {list(x.shape)}"
+                )
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                raise TypeError(f"{name} must be a floating-point array, got dtype {np.dtype(x.dtype).name}")
+        kv = inputs_q if inputs_kv is None else inputs_kv
+        for name, mask, like in (("key_padding_mask", key_padding_mask, kv), ("query_mask", query_mask, inputs_q)):
+            if mask is None:
+                continue
+            if not hasattr(mask, "shape") or np.dtype(mask.dtype) != np.bool_:
+                what = np.dtype(mask.dtype).name if hasattr(mask, "dtype") else type(mask).__name__
+                raise TypeError(f"{name} must be a bool array [..., seq_len] (True = real token), got {what}")
+            if len(mask.shape) < 1 or mask.shape[-1] != like.shape[-2]:
+                raise ValueError(
+                    f"{name} must have shape [..., seq_len={like.shape[-2]}] (broadcasting against the inputs' "
+                    f"leading dims {list(like.shape[:-2])}), got {list(mask.shape)}"
+                )
+        if deterministic is not None and not isinstance(deterministic, (bool, np.bool_)):
+            raise TypeError(f"deterministic must be None or a bool, got {type(deterministic).__name__}")
+
     def __call__(
         self,
         inputs_q,
         inputs_kv=None,
         *,
         key_padding_mask=None,
+        query_mask=None,
         deterministic: bool | None = None,
         past_state: yoso.State | None = None,
         use_cache: bool = False,
@@ -132,18 +166,30 @@ class YosoAttention(nnx.Module):
     ):
         """``inputs_q [..., Nq, F]``, ``inputs_kv [..., Nk, F]`` (default: ``inputs_q``), ``key_padding_mask``
         bool ``[..., Nk]`` with True = a real token -> ``[..., Nq, out_features]``; with ``use_cache=True``
-        ``(out, state)``, and ``past_state`` continues a sequence (see the class docstring)."""
+        ``(out, state)``, and ``past_state`` continues a sequence (see the class docstring).
+
+        ``query_mask`` (bool ``[..., Nq]``, True = a real query) zeroes the attention output of padded queries
+        (their output is the output projection's bias); in self-attention it defaults to ``key_padding_mask``,
+        so padded tokens are neither attended to nor attend, and whatever they hold (NaN included) cannot
+        reach a real token.
+        """
+        self._check_inputs(inputs_q, inputs_kv, key_padding_mask, query_mask, deterministic)
         deterministic = self.deterministic if deterministic is None else deterministic
         stateful = past_state is not None or use_cache
         if stateful:
             self._check_state(inputs_kv, deterministic, past_state)
+        if query_mask is None and inputs_kv is None:
+            query_mask = key_padding_mask  # self-attention: padded tokens are padded queries too
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         q, k, v = (
             self._heads(self.query(inputs_q)),
             self._heads(self.key(inputs_kv)),
             self._heads(self.value(inputs_kv)),
         )
-        mask = None if key_padding_mask is None else jnp.asarray(key_padding_mask)[..., None, :]  # over heads
+        masks = {
+            name: None if mask is None else jnp.asarray(mask)[..., None, :]  # broadcast over heads
+            for name, mask in (("key_padding_mask", key_padding_mask), ("query_mask", query_mask))
+        }
         mode = self.eval_mode if deterministic else self.mode
         # A continued sequence hashes with its state's functions: no draw from the stream.
         key = self.hash_rngs() if mode == "sample" and past_state is None else None
@@ -154,7 +200,7 @@ class YosoAttention(nnx.Module):
                 output_final_state=use_cache,
                 differentiable_state=differentiable_state,
             )
-        out = yoso.attention(q, k, v, key_padding_mask=mask, mode=mode, key=key, **self.options, **state_options)
+        out = yoso.attention(q, k, v, **masks, mode=mode, key=key, **self.options, **state_options)
         state = None
         if use_cache:
             out, state = out

@@ -18,7 +18,9 @@ Two ways in, both through :func:`yoso.attention` only, so they run on whichever 
      attention matrix is formed; it is applied to the attention output instead, in training only.
    * Masks: the 4-D mask transformers builds must be a key padding mask, optionally combined with a causal
      mask (and fully masked query rows); anything else (sliding windows, per-head masks, packed sequences,
-     additive position biases) raises a ``ValueError`` rather than being approximated.
+     additive position biases) raises a ``ValueError`` rather than being approximated. In self-attention
+     the padded tokens are masked as queries too (``query_mask``): their output rows are zeros, and
+     whatever they hold (NaN included) cannot reach any other token.
    * In ``eval()`` the attention is YOSO-E (the exact expectation; deterministic) unless registered with
      ``eval_mode="sample"`` -- see :class:`yoso_models.nn.YosoSelfAttention` for the reasoning.
 
@@ -179,6 +181,11 @@ def _lower_triangle(n: int, device):
     return torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
 
+def _is_cross_attention(module) -> bool:
+    """Whether ``module`` attends from one sequence to another (its keys are not its queries' tokens)."""
+    return bool(getattr(module, "is_cross_attention", False)) or "crossattention" in type(module).__name__.lower()
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, options, **kwargs):
     """The function registered with ``AttentionInterface`` (bound to its options by :func:`register`).
 
@@ -192,10 +199,12 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         if kwargs.get(name) is not None:
             raise ValueError(f"yoso attention does not support {what} ({name}={kwargs[name]!r})")
     for name, x in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(
-                f"{name} must be a 4-D tensor [batch, heads, seq_len, head_dim]; got {getattr(x, 'shape', x)}"
-            )
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a 4-D tensor [batch, heads, seq_len, head_dim]; got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq_len, head_dim]; got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     batch, heads, q_len, _ = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     if kv_heads != heads:
@@ -208,6 +217,11 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     query_mask, key_mask, causal = masks_from_attention_mask(
         attention_mask, batch=batch, q_len=q_len, kv_len=kv_len, causal_hint=causal_hint
     )
+    if key_mask is not None and q_len == kv_len and not _is_cross_attention(module):
+        # Self-attention: a padded token is a padded query too. transformers' masks let padded queries attend
+        # (their rows are ignored later), but to yoso they are rows like any other: NaN or inf there would be
+        # refused as "unmasked", and they would cost work. Masked, their output rows are exact zeros.
+        query_mask = key_mask if query_mask is None else query_mask & key_mask
     training = bool(getattr(module, "training", False))
     mode, seed = options.mode_and_seed(training)
     out = yoso.attention(

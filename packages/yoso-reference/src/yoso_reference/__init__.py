@@ -18,7 +18,7 @@ Modules:
   backend      -- the adapter that exposes all this to ``yoso`` as the ``reference`` backend
 """
 
-from .attention import attention, attention_and_grads, unit_rows, unit_rows_vjp
+from .attention import attention, attention_and_grads, nonzero_rows, row_norms, unit_rows, unit_rows_vjp
 from .cumulation import ORDERS, bucket_tables, cumulate, read_buckets
 from .hashing import (
     gaussian_codes,
@@ -69,9 +69,11 @@ __all__ = [
     "lower_bound_costs",
     "lower_bound_derivative",
     "lower_bound_tables",
+    "nonzero_rows",
     "num_rotations",
     "padded_dim",
     "read_buckets",
+    "row_norms",
     "sampled_grads",
     "sylvester_hadamard",
     "triple_collision_probability",

@@ -15,18 +15,46 @@ from .probability import collision_probability, importance_ratio
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
-    """``x / ||x||`` along the last axis; a zero row stays zero (never NaN)."""
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return np.where(norm > 0, x / np.where(norm > 0, norm, 1), 0)
+    """``x / ||x||`` along the last axis; a zero row stays zero (never NaN).
+
+    Only the direction matters, whatever the scale: each row is divided by its largest magnitude before
+    its norm is taken, so squaring cannot overflow (rows of 1e30) or underflow (rows of 1e-30).
+    """
+    peak = np.max(np.abs(x), axis=-1, keepdims=True)
+    y = x / np.where(peak > 0, peak, 1)
+    norm = np.linalg.norm(y, axis=-1, keepdims=True)
+    return np.where(peak > 0, y / np.where(peak > 0, norm, 1), 0)
+
+
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """``||x||`` along the last axis (no keepdims), without overflow or underflow of the squares."""
+    peak = np.max(np.abs(x), axis=-1)
+    return peak * np.linalg.norm(x / np.where(peak > 0, peak, 1)[..., None], axis=-1)
 
 
 def unit_rows_vjp(x: np.ndarray, cotangent: np.ndarray) -> np.ndarray:
     """Vector-Jacobian product of :func:`unit_rows`, through its Jacobian ``(I - u u^T) / ||x||``
     (symmetric); 0 on zero rows, whose output is the constant 0."""
-    norm = np.linalg.norm(x, axis=-1)
+    norm = row_norms(x)
     u = unit_rows(x)
     jacobian = (np.eye(x.shape[-1]) - u[..., :, None] * u[..., None, :]) / np.where(norm > 0, norm, 1)[..., None, None]
     return np.where((norm > 0)[..., None], np.einsum("...ij,...j->...i", jacobian, cotangent), 0)
+
+
+def nonzero_rows(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """``[B, N]`` bool: the rows that are kept (``mask``) and not zero.
+
+    Zero vectors attend to nothing and are attended by nothing (docs/math.md#zero-vectors): a zero query
+    or key is a masked one. Hashing alone would put a zero vector in bucket 0 of every hash (all its
+    projections are 0, so every bit is 0), where YOSO-E gives it the weight ``p(0) = 2^-tau``; masking
+    makes both modes agree, E[YOSO-m] = YOSO-E for every finite input.
+    """
+    nonzero = np.any(x != 0, axis=-1)
+    return nonzero if mask is None else mask & nonzero
+
+
+def _keep(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    return x if mask is None else np.where(mask[..., None], x, 0)
 
 
 def attention(
@@ -44,7 +72,13 @@ def attention(
     hashing="gaussian",
     normalize=True,
 ):
-    """N-YOSO-m (``mode="sample"``) or N-YOSO-E (``mode="expectation"``) of canonical arrays."""
+    """N-YOSO-m (``mode="sample"``) or N-YOSO-E (``mode="expectation"``) of canonical arrays.
+
+    Masked rows are zeroed first, and zero rows of q and k count as masked (:func:`nonzero_rows`).
+    """
+    q, k = _keep(q, query_mask), _keep(k, key_padding_mask)
+    query_mask, key_padding_mask = nonzero_rows(q, query_mask), nonzero_rows(k, key_padding_mask)
+    v = _keep(v, key_padding_mask)
     q_unit, k_unit = unit_rows(q), unit_rows(k)
     if mode == "sample":
         q_codes = hash_codes(q_unit, planes, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits)
@@ -98,11 +132,14 @@ def attention_and_grads(
     * the chain rule through ``q / ||q||`` and ``k / ||k||``; masked rows get exact zeros.
 
     Masked rows of q, k and v are zeroed before anything else, as the API does (their content,
-    even NaN, is invisible). Quadratic memory: for tests, not for long inputs.
+    even NaN, is invisible), and zero rows of q and k then count as masked (:func:`nonzero_rows`).
+    Quadratic memory: for tests, not for long inputs.
     """
     qm = np.ones(q.shape[:2], bool) if query_mask is None else query_mask
     km = np.ones(k.shape[:2], bool) if key_padding_mask is None else key_padding_mask
-    q, k, v = (np.where(m[..., None], x, 0) for x, m in ((q, qm), (k, km), (v, km)))
+    q, k = np.where(qm[..., None], q, 0), np.where(km[..., None], k, 0)
+    qm, km = nonzero_rows(q, qm), nonzero_rows(k, km)
+    v = np.where(km[..., None], v, 0)
     q_unit, k_unit = unit_rows(q), unit_rows(k)
     mask = attention_mask(q.shape[0], q.shape[1], k.shape[1], qm, km, causal)
     cosines = q_unit @ k_unit.transpose(0, 2, 1)

@@ -43,9 +43,12 @@ def max_table_bytes() -> int:
     if value is None:
         return DEFAULT_MAX_TABLE_BYTES
     try:
-        return int(value)
+        limit = int(value)
     except ValueError:
         raise ValueError(f"{TABLE_BYTES_VAR} must be an integer number of bytes, got {value!r}") from None
+    if limit < 1:  # a budget of no bytes would quietly refuse every sampled call: a mistake, said as one
+        raise ValueError(f"{TABLE_BYTES_VAR} must be a positive number of bytes, got {value!r}")
+    return limit
 
 
 def _size(n: int) -> str:

@@ -351,7 +351,8 @@ def _fixed_point_scales(bound: torch.Tensor) -> torch.Tensor:
 
 
 def _row_norms(x, mask):
-    norms = torch.linalg.vector_norm(x.float(), dim=-1)
+    # float64: the bounds multiply norms, which overflow float32 for huge (finite) values and cotangents.
+    norms = torch.linalg.vector_norm(x.double(), dim=-1)
     return norms if mask is None else torch.where(mask, norms, torch.zeros_like(norms))
 
 
