@@ -350,16 +350,16 @@ def _core_state_bwd(config, residuals, cotangents):
 _core_state_vjp.defvjp(_core_state_fwd, _core_state_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layouts", "out_shape", "lead"))
-def _attention_state(arrays, *, config: _StateConfig, layouts, out_shape, lead):
+@functools.partial(jax.jit, static_argnames=("config", "layouts", "out_shape", "lead", "checked"))
+def _attention_state(arrays, *, config: _StateConfig, layouts, out_shape, lead, checked: bool):
     q, k, v, planes, query_mask, key_mask, tables, key_tables = _resolve_all(arrays, layouts)
-    q = _keep_rows(q, query_mask)
-    k = _keep_rows(k, key_mask)
-    v = _keep_rows(v, key_mask)
+    # The shared normalisations (zero rows as masked rows, directions only), without rescaling v: the
+    # tables carry v's own scale from call to call.
+    inputs = _core.core_inputs(OPS, q, k, v, query_mask, key_mask, planes, normalize=False, checked=checked)
     y, new_tables, new_key_tables = _core_state_vjp(
-        _unit(q).astype(q.dtype), _unit(k).astype(k.dtype), v, planes, query_mask, key_mask, tables, key_tables, config
+        inputs.q, inputs.k, inputs.v, planes, inputs.query_mask, inputs.key_mask, tables, key_tables, config
     )
-    out = _unit(y) if config.normalize else y
+    out = _core.core_output(OPS, y, inputs, normalize=config.normalize)
     new_tables = new_tables.reshape(lead + new_tables.shape[1:])
     if new_key_tables is not None:
         new_key_tables = new_key_tables.reshape(lead + new_key_tables.shape[1:])
@@ -680,6 +680,7 @@ class JaxGlue(Glue):
             layouts=layouts,
             out_shape=prep.lead + (call.n_query, call.value_dim),
             lead=tuple(prep.lead),
+            checked=prep.checked,
         )
         if not spec.output:
             return out

@@ -382,10 +382,14 @@ class NumpyGlue(Glue):
 
         call, spec = prep.call, prep.state
         dtype = np.dtype(call.dtype)
-        q = _keep_rows(prep.q, prep.query_mask)
-        k = _keep_rows(prep.k, prep.key_mask)
-        v = _keep_rows(prep.v, prep.key_mask)
-        q_unit, k_unit = unit_rows(q), unit_rows(k)
+        # The shared normalisations (zero rows as masked rows, directions only), without rescaling v: the
+        # tables carry v's own scale from call to call.
+        inputs = _core.core_inputs(
+            OPS, prep.q, prep.k, prep.v, prep.query_mask, prep.key_mask, normalize=False, checked=True
+        )
+        q, k, v = inputs.q_kept, inputs.k_kept, inputs.v
+        q_unit, k_unit = inputs.q, inputs.k
+        query_mask, key_mask = inputs.query_mask, inputs.key_mask
         forward, backward = (
             (_core.forward_state, _core.backward_state) if backend.framework == "numpy" else _JAX_STATE_CORE
         )
@@ -395,8 +399,8 @@ class NumpyGlue(Glue):
             k_unit,
             v,
             prep.planes,
-            prep.query_mask,
-            prep.key_mask,
+            query_mask,
+            key_mask,
             spec.tables,
             spec.key_tables,
             hashing=call.hashing,
@@ -405,7 +409,7 @@ class NumpyGlue(Glue):
             with_key_tables=spec.key_tables_out,
         )
         out_shape = prep.lead + (call.n_query, call.value_dim)
-        out = (unit_rows(y) if prep.normalize else y).astype(dtype).reshape(out_shape)
+        out = _core.core_output(OPS, y, inputs, normalize=prep.normalize).astype(dtype).reshape(out_shape)
         lead = tuple(prep.lead)
         shapes = {"tables": lead + tables.shape[1:]}
         if key_tables is not None:
@@ -442,15 +446,15 @@ class NumpyGlue(Glue):
                     f"the cotangent must have the output's shape {list(out_shape)}, got {list(cotangent.shape)}"
                 )
             grad = cotangent.reshape(call.batch, call.n_query, call.value_dim).astype(y.dtype)
-            grad = _keep_rows(unit_rows_vjp(y, grad) if prep.normalize else grad, prep.query_mask)
+            grad = _keep_rows(unit_rows_vjp(y, grad) if prep.normalize else grad, query_mask)
             dq_unit, dk_unit, dv, d_tables, d_key_tables = backward(
                 backend,
                 q_unit,
                 k_unit,
                 v,
                 codes,
-                prep.query_mask,
-                prep.key_mask,
+                query_mask,
+                key_mask,
                 grad,
                 grad_tables,
                 grad_key_tables,
@@ -460,9 +464,9 @@ class NumpyGlue(Glue):
                 hash_bits=call.hash_bits,
             )
             grads = (
-                _keep_rows(unit_rows_vjp(q, dq_unit), prep.query_mask),
-                _keep_rows(unit_rows_vjp(k, dk_unit), prep.key_mask),
-                _keep_rows(dv, prep.key_mask),
+                _keep_rows(unit_rows_vjp(q, dq_unit), query_mask),
+                _keep_rows(unit_rows_vjp(k, dk_unit), key_mask),
+                _keep_rows(dv, key_mask),
             )
             grads = tuple(
                 _unbroadcast(g.reshape(prep.lead + tuple(shape[-2:])), shape).astype(dtype)

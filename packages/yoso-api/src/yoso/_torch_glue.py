@@ -724,16 +724,26 @@ class TorchGlue(Glue):
         from ._state import State
 
         call, spec = prep.call, prep.state
-        q = _keep_rows(prep.q, prep.query_mask)
-        k = _keep_rows(prep.k, prep.key_mask)
-        v = _keep_rows(prep.v, prep.key_mask)
-        y, _, _, tables, key_tables = core_state(
-            _unit(q).to(q.dtype),
-            _unit(k).to(k.dtype),
-            v,
-            prep.planes,
+        # The shared normalisations (zero rows as masked rows, directions only), without rescaling v: the
+        # tables carry v's own scale from call to call.
+        inputs = _core.core_inputs(
+            OPS,
+            prep.q,
+            prep.k,
+            prep.v,
             prep.query_mask,
             prep.key_mask,
+            prep.planes,
+            normalize=False,
+            checked=prep.checked,
+        )
+        y, _, _, tables, key_tables = core_state(
+            inputs.q,
+            inputs.k,
+            inputs.v,
+            prep.planes,
+            inputs.query_mask,
+            inputs.key_mask,
             spec.tables,
             spec.key_tables,
             backend.name,
@@ -743,7 +753,7 @@ class TorchGlue(Glue):
             call.backward,
             spec.key_tables_out,
         )
-        out = _unit(y) if prep.normalize else y
+        out = _core.core_output(OPS, y, inputs, normalize=prep.normalize)
         out = out.to(prep.q.dtype).reshape(prep.lead + (call.n_query, call.value_dim))
         if not spec.output:
             return out

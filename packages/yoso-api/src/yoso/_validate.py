@@ -417,7 +417,9 @@ def prepare(
         planes=given_planes if planes is not None or initial_state is not None else None,
         hashing=hashing,
         masks={} if key_mask is None else {"key_padding_mask": key_mask},
-        unnormalised=None if normalize else (v_c, key_mask, dtypes["v"]),
+        # Sums of v that could overflow are refused where v is used as it is: unnormalised outputs, and
+        # states (their tables carry v's own scale from call to call).
+        unnormalised=None if normalize and not stateful else (v_c, key_mask, dtypes["v"]),
     )
     call = Call(
         framework=glue.name,

@@ -249,10 +249,17 @@ class Backend:
         ``form`` (lower bound only): ``"auto"`` lets the backend choose by cost, ``"pairs"`` or
         ``"tables"`` (one of :attr:`lower_bound_forms`) forces one -- for tests and benchmarks.
         """
-        if form != "auto" and (form not in self.lower_bound_forms or (form == "tables" and backward != "lower_bound")):
+        if form not in ("auto", "pairs", "tables"):
+            raise ValueError(f"form must be one of 'auto', 'pairs', 'tables', got {form!r}")
+        if form == "tables" and backward != "lower_bound":
             raise ValueError(
-                f"form={form!r}: the {self.name!r} backend computes {' and '.join(self.lower_bound_forms)} forms"
-                " of the lower bound (the exact estimator only pairs: its weights depend on each pair)"
+                f"form='tables' needs backward='lower_bound', got backward={backward!r}: the exact estimator's"
+                " weights depend on each pair, so it has only the pairs form"
+            )
+        if form != "auto" and form not in self.lower_bound_forms:
+            raise ValueError(
+                f"form={form!r}: the {self.name!r} backend computes only the"
+                f" {' and '.join(self.lower_bound_forms)} form of the lower bound"
             )
         return self._function("sampled_grads")(
             q_codes,
