@@ -1,4 +1,8 @@
-"""Kernel level: every primitive equals the oracle given the same codes (DESIGN.md §3, exactness)."""
+"""Kernel level: every primitive equals the oracle given the same codes.
+
+The formulas and where the oracle states them: docs/math.md#where-each-formula-lives; why exact agreement
+can be demanded: docs/testing.md#exact-where-deterministic.
+"""
 
 from __future__ import annotations
 
@@ -270,7 +274,8 @@ def test_table_form_needs_the_lower_bound(kernel, rng):
 
 
 def test_lower_bound_matches_table_form(kernel, rng):
-    """DESIGN.md §1's table form: dq_i = (tau/2)(1/m) sum_s G_i^T A_s[h_s(q_i)], A_s[b] = sum_{j in b} v_j k_j^T."""
+    """The lower bound's table form (docs/math.md#lower-bound), written out:
+    dq_i = (tau/2)(1/m) sum_s G_i^T A_s[h_s(q_i)], A_s[b] = sum_{j in b} v_j k_j^T."""
     m, tau = 5, 2
     pb = _problem(rng, (1, 30, 25, 6, 4, m, tau), masked=False, causal=False)
     nat, exp = _native(kernel, pb), _rounded(kernel, pb)
