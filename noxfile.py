@@ -76,7 +76,8 @@ def _no_gpu_reason() -> str | None:
 # Per backend: what to install besides the API and the reference (the oracle every backend is
 # compared with), which tests to run besides the conformance suite, and optionally:
 #   "env"    -- variables for every command of the session ("{tmp}": the session's tmp dir);
-#   "runs"   -- a list of extra variables, one conformance run each (default: one run with "env" alone);
+#   "runs"   -- one conformance run each: "env", extra variables, and "files", the test files (default: one
+#               run of the whole suite with "env" alone);
 #   "checks" -- commands to run before the tests;
 #   "needs"  -- a function saying why the conformance suite cannot run on this machine (None: it can).
 BACKENDS = {
@@ -87,9 +88,17 @@ BACKENDS = {
         # float64 (x64: the tight tolerances) from every caller framework; float32 from JAX arrays (NumPy
         # and torch reach the same compiled core, which the first run checked); the package's own tests
         # (jit/vmap/grad, both of its backends) in JAX's default setting.
+        # float32 runs the files whose tolerances depend on the dtype end to end (the kernel-level files,
+        # given the codes, compute the same programs in the other dtype: the first run checks their math).
         "runs": [
-            {"JAX_ENABLE_X64": "1"},
-            {"JAX_ENABLE_X64": "1", "YOSO_TEST_DTYPE": "float32", "YOSO_TEST_FRAMEWORKS": "jax"},
+            {"env": {"JAX_ENABLE_X64": "1"}},
+            {
+                "env": {"JAX_ENABLE_X64": "1", "YOSO_TEST_DTYPE": "float32", "YOSO_TEST_FRAMEWORKS": "jax"},
+                "files": [
+                    f"conformance/test_{name}.py"
+                    for name in ("attention", "gradients", "statistics", "hashing", "catalogue")
+                ],
+            },
         ],
         # JAX's persistent compilation cache across the runs: programs that do not depend on the run's
         # setting compile once.
@@ -104,14 +113,21 @@ BACKENDS = {
     "pallas": {
         "install": ["-e", JAX_BACKENDS, JAX],
         "tests": [],
-        "runs": [{"JAX_ENABLE_X64": "1", "YOSO_TEST_FRAMEWORKS": "jax"}],
+        "runs": [{"env": {"JAX_ENABLE_X64": "1", "YOSO_TEST_FRAMEWORKS": "jax"}}],
+        # the catalogue's result properties are decided in the glue, checked in the jax session
+        "env": {"YOSO_TEST_CATALOGUE": "refusals"},
     },
     # No GPU in CI: Triton's interpreter runs the kernels on CPU tensors. It issues many tiny NumPy
     # products, which multithreaded BLAS makes ~100x slower on a busy machine.
     "triton": {
         "install": [TRITON, "-e", "packages/yoso-triton"],
         "tests": ["packages/yoso-triton/tests"],
-        "env": {"TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+        "env": {
+            "TRITON_INTERPRET": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+            "YOSO_TEST_CATALOGUE": "refusals",  # result properties: the glue's, checked in the reference session
+        },
     },
     # Without a GPU: the NVRTC build check of every kernel and the no-GPU tests. With one (nvidia-smi
     # lists a GPU, or YOSO_CUDA_CONFORMANCE=1), the conformance suite too, with --require-backend; the
@@ -158,8 +174,8 @@ def tests(session: nox.Session, backend: str) -> None:
     if reason is not None:
         session.log(f"conformance suite for {backend!r} not run: {reason} (it runs where a GPU is present)")
     else:
-        for extra in spec.get("runs", [{}]):
-            _pytest(session, "conformance", env={**env, **extra})
+        for run in spec.get("runs", [{}]):
+            _pytest(session, *run.get("files", ["conformance"]), env={**env, **run.get("env", {})})
     if spec["tests"]:
         _pytest(session, *spec["tests"], env=env)
 

@@ -406,11 +406,9 @@ def test_torch_compile_carries_the_state(torch_target, rng):
 
 
 def test_torch_opcheck_of_the_state_op(torch_target, rng):
-    """``torch.library.opcheck`` of ``yoso::core_state``: schema, fake tensors, autograd registration (it reaches
-    into ``yoso._torch_glue``, as test_torch.py does for ``yoso::core``)."""
+    """``torch.library.opcheck`` of ``yoso::core_state``: schema, fake tensors, autograd registration (through
+    ``torch.ops.yoso``, registered by the first torch call, as test_torch.py does for ``yoso::core``)."""
     import torch
-
-    from yoso import _torch_glue
 
     if not torch_target.backend.has_tables:
         pytest.skip(f"the {torch_target.name!r} backend has no bucket tables (has_tables is False)")
@@ -422,6 +420,10 @@ def test_torch_opcheck_of_the_state_op(torch_target, rng):
     key_tables = arr(rng.standard_normal((batch, M, 2**TAU, value_dim, dim))).requires_grad_(True)
     planes = arr(draw_planes(rng, M, TAU, dim)[None])
     args = (q, k, v, planes, None, None, tables, key_tables, torch_target.name, "gaussian", M, TAU, "lower_bound", True)
+    with yoso.set_backend(torch_target.name):  # the first torch call registers the ops
+        yoso.attention(q.detach(), k.detach(), v.detach(), num_hashes=M, hash_bits=TAU, planes=planes[0])
     torch.library.opcheck(
-        _torch_glue.core_state, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
+        torch.ops.yoso.core_state.default,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )

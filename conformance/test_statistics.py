@@ -107,6 +107,12 @@ def test_gradient_estimators_are_unbiased(kernel, rng, backward, form, causal):
     if form != "auto" and form not in kernel.backend.lower_bound_forms:
         forms = kernel.backend.lower_bound_forms
         pytest.skip(f"the {kernel.name!r} backend does not compute the {form!r} form (lower_bound_forms = {forms})")
+    if form == "tables" and kernel.name != "reference":
+        # Given the same codes, every backend's table form equals the reference's pair form to rounding
+        # (test_primitives.py::test_lower_bound_forms, on every backend); the reference's table form is
+        # checked unbiased here. Together they make the backend's unbiased -- without 4000 batch rows of
+        # table-form programs, which the Triton interpreter runs one at a time (minutes).
+        pytest.skip("the table form is unbiased by the reference's check and test_lower_bound_forms' exactness")
     hash_bits, num_hashes = 2, 1
     nq = nk = 7
     q, k, v = _inputs(rng, nq=nq, nk=nk)

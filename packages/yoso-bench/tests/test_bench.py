@@ -140,7 +140,17 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path, flaky):
 
 
 def test_points_predicted_too_slow_are_skipped_with_the_reason(tmp_path):
-    data = bench(tmp_path, "--n", "64,128,256", "--max-call-seconds", "1e-7", "--no-fidelity", "--no-plot")
+    data = bench(
+        tmp_path,
+        "--n",
+        "64,128,256",
+        "--backend",
+        "reference",
+        "--max-call-seconds",
+        "1e-7",
+        "--no-fidelity",
+        "--no-plot",
+    )
     for method in ("sdpa", "reference/yoso-32", "reference/yoso-e"):
         for pass_ in ("forward", "forward_backward"):
             rows = _rows(data, method, pass_)
@@ -158,7 +168,7 @@ def test_points_predicted_not_to_fit_in_memory_are_skipped(tmp_path, monkeypatch
     if memory.RssMeter().reason:
         pytest.skip("peak RSS cannot be measured here")
     monkeypatch.setattr(memory.RssMeter, "available_bytes", lambda self: 1)
-    data = bench(tmp_path, "--n", "512,1024", "--no-fidelity", "--no-plot", "--no-backward")
+    data = bench(tmp_path, "--n", "512,1024", "--backend", "reference", "--no-fidelity", "--no-plot", "--no-backward")
     rows = _rows(data, "reference/yoso-e")
     assert rows[512]["status"] == "ok" and rows[512]["peak_bytes"] > 0
     assert rows[1024]["status"] == "skipped" and "of the 0 KiB available" in rows[1024]["reason"]

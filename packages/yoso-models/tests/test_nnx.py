@@ -1,6 +1,6 @@
 """yoso_models.nnx.YosoAttention: the Flax NNX module on the JAX backend.
 
-The ``integrations`` nox session installs flax and sets YOSO_TEST_REQUIRE_FLAX=1, so these tests fail
+The ``models`` nox session installs flax and sets YOSO_TEST_REQUIRE_FLAX=1, so these tests fail
 there instead of skipping when it is missing.
 """
 

@@ -1,6 +1,6 @@
 """yoso_models.transformers: attn_implementation="yoso" and the YosoModel kernels (tiny random models).
 
-The ``integrations`` nox session installs transformers and sets YOSO_TEST_REQUIRE_TRANSFORMERS=1, so these
+The ``models`` nox session installs transformers and sets YOSO_TEST_REQUIRE_TRANSFORMERS=1, so these
 tests fail there instead of skipping when it is missing.
 """
 

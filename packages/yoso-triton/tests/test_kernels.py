@@ -7,7 +7,7 @@
 * determinism and non-contiguous inputs (bitwise);
 * the backend's own limits (bucket-table memory, int32 indices, grid size) refused by
   ``TritonBackend.unsupported`` -- through ``yoso.attention`` too -- before any kernel launch. Argument
-  checks are the API's (conformance/test_errors.py): the primitives take what it guarantees.
+  checks are the API's (packages/yoso-api/tests/test_errors.py): the primitives take what it guarantees.
 """
 
 from __future__ import annotations
