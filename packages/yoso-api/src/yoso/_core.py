@@ -352,16 +352,16 @@ def core_output(ops, y, inputs: CoreInputs, *, normalize: bool):
     return out if inputs.bad is None else ops.where(inputs.bad, float("nan"), out)
 
 
-def bucketed(n: int) -> int:
-    """``n`` rounded up to one of four sizes per octave (16 at least): at most 19% padding.
+def bucketed(n: int, least: int = 16) -> int:
+    """``n`` rounded up to one of four sizes per octave (``least`` at least): at most 19% padding.
 
     Serving NumPy arrays and torch tensors through a jit-compiling backend, the glue pads batch and
     sequence lengths to these sizes (padded rows masked), so that workloads whose shapes change every
     call -- dynamic padding in fine-tuning -- reuse a few compiled programs instead of compiling one per
     shape (docs/architecture.md#serving-other-frameworks).
     """
-    if n <= 16:
-        return 16
+    if n <= least:
+        return least
     step = 1 << max(0, (n - 1).bit_length() - 3)
     return -(-n // step) * step
 
@@ -378,7 +378,8 @@ class Padding:
 
     def __init__(self, batch: int, n_query: int, n_key: int, *, full):
         self.sizes = (batch, n_query, n_key)
-        self.padded = (bucketed(batch), bucketed(n_query), bucketed(n_key))
+        # The batch from 1 (a floor of 16 would double the work of B*H = 8), the tokens from 16.
+        self.padded = (bucketed(batch, least=1), bucketed(n_query), bucketed(n_key))
         self._full = full
 
     def _grow(self, x, shape, value, index):

@@ -463,13 +463,27 @@ def core_backward(grad, q, k, v, q_codes, k_codes, query_mask, key_mask, *, conf
     return dq, dk, dv
 
 
+SMALL_BYTES = 1 << 20  # below this, a copy costs less than a DLPack import (~50 us each)
+
+
 def from_host(x):
-    """A NumPy array or CPU torch tensor as a JAX array on the CPU, without a copy where possible."""
+    """A NumPy array or CPU torch tensor as a JAX array on the CPU (or, when small, as a NumPy array, which a
+    compiled function takes as it is), without a copy where it matters: large tensors through DLPack."""
     if x is None:
         return None
     if isinstance(x, np.ndarray):
-        return jax.device_put(x, jax.devices("cpu")[0])
-    return jax.dlpack.from_dlpack(x.detach().contiguous())
+        return x if x.nbytes < SMALL_BYTES else jax.device_put(x, jax.devices("cpu")[0])
+    x = x.detach().contiguous()
+    if x.nbytes < SMALL_BYTES and x.dtype != torch_bfloat16():
+        return x.numpy()  # a view: the compiled function copies it in its fast argument path
+    return jax.dlpack.from_dlpack(x)
+
+
+@functools.cache
+def torch_bfloat16():
+    import torch
+
+    return torch.bfloat16
 
 
 # ---- the glue object used by yoso.attention -------------------------------------------------------

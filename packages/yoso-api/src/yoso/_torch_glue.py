@@ -550,6 +550,13 @@ def _selected_name(**call_fields) -> str:
     return backends.select(backends.Call(**call_fields)).name
 
 
+def _bad_rows(x: Tensor, mask) -> tuple[int, int]:
+    """(how many unmasked rows of ``x`` hold NaN or inf, the flat index of the first)."""
+    bad = ~torch.isfinite(x).all(dim=-1)
+    bad = bad if mask is None else bad & mask
+    return int(bad.sum()), int(bad.flatten().to(torch.uint8).argmax())
+
+
 class TorchGlue(Glue):
     name = "torch"
 
@@ -609,11 +616,11 @@ class TorchGlue(Glue):
     def value_flags(rows: dict, *, planes, hashing, masks: dict, sums: dict | None = None):
         if torch.compiler.is_compiling():
             return None  # data-dependent checks would break the graph; the glue poisons instead
-        flags = []
-        for x, mask in rows.values():
-            bad = ~torch.isfinite(x).all(dim=-1)
-            bad = bad if mask is None else bad & mask
-            flags += [bad.sum(), bad.flatten().to(torch.uint8).argmax()]
+        # The common case in one pass per array: a sum is finite only if every term is (NaN and inf
+        # propagate), so a finite sum clears the whole array; the others are then looked at row by row (a
+        # second synchronisation, only for inputs holding non-finite values or sums beyond the range).
+        wide = torch.float64 if any(x.dtype == torch.float64 for x, _ in rows.values()) else torch.float32
+        flags = [torch.isfinite(x.sum(dtype=wide)) for x, _ in rows.values()]
         if planes is not None:
             flags.append(~torch.isfinite(planes).all())
             flags.append(hashing == "hadamard" and ~((planes == 1) | (planes == -1)).all())
@@ -621,9 +628,9 @@ class TorchGlue(Glue):
             flags.append(~mask.any())
         if not flags:
             return {}
-        found = torch.stack([torch.as_tensor(f, device=flags[0].device).to(torch.int64) for f in flags]).tolist()
-        found = iter(found)  # one device sync for all checks
-        out = {name: (next(found), next(found)) for name in rows}
+        device = next((f.device for f in flags if isinstance(f, Tensor)), "cpu")
+        found = iter(torch.stack([torch.as_tensor(f, device=device).to(torch.int64) for f in flags]).tolist())
+        out = {name: (0, 0) if next(found) else _bad_rows(x, mask) for name, (x, mask) in rows.items()}
         if planes is not None:
             out["planes"], out["planes_pm1"] = bool(next(found)), bool(next(found))
         out.update({name: bool(next(found)) for name in masks})

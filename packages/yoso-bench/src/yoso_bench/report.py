@@ -253,7 +253,8 @@ LINESTYLES = {"sdpa": "-", "yoso": "-", "yoso-e": "--"}
 def _style(method: dict, dtype: str, dtypes, backends) -> dict:
     """Every method its own marker and colour, so that legend entries differ even where a short handle hides
     the dash: SDPA black squares; per backend one hue, dark circles on a solid line for N-YOSO-m and light
-    triangles on a dashed line for N-YOSO-E; later dtypes hollow markers."""
+    triangles on a dashed line for N-YOSO-E (crosses on dash-dotted and dotted lines when fed torch tensors);
+    later dtypes hollow markers."""
     kind = method["kind"]
     if kind == "sdpa":
         color = "black"
@@ -261,6 +262,8 @@ def _style(method: dict, dtype: str, dtypes, backends) -> dict:
         dark, light = _TAB20[backends.index(method["backend"]) % len(_TAB20)]
         color = dark if kind == "yoso" else light
     style = {"color": color, "ls": LINESTYLES.get(kind, ":"), "marker": MARKERS.get(kind, "D")}
+    if kind != "sdpa" and method.get("framework") == "torch" and method["id"].endswith("/torch"):
+        style.update(marker="x" if kind == "yoso" else "+", ls="-." if kind == "yoso" else ":")  # torch tensors
     if dtype != dtypes[0]:
         style["markerfacecolor"] = "white"
         style["alpha"] = 0.7

@@ -278,7 +278,7 @@ def _describe(row: dict, method) -> str:
 
 def run(config, echo=print) -> dict:
     started = time.perf_counter()
-    methods = workloads.methods_for(config.backends, config.num_hashes)
+    methods = workloads.methods_for(config.backends, config.num_hashes, config.device)
     passes = workloads.PASSES if config.backward else ("forward",)
     points = [(d, n, p, m) for d in config.dtypes for n in config.ns for p in passes for m in methods]
     fidelity_points = (

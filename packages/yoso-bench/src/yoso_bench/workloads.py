@@ -5,7 +5,9 @@ Methods: per backend, N-YOSO-m (``mode="sample"``, ``backward="lower_bound"``) a
 shaped ``[B, H, N, D]`` tensors (FlashAttention/cuDNN on a GPU, its CPU kernel otherwise).
 
 Each backend is fed the arrays it computes on (``yoso.testing.framework_for``): the reference
-NumPy arrays, JAX backends jax arrays, Triton/CUDA backends torch tensors, so no conversion is timed.
+NumPy arrays, JAX backends jax arrays, Triton/CUDA backends torch tensors, so no conversion is timed;
+the backend torch users get by default, when it computes on another framework, is timed on torch tensors
+too (``.../torch`` methods: what a torch user sees, conversions included).
 The forward pass runs without gradient tracking; forward+backward computes the gradients of q, k
 and v for a fixed random cotangent (NumPy: ``attention_vjp``; torch: ``torch.autograd.grad``; JAX:
 ``jax.vjp`` under ``jax.jit``, compiled before timing). The hash functions are drawn once and passed
@@ -32,7 +34,7 @@ SDPA = "sdpa"
 
 @dataclass(frozen=True)
 class Method:
-    id: str  # "sdpa", "<backend>/yoso-<m>", "<backend>/yoso-e"
+    id: str  # "sdpa", "<backend>/yoso-<m>", "<backend>/yoso-e", each with "/torch" for torch tensors
     label: str
     kind: str  # "sdpa", "yoso" or "yoso-e"
     backend: str | None
@@ -46,14 +48,32 @@ class Method:
         return f"yoso.attention(mode='expectation', backward='lower_bound') on {self.backend}"
 
 
-def methods_for(backend_names, num_hashes: int) -> list[Method]:
-    """SDPA first (the baseline every ratio refers to), then YOSO-m and YOSO-E per backend."""
+def methods_for(backend_names, num_hashes: int, device: str = "cpu") -> list[Method]:
+    """SDPA first (the baseline every ratio refers to), then YOSO-m and YOSO-E per backend on its own arrays;
+    and again on torch tensors for the backend a torch user gets by default (``yoso.backend_for``) when it
+    computes on another framework (on a CPU: the jax backend serving torch tensors through DLPack)."""
     found = [Method(SDPA, "SDPA", SDPA, None, "torch")]
+    torch_default = _torch_default(device)
     for name in backend_names:
         framework = framework_for(backends.get(name))
         found.append(Method(f"{name}/yoso-{num_hashes}", f"N-YOSO-{num_hashes} ({name})", "yoso", name, framework))
         found.append(Method(f"{name}/yoso-e", f"N-YOSO-E ({name})", "yoso-e", name, framework))
+        if name == torch_default and framework != "torch":
+            label = f"N-YOSO-{num_hashes} ({name}, torch tensors)"
+            found.append(Method(f"{name}/yoso-{num_hashes}/torch", label, "yoso", name, "torch"))
+            found.append(Method(f"{name}/yoso-e/torch", f"N-YOSO-E ({name}, torch tensors)", "yoso-e", name, "torch"))
     return found
+
+
+def _torch_default(device: str) -> str | None:
+    """The backend automatic selection gives float32 torch tensors on ``device`` (None: none, or no torch)."""
+    try:
+        import torch
+
+        x = torch.zeros((1, 2, 4), device=device)
+        return yoso.backend_for(x, x, x)
+    except Exception:  # noqa: BLE001 -- no torch, no device, no backend: no torch-tensor rows
+        return None
 
 
 def framework_for_dtype(method: Method, dtype: str) -> tuple[str | None, str | None]:
