@@ -234,6 +234,39 @@ def backward_state(
 SAFE_MIN, SAFE_MAX = 2.0**-32, 2.0**32
 
 
+class ArrayOps:
+    """These operations for a module with NumPy's array API (``numpy``, ``jax.numpy``); ``accumulate_dtype``
+    maps a dtype to its accumulation dtype, ``no_grad`` stops gradients where the module has them (JAX)."""
+
+    def __init__(self, xp, accumulate_dtype, no_grad=lambda x: x):
+        self._xp, self._accumulate_dtype, self._no_grad = xp, accumulate_dtype, no_grad
+        self.where, self.sqrt = xp.where, xp.sqrt
+
+    def accumulate(self, x):
+        return x.astype(self._accumulate_dtype(x.dtype), copy=False)
+
+    def cast(self, x, like):
+        return x.astype(like.dtype, copy=False)
+
+    def peak(self, x, dims: int):
+        return self._no_grad(self._xp.max(self._xp.abs(x), axis=tuple(range(-dims, 0)), keepdims=True))
+
+    def sum_last(self, x):
+        return self._xp.sum(x, axis=-1, keepdims=True)
+
+    def mantissa(self, x):
+        return self._xp.frexp(x)[0]
+
+    def finite_rows(self, x):
+        return self._xp.isfinite(x).all(axis=-1)
+
+    def any_last(self, x):
+        return x.any(axis=-1)
+
+    def all_finite(self, x):
+        return self._xp.isfinite(x).all()
+
+
 def _scale_for(ops, peak):
     """1 where ``peak`` (a largest magnitude, ``[..., 1]``) is 0, not finite or inside the safe range, else the
     largest power of two <= ``peak``: dividing by it is exact, in every dtype."""

@@ -50,49 +50,7 @@ def _accumulate_dtype(dtype):
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-class _Ops:
-    """JAX's array operations for the normalisations written once in ``yoso._core``."""
-
-    @staticmethod
-    def accumulate(x):
-        return x.astype(_accumulate_dtype(x.dtype))
-
-    @staticmethod
-    def cast(x, like):
-        return x.astype(like.dtype)
-
-    @staticmethod
-    def peak(x, dims: int):
-        return jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=tuple(range(-dims, 0)), keepdims=True))
-
-    @staticmethod
-    def where(c, a, b):
-        return jnp.where(c, a, b)
-
-    sqrt = staticmethod(jnp.sqrt)
-
-    @staticmethod
-    def sum_last(x):
-        return jnp.sum(x, axis=-1, keepdims=True)
-
-    @staticmethod
-    def mantissa(x):
-        return jnp.frexp(x)[0]
-
-    @staticmethod
-    def finite_rows(x):
-        return jnp.isfinite(x).all(axis=-1)
-
-    @staticmethod
-    def any_last(x):
-        return x.any(axis=-1)
-
-    @staticmethod
-    def all_finite(x):
-        return jnp.isfinite(x).all()
-
-
-OPS = _Ops()
+OPS = _core.ArrayOps(jnp, _accumulate_dtype, no_grad=jax.lax.stop_gradient)  # for yoso._core
 
 
 def _unit(x):

@@ -20,46 +20,7 @@ def _accumulate_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-class _Ops:
-    """NumPy's array operations for the normalisations written once in ``yoso._core``."""
-
-    @staticmethod
-    def accumulate(x):
-        return x.astype(_accumulate_dtype(x.dtype), copy=False)
-
-    @staticmethod
-    def cast(x, like):
-        return x.astype(like.dtype, copy=False)
-
-    @staticmethod
-    def peak(x, dims: int):
-        return np.max(np.abs(x), axis=tuple(range(-dims, 0)), keepdims=True)
-
-    where = staticmethod(np.where)
-    sqrt = staticmethod(np.sqrt)
-
-    @staticmethod
-    def sum_last(x):
-        return np.sum(x, axis=-1, keepdims=True)
-
-    @staticmethod
-    def mantissa(x):
-        return np.frexp(x)[0]
-
-    @staticmethod
-    def finite_rows(x):
-        return np.isfinite(x).all(axis=-1)
-
-    @staticmethod
-    def any_last(x):
-        return x.any(axis=-1)
-
-    @staticmethod
-    def all_finite(x):
-        return np.isfinite(x).all()
-
-
-OPS = _Ops()
+OPS = _core.ArrayOps(np, _accumulate_dtype)  # for yoso._core
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
