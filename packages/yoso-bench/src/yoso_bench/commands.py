@@ -10,7 +10,8 @@ from __future__ import annotations
 class _Bench:
     help = (
         "time and memory vs N against torch SDPA and YOSO-E, and error vs N: JSON and figures "
-        "(--decode: a decoding step with the carried state against a KV cache)"
+        "(--decode: a decoding step with the carried state against a KV cache; --variable-length: a loop with "
+        "dynamic padding, compilation included)"
     )
 
     def add_arguments(self, parser) -> None:
@@ -27,12 +28,26 @@ class _Bench:
             import torch
 
             torch.set_num_threads(args.threads)
-        if getattr(args, "sequence_parallel", None) is not None and getattr(args, "decode", False):
-            raise ValueError("--sequence-parallel and --decode are separate benchmarks: pass one")
+        chosen = [
+            option
+            for option, given in (
+                ("--sequence-parallel", getattr(args, "sequence_parallel", None) is not None),
+                ("--decode", getattr(args, "decode", False)),
+                ("--variable-length", getattr(args, "variable_length", False)),
+            )
+            if given
+        ]
+        if len(chosen) > 1:
+            raise ValueError(f"{' and '.join(chosen)} are separate benchmarks: pass one")
         if getattr(args, "sequence_parallel", None) is not None:  # one layer split over processes
             from . import sequence_parallel
 
             sequence_parallel.run(sequence_parallel.config_from_args(args, getattr(args, "argv", None)))
+            return 0
+        if getattr(args, "variable_length", False):
+            from . import variable_length
+
+            variable_length.run(variable_length.config_from_args(args, getattr(args, "argv", None)))
             return 0
         if getattr(args, "decode", False):
             from . import decode

@@ -104,6 +104,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="instead of the grid: one decoding step at contexts --n (default 1k..64k) with YOSO's carried state "
         "against SDPA with a KV cache, on the CPU (decode.json, decode.png)",
     )
+    p.add_argument(
+        "--variable-length",
+        action="store_true",
+        help="instead of the grid: a fine-tuning loop with dynamic padding on CPU torch tensors, one layer's "
+        "forward+backward per call at a random length in --n MIN,MAX (default 32,512), compilation included "
+        "(--repeats calls, default 48; variable_length.json)",
+    )
     # Beyond the contract.
     p.add_argument("--budget", type=float, help="seconds of repeats per CPU point (default 5; quick 0.2)")
     p.add_argument(

@@ -40,7 +40,12 @@ def add_arguments(p) -> None:
         "the bytes each rank sends against ring attention's, and the time (writes sequence_parallel.json)",
     )
     group.add_argument("--causal", action="store_true", help="with --sequence-parallel: causal attention")
-    group.add_argument("--repeats", type=int, default=None, help="with --sequence-parallel: timed calls per N")
+    group.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="with --sequence-parallel: timed calls per N; with --variable-length: the number of calls",
+    )
 
 
 def _free_port() -> int:
