@@ -70,9 +70,11 @@ def test_compiles(torch_target):
         grads = torch.autograd.grad(eager, (q, k, v))
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(q, k, v)
         compiled_grads = torch.autograd.grad(compiled, (q, k, v))
-    assert torch.allclose(eager, compiled)
-    for a, b in zip(grads, compiled_grads):
-        assert torch.allclose(a, b)
+    # To rounding, not bitwise: eager calls on a backend that computes on JAX run the normalisations inside
+    # its compiled program; under torch.compile they are torch ops around the yoso::core op.
+    assert_close(to_numpy(compiled), to_numpy(eager), "float32", "compiled loss")  # _qkv: float32
+    for name, a, b in zip("qkv", grads, compiled_grads):
+        assert_close(to_numpy(b), to_numpy(a), "float32", f"compiled d{name}")
 
 
 def test_checkpoint_recomputes_the_same_hashes(torch_target):

@@ -191,13 +191,41 @@ def _core_bwd(config, residuals, grad):
 _core_vjp.defvjp(_core_fwd, _core_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layouts", "out_shape", "checked"))
-def _attention(arrays, *, config: _Config, layouts, out_shape, checked: bool):
-    q, k, v, planes, query_mask, key_mask = _resolve_all(arrays, layouts)
+def _whole_call(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool):
+    """The whole attention on canonical arrays ``[B, N, D]``: normalisations, core, output normalisation."""
     inputs = _core.core_inputs(OPS, q, k, v, query_mask, key_mask, planes, normalize=config.normalize, checked=checked)
     y = _core_vjp(inputs.q, inputs.k, inputs.v, planes, inputs.query_mask, inputs.key_mask, config)
-    out = _core.core_output(OPS, y, inputs, normalize=config.normalize)
-    return out.astype(q.dtype).reshape(out_shape)
+    return _core.core_output(OPS, y, inputs, normalize=config.normalize).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layouts", "out_shape", "checked"))
+def _attention(arrays, *, config: _Config, layouts, out_shape, checked: bool):
+    return _whole_call(*_resolve_all(arrays, layouts), config=config, checked=checked).reshape(out_shape)
+
+
+# Serving other frameworks' arrays (torch tensors) in one compiled program per pass: the glue around the core
+# (unit rows, masks, output normalisation) runs inside XLA with the core instead of as many small eager ops.
+
+
+@functools.partial(jax.jit, static_argnames=("config", "checked"))
+def whole_forward(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool):
+    """The output of a call without gradients, on canonical arrays."""
+    return _whole_call(q, k, v, planes, query_mask, key_mask, config=config, checked=checked)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "checked"))
+def whole_forward_vjp(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool):
+    """``(output, vjp)``: ``vjp`` is a pytree (``jax.tree_util.Partial``) holding the residuals, for
+    :func:`whole_backward`."""
+    return jax.vjp(
+        lambda q, k, v: _whole_call(q, k, v, planes, query_mask, key_mask, config=config, checked=checked), q, k, v
+    )
+
+
+@jax.jit
+def whole_backward(vjp, grad):
+    """``(dq, dk, dv)`` of :func:`whole_forward_vjp`'s output for the cotangent ``grad``."""
+    return vjp(grad)
 
 
 @functools.partial(jax.jit, static_argnames=("layouts", "hashing", "n_rows", "n_masks", "n_sums"))
@@ -387,6 +415,20 @@ def core_backward_state(
 # A backend that computes on JAX arrays (``jax``) also serves NumPy and CPU torch callers: their glue keeps
 # its own normalisations and autograd, and runs the YOSO core here -- the inputs handed over without a
 # copy (DLPack for torch, a device_put for NumPy), the whole core one compiled program per direction.
+
+
+def whole_config(backend: str, call, *, normalize: bool) -> _Config:
+    """The configuration of :func:`whole_forward` for a :class:`yoso.backends.Call`."""
+    return _Config(
+        backend=backend,
+        mode=call.mode,
+        hashing=call.hashing,
+        num_hashes=call.num_hashes,
+        hash_bits=call.hash_bits,
+        causal=call.causal,
+        backward=call.backward,
+        normalize=normalize,
+    )
 
 
 def core_config(backend: str, mode: str, hashing: str, num_hashes: int, hash_bits: int, causal: bool, backward: str):

@@ -154,6 +154,55 @@ def _jax_core_backward(backend, grad, q, k, v, q_codes, k_codes, query_mask, key
     return tuple(pad.cut(g, which).contiguous() for g, which in ((dq, pad.QUERIES), (dk, pad.KEYS), (dv, pad.KEYS)))
 
 
+def _whole_call_on_jax(backend, prep) -> Tensor:
+    """An eager call on a backend that computes on JAX arrays: the whole attention -- the normalisations
+    around the core as well -- in one compiled program per pass (``yoso._jax_glue.whole_forward``), not as
+    dozens of small eager torch ops around the ``yoso::core`` op. Under ``torch.compile`` the ops serve.
+
+    Shapes are padded to bucketed sizes (padded rows masked) so that changing lengths reuse a few
+    compiled programs (``yoso._core.Padding``); the output, and in the backward the gradients, are cut back.
+    """
+    jg = _on_jax()
+    call = prep.call
+    config = jg.whole_config(backend.name, call, normalize=prep.normalize)
+    pad = _core.Padding(prep.q.shape[0], call.n_query, call.n_key, full=_full)
+    others = (
+        pad.planes(prep.planes),
+        pad.mask(prep.query_mask, pad.QUERIES, prep.q),
+        pad.mask(prep.key_mask, pad.KEYS, prep.q),
+    )
+    q, k, v = prep.q, prep.k, prep.v
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _WholeCallOnJax.apply(q, k, v, others, pad, config, prep.checked)
+    padded = (pad.rows(q, pad.QUERIES), pad.rows(k, pad.KEYS), pad.rows(v, pad.KEYS), *others)
+    out = jg.whole_forward(*map(jg.from_host, padded), config=config, checked=prep.checked)
+    return pad.cut(torch.from_dlpack(out), pad.QUERIES)
+
+
+class _WholeCallOnJax(torch.autograd.Function):
+    """:func:`_whole_call_on_jax` with gradients: the forward program returns the VJP's residuals (a JAX
+    pytree, kept on ``ctx``), the backward program applies them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, others, pad, config, checked):
+        jg = _on_jax()
+        padded = (pad.rows(q, pad.QUERIES), pad.rows(k, pad.KEYS), pad.rows(v, pad.KEYS), *others)
+        out, ctx.vjp = jg.whole_forward_vjp(*map(jg.from_host, padded), config=config, checked=checked)
+        ctx.pad = pad
+        return pad.cut(torch.from_dlpack(out), pad.QUERIES).contiguous()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        jg, pad = _on_jax(), ctx.pad
+        grads = jg.whole_backward(ctx.vjp, jg.from_host(pad.rows(grad.contiguous(), pad.QUERIES)))
+        dq, dk, dv = (
+            pad.cut(torch.from_dlpack(g), which).contiguous()
+            for g, which in zip(grads, (pad.QUERIES, pad.KEYS, pad.KEYS))
+        )
+        return dq, dk, dv, None, None, None, None
+
+
 # ---- the custom ops -----------------------------------------------------------------------------
 
 
@@ -697,6 +746,8 @@ class TorchGlue(Glue):
         if prep.state is not None:
             return TorchGlue._attention_state(backend, prep)
         call = prep.call
+        if backend.framework == "jax" and not torch.compiler.is_compiling():
+            return _whole_call_on_jax(backend, prep).reshape(prep.lead + (call.n_query, call.value_dim))
         inputs = _core.core_inputs(
             OPS,
             prep.q,
