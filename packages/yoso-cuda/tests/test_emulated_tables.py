@@ -241,6 +241,18 @@ def test_strided_inputs(run):
     assert _rel(read, want) < TOL
 
 
+def test_int64_codes(run):
+    """Codes of any integer dtype (the reference's are int64) give what int32 codes give."""
+    pb = _problem(13, width=2)
+    codes = torch.as_tensor(pb["codes"], dtype=torch.int64)
+    options = dict(mask=_t(pb["mask"], torch.bool), hash_bits=4, outer=_t(pb["outer"]))
+    tables = _ops.bucket_tables(codes, _t(pb["values"]), **options)
+    assert torch.equal(tables, _tables(pb))
+    assert torch.equal(_ops.add_to_tables(tables, codes, _t(pb["values"]), **options), _add(pb, tables))
+    read = _ops.read_buckets(codes, tables, mask=options["mask"], weights=_t(pb["weights"]))
+    assert torch.equal(read, _ops.read_buckets(codes.int(), tables, mask=options["mask"], weights=_t(pb["weights"])))
+
+
 # ---- the recurrent state composed from these primitives (yoso._core.forward_state) ----------------------
 
 

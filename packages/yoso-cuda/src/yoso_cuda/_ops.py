@@ -297,6 +297,12 @@ def expectation_backward(
 # ---- the bucket tables (kernels/tables.cu; docs/math.md#bucket-tables) -----------------------------------
 
 
+def _codes(codes):
+    """Codes as the kernels read them: contiguous int32. The primitives take any integer dtype (docs/
+    architecture.md#the-primitive-contract); the backend's own codes are int32 already and are not copied."""
+    return codes.to(_torch().int32).contiguous()
+
+
 def _tokens(values, outer):
     """``(values, outer, C, F)`` as the table kernels read them: contiguous, one element type for both
     (fp32 when their dtypes differ, as in the backward's ``bucket_tables(grad, outer=q)``), ``F = 0``
@@ -311,7 +317,7 @@ def _tokens(values, outer):
 def _sum_tables(codes, values, mask, hash_bits: int, outer, base):
     """``base + bucket_tables(...)`` (``base`` None: the tables alone), each entry written once."""
     torch = _torch()
-    codes = codes.contiguous()
+    codes = _codes(codes)
     values, outer, channels, width = _tokens(values, outer)
     batch, m, n = codes.shape
     entries = channels * max(width, 1)
@@ -337,7 +343,7 @@ def add_to_tables(tables, codes, values, *, mask, hash_bits: int, outer=None):
     n = codes.shape[2]
     if n > _plans.ADD_WALK_MAX_TOKENS:
         return _sum_tables(codes, values, mask, hash_bits, outer, tables)
-    codes = codes.contiguous()
+    codes = _codes(codes)
     values, outer, channels, width = _tokens(values, outer)
     batch, m = codes.shape[:2]
     out = tables.clone(memory_format=_torch().contiguous_format)
@@ -351,7 +357,7 @@ def add_to_tables(tables, codes, values, *, mask, hash_bits: int, outer=None):
 
 def read_buckets(codes, tables, *, mask, weights=None):
     torch = _torch()
-    codes, tables = codes.contiguous(), tables.contiguous()
+    codes, tables = _codes(codes), tables.contiguous()
     batch, m, n = codes.shape
     hash_bits = int(tables.shape[2]).bit_length() - 1
     channels = tables.shape[3]
