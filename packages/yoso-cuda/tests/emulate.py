@@ -1,4 +1,4 @@
-"""Run the sampled-gradient kernels' CUDA source on the CPU: g++ and the stand-ins of ``emulator/emu.h``.
+"""Run the block-synchronous kernels' CUDA source on the CPU: g++ and the stand-ins of ``emulator/emu.h``.
 
 ``Emulator(programs)`` compiles the named programs of ``yoso_cuda._kernels.PROGRAMS`` (every instantiation
 the build lists) into one shared library, and ``Emulator.launch`` has the signature of
