@@ -5,12 +5,14 @@ the sanitizers, yet covering every code path -- each dtype, Gaussian tau pads 4.
 counts 1..8, cumulation in one or several hash groups with 1, 2, 4 channels per block and all three
 orders over several chunks, both pairwise tile sizes, both gradient estimators, masks, causal, and the
 lower bound's table form (sampled_tables.cu: every (TILE, DS) plan, buckets of many tiles, forced and
-chosen per bucket). Every kernel reads inputs the reference also gets (the half-precision inputs
-rounded first) and computes in fp32, so every comparison is at relative error 2e-5.
+chosen per bucket), and the bucket-table primitives of the recurrent state (tables.cu: tables with and
+without outer products, tokens added by a walk and by a sum, plain and weighted reads). Every kernel
+reads inputs the reference also gets (the half-precision inputs rounded first) and computes in fp32,
+so every comparison is at relative error 2e-5.
 Exit status 1 if any result is off.
 
     python benchmarks/gpu/cuda_kernels.py                  # everything
-    python benchmarks/gpu/cuda_kernels.py --only tables    # one family: hash cumulate pairwise tables
+    python benchmarks/gpu/cuda_kernels.py --only tables    # one family: hash cumulate pairwise tables buckets
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from yoso_cuda.backend import CudaBackend
 import yoso
 import yoso_reference as ref
 
-FAMILIES = ("hash", "cumulate", "pairwise", "tables")
+FAMILIES = ("hash", "cumulate", "pairwise", "tables", "buckets")
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--only", action="append", choices=FAMILIES, help="run only these kernel families")
 families = set(parser.parse_args().only or FAMILIES)
@@ -140,6 +142,29 @@ for dname, dtype in DTYPES.items():
                                          backward="lower_bound", max_ratio=20.0, form=form)  # fmt: skip
                 for name, a, b in zip(("dq", "dk"), got, want):
                     report(f"lower bound {form} {name} {dname} D={dim} Dv={dv} causal={causal}", a, b, 2e-5)
+
+    # The bucket-table primitives (tables.cu): C values or C x F outer products per token; one token and 90
+    # (a walk and a sum of added tokens: _plans.ADD_WALK_MAX_TOKENS); reads plain and with weights.
+    for n, channels, width in [(70, 17, None), (1, 12, 20), (90, 8, 33)] if "buckets" in families else ():
+        tau, m = 3, 4
+        codes = rng.integers(0, 2**tau, (2, m, n))
+        values, outer = rng.standard_normal((2, n, channels)), rng.standard_normal((2, n, width or 1))
+        mask = rng.random((2, n)) < 0.8
+        factors = None if width is None else dev(outer, dtype)
+        kw = dict(mask=dev(mask, torch.bool), hash_bits=tau, outer=factors)
+        want = ref.bucket_tables(codes, host(values, dtype), mask=mask, hash_bits=tau,
+                                 outer=None if width is None else host(outer, dtype))  # fmt: skip
+        what = f"{dname} N={n} C={channels} F={width}"
+        tables = cuda.bucket_tables(dev(codes, torch.int32), dev(values, dtype), **kw)
+        report(f"bucket_tables {what}", tables, want, 2e-5)
+        base = rng.standard_normal(want.shape)
+        grown = cuda.add_to_tables(dev(base), dev(codes, torch.int32), dev(values, dtype), **kw)
+        report(f"add_to_tables {what}", grown, host(base, torch.float32) + want, 2e-5)
+        weights = None if width is None else dev(values, dtype)
+        got = cuda.read_buckets(dev(codes, torch.int32), dev(want), mask=kw["mask"], weights=weights)
+        read = ref.read_buckets(codes, host(want, torch.float32), mask=mask,
+                                weights=None if width is None else host(values, dtype))  # fmt: skip
+        report(f"read_buckets {what}", got, read, 2e-5)
 
 torch.cuda.synchronize()
 print(f"{len(failures)} failed" if failures else "all kernels agree with yoso_reference")

@@ -1,11 +1,11 @@
-"""Run the sampled-gradient kernels' CUDA source on the CPU: g++ and the stand-ins of ``emulator/emu.h``.
+"""Run the block-synchronous kernels' CUDA source on the CPU: g++ and the stand-ins of ``emulator/emu.h``.
 
 ``Emulator(programs)`` compiles the named programs of ``yoso_cuda._kernels.PROGRAMS`` (every instantiation
 the build lists) into one shared library, and ``Emulator.launch`` has the signature of
 ``yoso_cuda._runtime.launch``: a test puts it in place of the real launcher and runs ``_ops`` on CPU
 tensors, so the launch plan (grid, shared memory, argument order) and the kernels both run on real data.
 Only kernels whose threads meet at ``__syncthreads`` alone can run (no warp intrinsics): the sampled
-gradients' pair and table kernels.
+gradients' pair and table kernels, and the bucket-table primitives (tables.cu).
 
 What it shows and what it cannot: see emulator/emu.h. It is a check of the source, not a GPU result.
 ``Emulator(sanitize=True)`` builds with AddressSanitizer, a CPU stand-in for compute-sanitizer's
@@ -46,8 +46,8 @@ def _source(programs: tuple[str, ...]) -> str:
     for name in programs:
         program = PROGRAMS[name]
         text = program.path.read_text().replace('#include "common.cuh"', "")
-        if SHARED not in text:
-            raise RuntimeError(f"{program.file} declares no {SHARED!r}: update tests/emulate.py")
+        if "__shared__" in text and SHARED not in text:  # kernels without shared memory need no stand-in
+            raise RuntimeError(f"{program.file} declares shared memory other than {SHARED!r}: update tests/emulate.py")
         parts.append(f'#line 1 "{program.path}"\n' + text.replace(SHARED, "float4* smem4 = (float4*)emu::smem;"))
         names += program.names
     table = ",\n".join(f'  {{"{n}", [](void** a) {{ invoke(&{n}, a); }}}}' for n in names)
@@ -136,7 +136,7 @@ def _sanitized_cases() -> int:
 
     import yoso_reference as ref
 
-    emulator = Emulator(sanitize=True)
+    emulator = Emulator(("sampled_grads", "sampled_tables", "tables"), sanitize=True)
     _runtime.launch = emulator.launch
     _runtime.max_shared_memory = lambda index: 99 * 1024
     rng = np.random.default_rng(0)
@@ -161,7 +161,48 @@ def _sanitized_cases() -> int:
                 print(
                     f"{'ok  ' if ok else 'FAIL'} {form:6} causal={causal!s:5} Nq={n_query} Nk={n_key} D={dim} Dv={dv}"
                 )
+    failures += _sanitized_table_cases(rng)
     return 1 if failures else 0
+
+
+def _sanitized_table_cases(rng) -> int:
+    """The bucket-table primitives (tables.cu) on small odd cases: each kernel, outer products and weights,
+    half tokens, a walk and a sum of added tokens; the number that disagree with the reference."""
+    import numpy as np
+    import torch
+    from yoso_cuda import _ops, _plans
+
+    import yoso_reference as ref
+
+    failures = 0
+    batch, m, tau, channels, width = 2, 3, 3, 5, 4
+    base = torch.as_tensor(rng.standard_normal((batch, m, 2**tau, channels, width)), dtype=torch.float32)
+    for n, dtype, outer in ((37, torch.float16, False), (1, torch.float32, True), (70, torch.bfloat16, True)):
+        codes = rng.integers(0, 2**tau, (batch, m, n))
+        values, factors = rng.standard_normal((batch, n, channels)), rng.standard_normal((batch, n, width))
+        mask = rng.random((batch, n)) < 0.7
+        seen = {x: torch.as_tensor(a).to(dtype) for x, a in (("values", values), ("factors", factors))}
+        rounded = {x: t.double().numpy() for x, t in seen.items()}
+        kw = dict(mask=torch.as_tensor(mask), hash_bits=tau, outer=seen["factors"] if outer else None)
+        codes_t = torch.as_tensor(codes, dtype=torch.int32)
+        want = ref.bucket_tables(codes, rounded["values"], mask=mask, hash_bits=tau,
+                                 outer=rounded["factors"] if outer else None)  # fmt: skip
+        start = base if outer else base[..., 0].contiguous()
+        got = {
+            "bucket_tables": (_ops.bucket_tables(codes_t, seen["values"], **kw), want),
+            "add_to_tables": (_ops.add_to_tables(start, codes_t, seen["values"], **kw), start.double().numpy() + want),
+        }
+        weights = seen["values"] if outer else None
+        read = ref.read_buckets(codes, want, mask=mask, weights=rounded["values"] if outer else None)
+        got["read_buckets"] = (_ops.read_buckets(codes_t, torch.as_tensor(want, dtype=torch.float32),
+                                                 mask=kw["mask"], weights=weights), read)  # fmt: skip
+        walk = "walk" if n <= _plans.ADD_WALK_MAX_TOKENS else "sum"
+        for name, (a, b) in got.items():
+            err = float(np.linalg.norm(a.double().numpy() - b) / np.linalg.norm(b))
+            ok = err < 2e-5
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {name:13} N={n} {str(dtype)[6:]} outer={outer!s:5} add={walk}")
+    return failures
 
 
 if __name__ == "__main__":  # the sanitized driver: python emulate.py, with asan_environment()

@@ -301,3 +301,134 @@ def test_torch_compile_fullgraph():
         eager = layer(q, k, v)
         compiled = torch.compile(layer, fullgraph=True)(q, k, v)
     assert torch.allclose(eager, compiled)
+
+
+# ---- the bucket tables and the recurrent state (kernels/tables.cu) -------------------------------------
+# Emulated on the CPU in test_emulated_tables.py; these run the kernels themselves, at larger sizes.
+STATE_DEVICE, STATE_BACKEND = "cuda", "cuda"  # a CPU check of these tests' logic swaps in the reference
+
+
+def _table_problem(rng, batch=2, m=8, n=1000, channels=64, width=None, tau=12):
+    return dict(
+        codes=rng.integers(0, 2**tau, (batch, m, n)),
+        values=rng.standard_normal((batch, n, channels)),
+        outer=None if width is None else rng.standard_normal((batch, n, width)),
+        mask=rng.random((batch, n)) < 0.8,
+        tau=tau,
+    )
+
+
+def _tables_on_gpu(pb, dtype=torch.float32):
+    return _cuda().bucket_tables(
+        _t(pb["codes"], torch.int32), _t(pb["values"], dtype), mask=_t(pb["mask"], torch.bool), hash_bits=pb["tau"],
+        outer=None if pb["outer"] is None else _t(pb["outer"], dtype),
+    )  # fmt: skip
+
+
+def _tables_reference(pb, dtype=torch.float32):
+    seen = {x: None if pb[x] is None else _t(pb[x], dtype).double().cpu().numpy() for x in ("values", "outer")}
+    return ref.bucket_tables(pb["codes"], seen["values"], mask=pb["mask"], hash_bits=pb["tau"], outer=seen["outer"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape",
+    [dict(), dict(n=3000, tau=2), dict(m=2, n=300, channels=256, width=256, tau=3)],
+    ids=["tau12", "crowded", "outer"],
+)
+def test_table_primitives_match_the_reference(shape, dtype):
+    """bucket_tables, read_buckets (weights with outer products), add_to_tables one token and 100 tokens."""
+    cuda, rng = _cuda(), np.random.default_rng(20)
+    pb = _table_problem(rng, **shape)
+    tables = _tables_on_gpu(pb, dtype)
+    assert _rel(tables.cpu(), _tables_reference(pb, dtype)) < 2e-5
+    codes, mask = _t(pb["codes"], torch.int32), _t(pb["mask"], torch.bool)
+    weights = None if pb["outer"] is None else rng.standard_normal(pb["values"].shape)
+    got = cuda.read_buckets(codes, tables, mask=mask, weights=None if weights is None else _t(weights, dtype))
+    seen = None if weights is None else _t(weights, dtype).double().cpu().numpy()
+    assert (
+        _rel(got.cpu(), ref.read_buckets(pb["codes"], tables.double().cpu().numpy(), mask=pb["mask"], weights=seen))
+        < 2e-5
+    )
+    for n in (1, 100):  # the walk and the sum (_plans.ADD_WALK_MAX_TOKENS)
+        step = _table_problem(rng, **{**shape, "n": n})
+        grown = cuda.add_to_tables(
+            tables, _t(step["codes"], torch.int32), _t(step["values"], dtype), mask=_t(step["mask"], torch.bool),
+            hash_bits=step["tau"], outer=None if step["outer"] is None else _t(step["outer"], dtype),
+        )  # fmt: skip
+        assert _rel(grown.cpu(), tables.double().cpu().numpy() + _tables_reference(step, dtype)) < 2e-5
+
+
+def test_table_primitives_are_bitwise_reproducible_and_ignore_masked_content():
+    cuda = _cuda()
+    pb = _table_problem(np.random.default_rng(21), n=2000, width=16, channels=32, tau=4)
+    dirty = dict(pb, values=np.where(pb["mask"][..., None], pb["values"], np.nan))
+    runs = [_tables_on_gpu(x) for x in (pb, pb, dirty)]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    codes, mask, values = _t(pb["codes"], torch.int32), _t(pb["mask"], torch.bool), _t(dirty["values"])
+    reads = [cuda.read_buckets(codes, runs[0], mask=mask, weights=values) for _ in range(2)]
+    assert torch.equal(*reads) and (reads[0][~mask] == 0).all()
+    grown = [
+        cuda.add_to_tables(runs[0], codes, values, mask=mask, hash_bits=4, outer=values[..., :16]) for _ in range(2)
+    ]
+    assert torch.equal(*grown)
+
+
+def _attention_inputs(seed, *, dtype, n=300, dim=64, dv=48, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 4, n, d, generator=gen) for d in (dim, dim, dv))
+    mask = torch.rand(2, 4, n, generator=gen) < 0.9
+    to = dict(device=STATE_DEVICE, dtype=dtype)
+    q, k, v = (x.to(**to).requires_grad_(requires_grad) for x in (q, k, v))
+    return q, k, v, mask.to(STATE_DEVICE), torch.randn(2, 4, n, dv, generator=gen).to(STATE_DEVICE)
+
+
+def _chunked(q, k, v, mask, bounds, planes, **options):
+    import yoso
+
+    state, outs = None, []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        chunk = [x[..., a:b, :] for x in (q, k, v)]
+        out, state = yoso.attention(*chunk, key_padding_mask=mask[..., a:b], causal=True, planes=planes,
+                                    initial_state=state, output_final_state=True, **options)  # fmt: skip
+        outs.append(out)
+    return torch.cat(outs, dim=-2), state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_causal_call_equals_the_one_shot_call(dtype):
+    """A prefill cut at random places, one-token chunks, then token-by-token decoding, carrying the state:
+    the output and the final tables of the one-shot causal call (which runs the cumulation kernels)."""
+    import yoso
+
+    m, tau = 16, 8
+    q, k, v, mask, _ = _attention_inputs(22, dtype=dtype)
+    planes = torch.as_tensor(yoso.hash_planes(m, tau, 64, seed=3), device=STATE_DEVICE)
+    options = dict(num_hashes=m, hash_bits=tau)
+    with yoso.set_backend(STATE_BACKEND):
+        want, want_state = yoso.attention(q, k, v, key_padding_mask=mask, causal=True, planes=planes,
+                                          output_final_state=True, **options)  # fmt: skip
+        got, state = _chunked(q, k, v, mask, [0, 1, 97, 98, 200, 296, 297, 298, 299, 300], planes, **options)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2  # bf16 outputs: one rounding of each
+    assert _rel(got.float().cpu(), want.float().cpu()) < tol
+    assert state.tables.dtype == torch.float32 and _rel(state.tables.cpu(), want_state.tables.cpu()) < 2e-5
+
+
+def test_chunked_gradients_equal_the_one_shot_call():
+    """With differentiable_state=True the gradients w.r.t. every chunk's q, k, v are the one-shot call's
+    (the lower bound's terms between chunks through the key tables, read with weights)."""
+    import yoso
+
+    m, tau = 8, 6
+    q, k, v, mask, cot = _attention_inputs(23, dtype=torch.float32, n=200, requires_grad=True)
+    planes = torch.as_tensor(yoso.hash_planes(m, tau, 64, seed=4), device=STATE_DEVICE)
+    options = dict(num_hashes=m, hash_bits=tau)
+    with yoso.set_backend(STATE_BACKEND):
+        want = yoso.attention(q, k, v, key_padding_mask=mask, causal=True, planes=planes, **options)
+        want_grads = torch.autograd.grad((want * cot).sum(), (q, k, v))
+        got, state = _chunked(q, k, v, mask, [0, 1, 60, 61, 199, 200], planes, differentiable_state=True, **options)
+        grads = torch.autograd.grad((got * cot).sum(), (q, k, v))
+    assert _rel(got.detach().cpu(), want.detach().cpu()) < 2e-5
+    assert state.key_tables.shape == (2, 4, m, 2**tau, 48, 64)
+    for name, g, w in zip("qkv", grads, want_grads):
+        assert _rel(g.cpu(), w.cpu()) < 1e-4, name

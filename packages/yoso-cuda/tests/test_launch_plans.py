@@ -101,6 +101,46 @@ def test_launches_at_the_limits_the_backend_accepts(launches):
     _check(launches)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, _plans.ADD_WALK_MAX_TOKENS + 1])
+def test_table_launches(launches, dtype, n):
+    """bucket_tables, add_to_tables (a walk for short chunks, a sum for longer ones) and read_buckets, with
+    and without outer products / weights: one launch each, instantiated for the tokens' dtype."""
+    codes = torch.randint(0, 16, (3, 5, n), dtype=torch.int32)
+    values, outer = torch.randn(3, n, 7, dtype=dtype), torch.randn(3, n, 9, dtype=dtype)
+    for factors, shape in ((None, (3, 5, 16, 7)), (outer, (3, 5, 16, 7, 9))):
+        launches.clear()
+        kw = dict(mask=None, hash_bits=4, outer=factors)
+        tables = _ops.bucket_tables(codes, values, **kw)
+        grown = _ops.add_to_tables(tables, codes, values, **kw)
+        read = _ops.read_buckets(codes, tables, mask=None, weights=None if factors is None else values)
+        assert tables.shape == grown.shape == shape and tables.dtype == grown.dtype == read.dtype == torch.float32
+        assert read.shape == (3, n, shape[-1])
+        _check(launches, 3)
+        t = _ops.element_type(values)
+        add = "walk" if n <= _plans.ADD_WALK_MAX_TOKENS else "sum"
+        weighted = "read_buckets_plain" if factors is None else f"read_buckets_weighted<{t}>"
+        names = [name for _d, _p, name, *_ in launches]
+        assert names == [f"bucket_tables_sum<{t}>", f"bucket_tables_{add}<{t}>", weighted]
+
+
+def test_table_launches_at_the_limits_the_backend_accepts(launches):
+    """The largest batch, num_hashes, hash_bits and C x F outer products still fit CUDA's grid."""
+    # (The grid's x grows with 2^tau, its y and z are m and B: each limit on its own keeps the tensors small.)
+    for batch, m, tau in ((MAX_GRID_YZ, 1, 1), (1, MAX_GRID_YZ, 1), (1, 1, MAX_HASH_BITS)):
+        codes = torch.zeros(batch, m, 2, dtype=torch.int32)
+        values = torch.randn(batch, 2, 1)
+        tables = _ops.bucket_tables(codes, values, mask=None, hash_bits=tau)
+        _ops.add_to_tables(tables, codes, values, mask=None, hash_bits=tau)
+        _ops.read_buckets(codes, tables, mask=None)
+    codes = torch.zeros(1, 1, 2, dtype=torch.int32)
+    values = torch.randn(1, 2, 256)
+    tables = _ops.bucket_tables(codes, values, mask=None, hash_bits=1, outer=values)  # 256 x 256 per token
+    _ops.add_to_tables(tables, codes, values, mask=None, hash_bits=1, outer=values)
+    _ops.read_buckets(codes, tables, mask=None, weights=values)
+    _check(launches, 12)
+
+
 # ---- the lower bound's two forms ---------------------------------------------------------------------
 # Launch arguments (ctypes, in the kernels' parameter order): 12 pointers, then m, Nq, Nk, D, Dv, tau,
 # s, causal, form; the pair kernel adds max_ratio, 1/m; the table kernel slices, scale.

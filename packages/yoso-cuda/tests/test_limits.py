@@ -25,6 +25,7 @@ BASE = dict(
     requires_grad=True,
 )  # fmt: skip
 PRIMITIVES = ("hash_codes", "cumulate", "sampled_grads", "expectation_forward", "expectation_backward")
+PRIMITIVES += ("bucket_tables", "read_buckets", "add_to_tables")
 
 
 def _reason(**change):
@@ -37,6 +38,7 @@ def test_calls_within_the_limits_are_accepted():
     assert _reason(**largest, causal=True) is None
     assert _reason(mode="expectation", hash_bits=16) is None  # YOSO-E has no bucket tables
     assert _reason(mode="expectation", num_hashes=10**6) is None  # nor hashes
+    assert _reason(**largest, causal=True, tables=True) is None  # a state or a split sequence: bucket tables
 
 
 @pytest.mark.parametrize(
@@ -115,6 +117,7 @@ def test_missing_features_list_the_limits():
     for needle in ("dtype float64", "head dims D, Dv > 256", f"hash_bits > {MAX_HASH_BITS}", "num_hashes > 65535"):
         assert any(needle in f for f in features), (needle, features)
     assert any("CuPy" in f for f in features) and any("batch * heads" in f for f in features)
+    assert not any("bucket-table" in f for f in features), features  # has_tables
 
 
 def test_primitives_are_the_module_functions():

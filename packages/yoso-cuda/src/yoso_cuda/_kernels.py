@@ -58,12 +58,16 @@ def _programs() -> dict[str, Program]:
         for e in (0, 1)
         for a, b in TILES
     ]
+    # Bucket-table primitives: the token dtype (values and outer, or the read's weights).
+    bucket = [f"bucket_tables_{kind}<{t}>" for kind in ("sum", "walk") for t in types]
+    bucket += ["read_buckets_plain"] + [f"read_buckets_weighted<{t}>" for t in types]
     return {
         "hashing": Program("hashing.cu", tuple(hashing)),
         "cumulate": Program("cumulate.cu", tuple(cumulate)),
         "sampled_grads": Program("sampled_grads.cu", tuple(sampled)),
         "sampled_tables": Program("sampled_tables.cu", tuple(tables)),
         "expectation": Program("expectation.cu", tuple(expectation)),
+        "tables": Program("tables.cu", tuple(bucket)),
     }
 
 

@@ -139,6 +139,22 @@ def cumulate(read_codes, write_codes, values, *, read_mask, write_mask, order: s
     return out
 
 
+# ---- each bucket's run of tokens: the sampled gradients and the bucket tables ---------------------------
+
+
+def _bucket_runs(codes, hash_bits: int):
+    """Per hash, the positions sorted by (code, position) -- a stable sort of the codes -- and the run of
+    every bucket: ``(order [B, m, N], start [B, m, 2**tau + 1])``, bucket c's tokens being
+    ``order[start[c]:start[c + 1]]`` in position order (int32, contiguous)."""
+    torch = _torch()
+    batch, m = codes.shape[:2]
+    buckets = 1 << hash_bits
+    bounds = torch.arange(buckets + 1, dtype=torch.int32, device=codes.device).expand(batch, m, buckets + 1)
+    ordered, order = torch.sort(codes, dim=-1, stable=True)
+    start = torch.searchsorted(ordered, bounds.contiguous(), out_int32=True)
+    return order.to(torch.int32).contiguous(), start.contiguous()
+
+
 # ---- the pairwise pieces: sampled gradients and YOSO-E -------------------------------------------------
 
 
@@ -186,19 +202,10 @@ def sampled_grads(
     m, tau = q_codes.shape[1], hash_bits
     query_mask, key_mask = _mask(query_mask), _mask(key_mask)
 
-    # Per hash, each side sorted by (code, position) -- a stable sort of the codes -- and the run of
-    # every bucket: a kernel's block for bucket c reads q_order[start[c]:start[c + 1]]. Both forms use
-    # the same runs, and decide from their lengths which of them takes the bucket.
+    # Both forms use the same runs of each side, and decide from their lengths which of them takes a bucket.
     buckets = 1 << tau
-    bounds = torch.arange(buckets + 1, dtype=torch.int32, device=q.device).expand(batch, m, buckets + 1).contiguous()
-
-    def runs(codes):
-        ordered, order = torch.sort(codes, dim=-1, stable=True)
-        start = torch.searchsorted(ordered, bounds, out_int32=True)
-        return order.to(torch.int32).contiguous(), start.contiguous()
-
-    q_order, q_start = runs(q_codes)
-    k_order, k_start = runs(k_codes)
+    q_order, q_start = _bucket_runs(q_codes, tau)
+    k_order, k_start = _bucket_runs(k_codes, tau)
     dq = torch.zeros((batch, n_query, dim), dtype=torch.float32, device=q.device)
     dk = torch.zeros((batch, n_key, dim), dtype=torch.float32, device=q.device)
     pointers = [q, k, v, grad, q_order, q_start, k_order, k_start, query_mask, key_mask, dq, dk]
@@ -285,3 +292,88 @@ def expectation_backward(
     name = f"expectation_dkv<{t}, {exact}, {tile}, {tile}>"
     _runtime.launch(q.device, "expectation", name, (math.ceil(n_key / tile), batch), THREADS, smem, args)
     return dq, dk, dv
+
+
+# ---- the bucket tables (kernels/tables.cu; docs/math.md#bucket-tables) -----------------------------------
+
+
+def _codes(codes):
+    """Codes as the kernels read them: contiguous int32. The primitives take any integer dtype (docs/
+    architecture.md#the-primitive-contract); the backend's own codes are int32 already and are not copied."""
+    return codes.to(_torch().int32).contiguous()
+
+
+def _tokens(values, outer):
+    """``(values, outer, C, F)`` as the table kernels read them: contiguous, one element type for both
+    (fp32 when their dtypes differ, as in the backward's ``bucket_tables(grad, outer=q)``), ``F = 0``
+    without ``outer``."""
+    if outer is not None and outer.dtype != values.dtype:
+        values, outer = values.float(), outer.float()
+    values = values.contiguous()
+    outer = None if outer is None else outer.contiguous()
+    return values, outer, values.shape[2], 0 if outer is None else outer.shape[2]
+
+
+def _sum_tables(codes, values, mask, hash_bits: int, outer, base):
+    """``base + bucket_tables(...)`` (``base`` None: the tables alone), each entry written once."""
+    torch = _torch()
+    codes = _codes(codes)
+    values, outer, channels, width = _tokens(values, outer)
+    batch, m, n = codes.shape
+    entries = channels * max(width, 1)
+    shape = (batch, m, 1 << hash_bits, channels) + ((width,) if outer is not None else ())
+    tables = torch.empty(shape, dtype=torch.float32, device=values.device)
+    order, start = _bucket_runs(codes, hash_bits)
+    base = None if base is None else base.contiguous()
+    mask = _mask(mask)  # held here: a temporary copy would be freed before the kernel reads it
+    args = [_runtime.pointer(x) for x in (order, start, values, outer, mask, base, tables)]
+    args += [_runtime.i32(x) for x in (m, n, channels, width, hash_bits)]
+    grid = (math.ceil((1 << hash_bits) * entries / THREADS), m, batch)
+    _runtime.launch(values.device, "tables", f"bucket_tables_sum<{element_type(values)}>", grid, THREADS, 0, args)
+    return tables
+
+
+def bucket_tables(codes, values, *, mask, hash_bits: int, outer=None):
+    return _sum_tables(codes, values, mask, hash_bits, outer, None)
+
+
+def add_to_tables(tables, codes, values, *, mask, hash_bits: int, outer=None):
+    # A short chunk (a decoding step) walks its tokens into a copy of the tables: O(m * channels) per
+    # token after the copy. A longer one sums each bucket's run once and adds it to the old entry.
+    n = codes.shape[2]
+    if n > _plans.ADD_WALK_MAX_TOKENS:
+        return _sum_tables(codes, values, mask, hash_bits, outer, tables)
+    codes = _codes(codes)
+    values, outer, channels, width = _tokens(values, outer)
+    batch, m = codes.shape[:2]
+    out = tables.clone(memory_format=_torch().contiguous_format)
+    mask = _mask(mask)  # held here: a temporary copy would be freed before the kernel reads it
+    args = [_runtime.pointer(x) for x in (codes, values, outer, mask, out)]
+    args += [_runtime.i32(x) for x in (m, n, channels, width, hash_bits)]
+    grid = (math.ceil(channels * max(width, 1) / THREADS), m, batch)
+    _runtime.launch(values.device, "tables", f"bucket_tables_walk<{element_type(values)}>", grid, THREADS, 0, args)
+    return out
+
+
+def read_buckets(codes, tables, *, mask, weights=None):
+    torch = _torch()
+    codes, tables = _codes(codes), tables.contiguous()
+    batch, m, n = codes.shape
+    hash_bits = int(tables.shape[2]).bit_length() - 1
+    channels = tables.shape[3]
+    mask = _mask(mask)
+    if weights is None:
+        out = torch.empty((batch, n, channels), dtype=torch.float32, device=tables.device)
+        args = [_runtime.pointer(x) for x in (codes, tables, mask, out)]
+        args += [_runtime.i32(x) for x in (m, n, channels, hash_bits)]
+        grid = (math.ceil(n * channels / THREADS), batch)
+        _runtime.launch(tables.device, "tables", "read_buckets_plain", grid, THREADS, 0, args)
+        return out
+    weights = weights.contiguous()
+    width = tables.shape[4]
+    out = torch.empty((batch, n, width), dtype=torch.float32, device=tables.device)
+    args = [_runtime.pointer(x) for x in (codes, tables, weights, mask, out)]
+    args += [_runtime.i32(x) for x in (m, n, channels, width, hash_bits)]
+    name = f"read_buckets_weighted<{element_type(weights)}>"
+    _runtime.launch(tables.device, "tables", name, (math.ceil(n * width / THREADS), batch), THREADS, 0, args)
+    return out

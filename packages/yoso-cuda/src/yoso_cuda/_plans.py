@@ -80,3 +80,9 @@ def lower_bound_form(form: str, backward: str) -> int:
             )
         return FORMS["pairs"]
     return FORMS[form]
+
+
+# add_to_tables: up to this many tokens a chunk walks its tokens into a copy of the running tables
+# (bucket_tables_walk: O(m C) per token, but a serial chain of N read-modify-writes per thread); longer
+# chunks sum each bucket's run in parallel and add it to the old entries (bucket_tables_sum with a base).
+ADD_WALK_MAX_TOKENS = 64

@@ -41,6 +41,10 @@ class CudaBackend(Backend):
     # sampled_grads(form="auto") takes, per bucket, whichever costs less: the colliding pairs
     # (sampled_grads.cu) or the bucket's D x Dv tables (sampled_tables.cu, the lower bound only).
     lower_bound_forms = ("pairs", "tables")
+    # bucket_tables / read_buckets / add_to_tables (kernels/tables.cu; docs/math.md#bucket-tables): the
+    # recurrent state and sequence parallelism. Within the limits above every call has a plan: grids of
+    # (2^tau C F / 256, m, B) and (N C / 256, B) blocks, no shared memory, 64-bit offsets.
+    has_tables = True
 
     def availability(self) -> str | None:
         return _runtime.unavailable_reason()
