@@ -1,5 +1,7 @@
 """Sessions: lint, api, tests (one per backend, each in its own environment), models, demo, bench.
 
+The api session also runs yoso-parallel's and yoso-bench's tests (one environment with torch and JAX).
+
     python -m nox                   # what CI runs: lint, api, tests, models
     python -m nox -s demo           # yoso demo on the NumPy reference
     python -m nox -s bench -- --quick --out DIR   # yoso bench (posargs go to it; default: full CPU grid)
@@ -38,6 +40,7 @@ REFERENCE = "packages/yoso-reference"
 JAX_BACKENDS = "packages/yoso-jax"
 BENCH = "packages/yoso-bench"  # yoso bench and yoso demo (subcommands through the yoso.commands entry points)
 MODELS = "packages/yoso-models"  # yoso_models.nn, .nnx, .transformers
+PARALLEL = "packages/yoso-parallel"  # group= / axis_name= (engines through the yoso.parallel entry points)
 
 
 def _pip_find_links() -> None:
@@ -151,11 +154,12 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def api(session: nox.Session) -> None:
     """yoso-api's own tests, once (selection, plugins, the yoso command, bad input from NumPy, torch and JAX
-    callers; sequence parallelism over gloo processes and a 4-device jax.shard_map, each in processes of
-    their own), and yoso-bench's (yoso bench on a tiny grid, --sequence-parallel 2, yoso demo)."""
-    packages = ["-e", REFERENCE, "-e", API, "-e", JAX_BACKENDS, "-e", f"{BENCH}[plot]"]
+    callers), yoso-parallel's (sequence parallelism over gloo processes and a 4-device jax.shard_map, each in
+    processes of their own) and yoso-bench's (yoso bench on a tiny grid, --sequence-parallel 2, yoso demo):
+    one environment with torch and JAX for the three."""
+    packages = ["-e", REFERENCE, "-e", API, "-e", JAX_BACKENDS, "-e", PARALLEL, "-e", f"{BENCH}[plot]"]
     session.install(TORCH, JAX, *TEST_TOOLS, *packages)
-    _pytest(session, f"{API}/tests", f"{BENCH}/tests")
+    _pytest(session, f"{API}/tests", f"{PARALLEL}/tests", f"{BENCH}/tests")
 
 
 @nox.session
@@ -211,6 +215,6 @@ def bench(session: nox.Session) -> None:
         for arg in args:
             item = [arg, next(args)] if arg == "-e" else [arg]
             backends += [] if item[-1] in backends else item
-    session.install(TORCH, "-e", REFERENCE, "-e", API, "-e", f"{BENCH}[plot]", *backends)
+    session.install(TORCH, "-e", REFERENCE, "-e", API, "-e", PARALLEL, "-e", f"{BENCH}[plot]", *backends)
     session.run("yoso", "info")
     session.run("yoso", "bench", *(session.posargs or ["--out", "bench-out"]))

@@ -2,7 +2,7 @@
 
 Each process holds ``N / R`` rows of ``q, k, v [B, H, N, D]`` and calls
 ``yoso.attention(q, k, v, ..., group=torch.distributed.group.WORLD)``: forward and backward, timed, with the
-bytes each rank sends counted (``yoso.testing.sequence_parallel_traffic``). ``--memory-gib`` caps what each
+bytes each rank sends counted (``yoso_parallel.recording``). ``--memory-gib`` caps what each
 process may add to its address space once torch, JAX and the process group are up (``RLIMIT_AS``), so the
 same budget can be tried with one process and with several:
 
@@ -13,7 +13,8 @@ same budget can be tried with one process and with several:
     # one process, the same budget: runs out of memory
     python examples/sequence_parallel.py --spawn 1 --seq-len 1048576 --memory-gib 1.25
 
-On GPUs (one per rank, NCCL) add ``--device cuda``: the tensors stay on the CPU, where a table-capable
+``group=`` comes with the yoso-parallel package (``pip install -e packages/yoso-parallel`` here). On GPUs
+(one per rank, NCCL) add ``--device cuda``: the tensors stay on the CPU, where a table-capable
 backend computes, and the messages go over NCCL.
 """
 
@@ -99,7 +100,7 @@ def rank_main(args) -> int:
     import torch.distributed as dist
 
     import yoso
-    from yoso.testing import sequence_parallel_traffic
+    from yoso_parallel import recording as sequence_parallel_traffic
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = args.device == "cuda"

@@ -216,7 +216,7 @@ def test_info_lists_backends_and_reasons(capsys, monkeypatch):
     assert cli.main(["info", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert {row["name"] for row in data["backends"]} >= {"reference", "broken"}
-    assert data["cpu"] and "numpy" in data["packages"]
+    assert data["cpu"] and "numpy" in data["packages"] and "yoso-parallel" in data["packages"]
 
 
 def test_hash_planes_layouts():

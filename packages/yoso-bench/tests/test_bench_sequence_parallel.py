@@ -44,3 +44,13 @@ def test_two_ranks_end_to_end(tmp_path, capsys):
 def test_bad_options(args, message, capsys):
     assert main(["bench", *args]) != 0
     assert message in capsys.readouterr().err
+
+
+def test_names_the_package_it_needs(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    absent = lambda name, *args: None if name == "yoso_parallel" else real(name, *args)
+    monkeypatch.setattr(importlib.util, "find_spec", absent)
+    assert main(["bench", "--sequence-parallel", "2", *TINY]) != 0
+    assert "needs the yoso-parallel package" in capsys.readouterr().err

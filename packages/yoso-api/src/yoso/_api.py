@@ -86,6 +86,7 @@ def attention(
             rank passes its contiguous slice of q, k, v and of the masks (ranks in order) and gets its slice
             of the full-sequence result (and, through autograd, of the gradients). Every rank must use the
             same hash functions (``seed=<int>`` or ``planes=``) and run the backward. docs/math.md#sequence-parallelism.
+            Needs the yoso-parallel package (``pip install yoso-parallel``); without it a ``ValueError`` says so.
         axis_name: JAX only, the same for a mesh axis: inside ``jax.shard_map`` each device passes its slice
             and gets its slice (``psum`` and collective permutes over the axis; the shard_map needs
             ``check_vma=False`` for now); on whole arrays under ``jax.jit`` with ``jax.set_mesh(mesh)``, the
@@ -102,8 +103,8 @@ def attention(
         packing, (q, k, v), options = _unpacked(glue, q, k, v, options)
     prep = _prepare(glue, q, k, v, options=options)
     backend = glue.select(prep.call)
-    if prep.parallel is not None:  # a sequence split across ranks: yoso/_sequence_parallel.py
-        from ._sequence_parallel import attention as parallel_attention
+    if prep.parallel is not None:  # a sequence split across ranks: the yoso-parallel engine (yoso/_parallel.py)
+        from ._parallel import attention as parallel_attention
 
         result = parallel_attention(glue, backend, prep)
     else:

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from . import _parallel
 from ._planes import check_hash_args, planes_shape
 from .backends import BACKWARDS, FLOAT_DTYPES, MODES, Call
 
@@ -34,7 +35,7 @@ class Prepared:
     normalize: bool
     shapes: tuple[tuple[int, ...], ...]  # the original shapes of q, k, v
     checked: bool = True  # whether the value checks ran (False while jax.jit/vmap or torch.compile trace)
-    parallel: Any = None  # a SequenceParallel for group= / axis_name= calls (yoso._sequence_parallel)
+    parallel: Any = None  # group= / axis_name= calls: what the yoso-parallel engine checked (yoso._parallel)
     state: StateSpec | None = None  # a call that continues or returns a recurrent state
 
 
@@ -351,7 +352,7 @@ def prepare(
             f"causal=True needs as many queries as keys; got q {_fmt(shapes['q'])} (Nq={n_query}), "
             f"k {_fmt(shapes['k'])} (Nk={n_key})"
         )
-    parallel = check_sequence_parallel(
+    parallel = _parallel.check(
         glue,
         group=group,
         axis_name=axis_name,
@@ -655,174 +656,3 @@ def prepare_hashing(glue, x, *, planes, num_hashes, hash_bits, hashing, seed, ge
         requires_grad=False,
     )
     return PreparedHashing(call=call, lead=lead, x=x_flat, planes=flat_planes, checked=checked)
-
-
-# ---- sequence parallelism: group= (torch.distributed) and axis_name= (JAX) ---------------------------
-
-
-@dataclass(frozen=True)
-class SequenceParallel:
-    """A call whose sequence is split across ranks: each holds a contiguous slice, ranks in order."""
-
-    engine: str  # "torch" (a torch.distributed process group) or "jax" (a named mesh axis)
-    size: int  # the number of ranks
-    group: Any = None  # torch: the process group
-    rank: int | None = None  # torch: this process's rank in the group (JAX: traced, lax.axis_index)
-    axis_name: Any = None  # jax: the mesh axis the sequence is split over
-    mesh: Any = None  # jax, whole arrays under jax.jit with a mesh set: the mesh (inside shard_map: None)
-
-
-_SAME_HASHES = (
-    "every rank must hash with the same functions: pass seed=<int> (the same on every rank) or planes= "
-    "(e.g. yoso.hash_planes(...) drawn on one rank and sent to the others with "
-    "torch.distributed.broadcast_object_list, or replicated into jax.shard_map)"
-)
-
-
-def check_sequence_parallel(glue, *, group, axis_name, mode, planes, seed, generator, key, lengths=None):
-    """The local rules of ``group=`` / ``axis_name=`` (types, membership, hash functions that agree across
-    ranks, lengths that split evenly where JAX splits whole arrays); None when neither is given. What must
-    agree across torch ranks is checked by :func:`check_ranks_agree` on the layouts the ranks exchange when
-    the call runs (slices of different lengths are fine there; inside jax.shard_map they are equal)."""
-    if group is None and axis_name is None:
-        return None
-    if group is not None and axis_name is not None:
-        raise ValueError("pass group= (a torch.distributed process group) or axis_name= (JAX), not both")
-    if group is not None and glue.name != "torch":
-        raise TypeError(
-            f"group= is a torch.distributed process group, for torch tensors; got {glue.name} arrays"
-            + ("; with JAX arrays pass axis_name= inside jax.shard_map" if glue.name == "jax" else "")
-        )
-    if axis_name is not None and glue.name != "jax":
-        raise TypeError(
-            f"axis_name= names a JAX mesh axis, for JAX arrays inside jax.shard_map; got {glue.name} arrays"
-            + ("; with torch tensors pass group= (a torch.distributed process group)" if glue.name == "torch" else "")
-        )
-    if mode == "sample" and planes is None:
-        if generator is not None:
-            raise ValueError(f"generator= draws hash functions per process, and with group= {_SAME_HASHES}")
-        if seed is None and key is None:
-            raise ValueError(f"seed=None draws hash functions per process; with {_parallel_arg(group)} {_SAME_HASHES}")
-    if group is not None:
-        return _check_group(group)
-    parallel = _check_axis(axis_name, planes=planes, key=key)
-    if parallel.mesh is not None and lengths is not None and any(n % parallel.size for n in lengths):
-        raise ValueError(
-            f"axis_name={axis_name!r} splits whole arrays over the {parallel.size} devices of that mesh axis: the "
-            f"lengths must divide evenly, got Nq={lengths[0]}, Nk={lengths[1]}"
-        )
-    return parallel
-
-
-def _parallel_arg(group) -> str:
-    return "group=" if group is not None else "axis_name="
-
-
-def _check_group(group) -> SequenceParallel:
-    import torch.distributed as dist  # a torch call: torch is imported already
-
-    if not dist.is_available():
-        raise ValueError("group= needs torch.distributed, which this torch build lacks")
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(
-            f"group must be a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD or "
-            f"torch.distributed.new_group(...)), got {type(group).__name__}"
-        )
-    if not dist.is_initialized():
-        raise ValueError("group= needs torch.distributed.init_process_group() to have run in this process")
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("this process is not a member of group=; call yoso.attention on the group's ranks only")
-    return SequenceParallel(engine="torch", size=dist.get_world_size(group), group=group, rank=rank)
-
-
-def _varying(x, axis_name) -> bool:
-    """Whether a JAX value differs along the mesh axis (shard_map's varying-axes type; False if untracked)."""
-    import jax
-
-    if x is None or not isinstance(x, jax.Array):
-        return False
-    aval = jax.typeof(x)
-    varying = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
-    if varying is None:
-        varying = getattr(aval, "vma", frozenset())
-    return axis_name in varying
-
-
-def _check_axis(axis_name, *, planes, key) -> SequenceParallel:
-    import jax
-    from jax import lax
-
-    if not isinstance(axis_name, str):
-        raise TypeError(f"axis_name must be the name (str) of a jax.shard_map mesh axis, got {axis_name!r}")
-    try:
-        size = lax.axis_size(axis_name)
-    except NameError:
-        # Not inside shard_map: whole arrays under a mesh set with jax.set_mesh (pjit-style sharding).
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh is not None and not mesh.empty and axis_name in mesh.axis_names:
-            return SequenceParallel(engine="jax", size=int(mesh.shape[axis_name]), axis_name=axis_name, mesh=mesh)
-        raise ValueError(
-            f"axis_name={axis_name!r} is not a mesh axis bound here: call yoso.attention inside "
-            f"jax.shard_map(..., mesh=mesh) over a mesh with an axis {axis_name!r}, each device holding its "
-            f"slice of the sequence, or on whole arrays under jax.set_mesh(mesh)"
-        ) from None
-    for name, value in (("planes", planes), ("key", key)):
-        if _varying(value, axis_name):
-            raise ValueError(
-                f"{name} differs along the mesh axis {axis_name!r}: {_SAME_HASHES} (replicate it: "
-                f"in_specs=P() in jax.shard_map)"
-            )
-    return SequenceParallel(engine="jax", size=int(size), axis_name=axis_name)
-
-
-# What every rank of a group= call must agree on (the key and query counts may differ per rank).
-RANK_FIELDS = (
-    "batch",
-    "lead",
-    "dim",
-    "value_dim",
-    "dtype",
-    "mode",
-    "hashing",
-    "backward",
-    "causal",
-    "normalize",
-    "num_hashes",
-    "hash_bits",
-    "key_padding_mask",
-    "query_mask",
-    "requires_grad",
-    "planes",
-)
-
-
-def check_ranks_agree(layouts: list[dict], *, described: dict[str, list]) -> None:
-    """Refuse a ``group=`` call whose ranks disagree. ``layouts``: one dict per rank of :data:`RANK_FIELDS`
-    as numbers (all ranks receive all of them, so every rank raises the same error instead of some
-    waiting forever in a collective); ``described``: per field, each rank's value as the error shows it."""
-    first = layouts[0]
-    for name in RANK_FIELDS:
-        values = [row[name] for row in layouts]
-        if name == "planes":
-            # Sums computed on each rank (float64): equal hash functions agree to rounding.
-            scale = max(1.0, max(abs(x) for v in values for x in v))
-            if any(abs(a - b) > 1e-9 * scale for v in values for a, b in zip(v, first[name])):
-                raise ValueError(f"the ranks' hash functions differ (checksums {described[name]}): {_SAME_HASHES}")
-            continue
-        if any(v != first[name] for v in values):
-            shown = ", ".join(f"rank {r}: {d}" for r, d in enumerate(described[name]))
-            what = {
-                "lead": "the leading (batch/head) dims",
-                "batch": "the leading (batch/head) dims",
-                "key_padding_mask": "whether key_padding_mask is given",
-                "query_mask": "whether query_mask is given",
-                "requires_grad": "whether the call is differentiated (every rank must run the backward)",
-            }.get(name, name)
-            raise ValueError(
-                f"yoso.attention(group=...): the ranks disagree on {what} ({shown}); every rank passes its "
-                "slice of one sequence with the same options, leading and head dims"
-            )
-    for r, row in enumerate(layouts):
-        if row["causal"] and row["n_query"] != row["n_key"]:  # pragma: no cover - refused locally first
-            raise ValueError(f"causal=True needs as many queries as keys on every rank; rank {r} differs")

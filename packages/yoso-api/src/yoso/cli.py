@@ -1,6 +1,6 @@
 """The ``yoso`` command: ``yoso info`` here, every other subcommand from the distribution that provides it.
 
-    yoso info [--json]      # installed backends, versions, devices, and why any cannot run
+    yoso info [--json]      # installed backends, versions (yoso-parallel's too), devices, why any cannot run
     yoso --version
     python -m yoso ...      # the same command
 
@@ -48,6 +48,9 @@ KNOWN_COMMANDS = {"bench": "yoso-bench", "demo": "yoso-bench"}
 MONOREPO_PATHS = {"yoso-bench": "packages/yoso-bench[plot]"}
 
 BUILTIN_COMMANDS = ("info",)
+
+# The versions `yoso info` shows: the frameworks, and yoso-parallel (group=/axis_name= need it).
+PACKAGES = ("numpy", "torch", "jax", "jaxlib", "triton", "cupy", "yoso-parallel")
 
 
 def _package_version(name: str) -> str | None:
@@ -129,7 +132,7 @@ def info() -> dict:
     return {
         "yoso": __version__,
         "python": platform.python_version(),
-        "packages": {n: _package_version(n) for n in ("numpy", "torch", "jax", "jaxlib", "triton", "cupy")},
+        "packages": {n: _package_version(n) for n in PACKAGES},
         "cpu": cpu_name(),
         "gpus": gpu_names(),
         "selected_backend": default,

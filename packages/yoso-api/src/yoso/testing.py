@@ -11,14 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 from ._core import max_ratio
-from ._sequence_parallel import model as sequence_parallel_model
-from ._sequence_parallel import recording as sequence_parallel_traffic
 
 __all__ = [
     "framework_for",
     "max_ratio",
-    "sequence_parallel_model",
-    "sequence_parallel_traffic",
     "synchronize",
     "to_framework",
     "to_numpy",

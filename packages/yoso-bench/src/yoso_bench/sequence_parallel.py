@@ -3,14 +3,16 @@
 The parent starts R processes (torch.distributed on the loopback address: gloo, or NCCL with
 ``--device cuda``, one GPU per rank); each holds ``N / R`` rows of ``[B, H, N, D]`` and runs
 ``yoso.attention(..., group=WORLD)`` forward (and backward), timed, with the collectives counted by
-``yoso.testing.sequence_parallel_traffic()``. The report compares the bytes each rank sent with the
-model (``yoso.testing.sequence_parallel_model``) and with ring attention's, which passes every K/V block
-round the ring (O(N·D) per device): YOSO's non-causal forward sends one all-reduce of the value tables,
-``B·H·m·2^τ·Dv`` numbers whatever N. Writes ``sequence_parallel.json`` (schema ``yoso-bench-sp/1``).
+``yoso_parallel.recording()``. The report compares the bytes each rank sent with the model
+(``yoso_parallel.model``) and with ring attention's, which passes every K/V block round the ring (O(N·D)
+per device): YOSO's non-causal forward sends one all-reduce of the value tables, ``B·H·m·2^τ·Dv`` numbers
+whatever N. Writes ``sequence_parallel.json`` (schema ``yoso-bench-sp/1``). Needs the yoso-parallel
+package (``group=`` is its engine).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -71,6 +73,11 @@ def config_from_args(args, argv=None) -> dict:
     world = args.sequence_parallel
     if world < 1:
         raise ValueError(f"--sequence-parallel takes the number of processes (>= 1), got {world}")
+    if importlib.util.find_spec("yoso_parallel") is None:
+        raise ValueError(
+            "--sequence-parallel needs the yoso-parallel package (yoso.attention's group=): pip install "
+            "yoso-parallel (in the yoso repository: pip install -e packages/yoso-parallel)"
+        )
     ns = _positive_ints(args.n, QUICK_NS if args.quick else DEFAULT_NS, "--n")
     uneven = [n for n in ns if n % world]
     if uneven:
@@ -159,7 +166,7 @@ def run(config: dict) -> dict:
 def _report(config: dict, ranks: list[dict]) -> dict:
     from types import SimpleNamespace
 
-    from yoso.testing import sequence_parallel_model
+    from yoso_parallel import model as sequence_parallel_model
 
     from . import report
 
@@ -212,7 +219,7 @@ def _report(config: dict, ranks: list[dict]) -> dict:
         "process_group": ranks[0]["process_group"],
         "methodology": (
             "one yoso.attention layer, [B, H, N, D] float32 split along N over the ranks; bytes: what each rank "
-            "hands to each collective, counted by yoso.testing.sequence_parallel_traffic(), and the bytes it sends "
+            "hands to each collective, counted by yoso_parallel.recording(), and the bytes it sends "
             "by the collective's algorithm (ring all-reduce: 2(R-1)/R of the payload; prefix/suffix sums: a chain, "
             "one table per rank but the last; ring shifts: the payload); ring attention's bytes by the same count "
             "(K/V blocks R-1 hops forward; backward also the dK/dV accumulators R hops). Time: the slowest rank's "
@@ -276,7 +283,7 @@ def _worker(rank: int, world: int, init: str, spec: str, out: str) -> None:
         import torch.distributed as dist
 
         import yoso
-        from yoso.testing import sequence_parallel_traffic
+        from yoso_parallel import recording as sequence_parallel_traffic
 
         config = json.loads(Path(spec).read_text())
         cuda = config["device"] == "cuda"

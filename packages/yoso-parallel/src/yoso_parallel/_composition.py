@@ -1,12 +1,13 @@
-"""Sequence parallelism: one YOSO call over a sequence split across processes or devices.
+"""Sequence parallelism, the framework-neutral half: one YOSO call over a sequence split across ranks.
 
 Each rank holds a contiguous slice of the sequence (ranks in order) and gets its slice of the result and
-of the gradients (docs/math.md#sequence-parallelism). This module is the framework-neutral half: it
-composes the backend's primitives -- on the backend's own arrays, exactly as ``yoso._core`` does for one
-process -- with a small :class:`Collectives` interface (sum over ranks, exclusive prefix and suffix sums
-over ranks, a ring shift). The engines' halves implement that interface and the autograd around it:
-``yoso._sp_torch`` (torch.distributed, a ``torch.autograd.Function``) and ``yoso._sp_jax`` (``lax.psum``
-/ ``lax.ppermute`` inside ``jax.shard_map``, a ``jax.custom_vjp``).
+of the gradients (docs/math.md#sequence-parallelism). This module composes the backend's primitives --
+on the backend's own arrays, exactly as ``yoso._core`` does for one process -- with a small
+:class:`Collectives` interface (sum over ranks, exclusive prefix and suffix sums over ranks, a ring
+shift). The engines implement that interface and the autograd around it: ``yoso_parallel._torch``
+(torch.distributed, a ``torch.autograd.Function``) and ``yoso_parallel._jax`` (``lax.psum`` /
+``lax.ppermute`` inside ``jax.shard_map``, a ``jax.custom_vjp``). Both run the :class:`Plan` that
+:func:`plan` makes of a prepared call.
 
 What moves between ranks, per call:
 
@@ -28,22 +29,13 @@ import math
 import threading
 from dataclasses import dataclass, field
 
-from ._core import max_ratio
+from yoso.testing import max_ratio
 
 STRATEGIES = ("tables", "ring")
 
 # The lower bound's tables of outer products are built, summed and read a few hashes at a time, so that
 # a chunk holds at most this many bytes (the bytes sent are the same; the peak memory is bounded).
 TABLE_CHUNK_BYTES = 1 << 27
-
-
-def attention(glue, backend, prep):
-    """``yoso.attention`` of a prepared ``group=`` / ``axis_name=`` call on ``backend``, by its engine."""
-    if prep.parallel.engine == "torch":
-        from . import _sp_torch as engine
-    else:
-        from . import _sp_jax as engine
-    return engine.attention(backend, prep)
 
 
 # ---- collectives ---------------------------------------------------------------------------------
@@ -91,15 +83,30 @@ class Collectives(abc.ABC):
         needs besides the primitives (reading tables of outer products a block of tokens at a time)."""
 
     @abc.abstractmethod
+    def scan_bytes(self, op: str, nbytes: int, rank: int | None) -> float:
+        """Bytes one rank sends for an exclusive prefix or suffix sum by the engine's algorithm (``size > 1``)."""
+
     def sent_bytes(self, op: str, nbytes: int, rank: int | None = None) -> float:
-        """Bytes one rank sends for ``op`` on a payload of ``nbytes`` (``rank`` None: the mean over ranks)
-        under the engine's algorithm for it: the model the plan and the traffic report use."""
+        """Bytes one rank sends for ``op`` on a payload of ``nbytes`` (``rank`` None: the mean over ranks):
+        the model the plan and the traffic report use. All-reduces are ring all-reduces (reduce-scatter +
+        all-gather; NCCL's and gloo's for large buffers: ``2 (R - 1) / R`` of the payload); a ring shift
+        sends its payload."""
+        if self.size == 1:
+            return 0.0
+        if op == "all_reduce":
+            return 2.0 * (self.size - 1) / self.size * nbytes
+        if op in ("exclusive_prefix", "exclusive_suffix"):
+            return self.scan_bytes(op, nbytes, rank)
+        return float(nbytes)
 
 
-def ring_all_reduce_bytes(size: int, nbytes: int) -> float:
-    """A ring all-reduce (reduce-scatter + all-gather; NCCL's and gloo's for large buffers): each rank
-    sends ``2 (R - 1) / R`` of the payload."""
-    return 2.0 * (size - 1) / size * nbytes
+def chain_bytes(size: int, op: str, nbytes: int, rank: int | None) -> float:
+    """Prefix and suffix sums as a chain, torch's algorithm: each rank but the last (the first for the
+    suffix) sends one table."""
+    if rank is None:
+        return nbytes * (size - 1) / size
+    end = size - 1 if op == "exclusive_prefix" else 0
+    return 0.0 if rank == end else float(nbytes)
 
 
 # ---- the traffic report (a counting wrapper) -----------------------------------------------------
@@ -198,8 +205,8 @@ class Counting(Collectives):
     def concatenate(self, arrays):
         return self.inner.concatenate(arrays)
 
-    def sent_bytes(self, op, nbytes, rank=None):
-        return self.inner.sent_bytes(op, nbytes, rank)
+    def scan_bytes(self, op, nbytes, rank):
+        return self.inner.scan_bytes(op, nbytes, rank)
 
 
 def _counted(comm: Collectives, phase: str) -> Collectives:
@@ -265,6 +272,70 @@ def choose_grads(comm: Collectives, sizes: Sizes, *, mode: str, backward: str) -
         return forced
     sent = grads_bytes(comm, sizes)
     return "ring" if sent["ring"] < sent["tables"] else "tables"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The options of one split call, the same on every rank (hashable: JAX compiles one program per plan)."""
+
+    mode: str
+    hashing: str
+    num_hashes: int
+    hash_bits: int
+    causal: bool
+    backward: str
+    grads: str  # how the lower bound's dq, dk cross ranks (choose_grads)
+
+    def run_forward(self, backend, comm, q, k, v, planes, query_mask, key_mask):
+        """:func:`forward` with this plan's options."""
+        options = dict(hashing=self.hashing, num_hashes=self.num_hashes, hash_bits=self.hash_bits)
+        return forward(
+            backend, comm, q, k, v, planes, query_mask, key_mask, mode=self.mode, causal=self.causal, **options
+        )
+
+    def run_backward(self, backend, comm, q, k, v, planes, codes, query_mask, key_mask, grad):
+        """:func:`backward` with this plan's options."""
+        options = dict(hashing=self.hashing, num_hashes=self.num_hashes, hash_bits=self.hash_bits)
+        return backward(
+            backend,
+            comm,
+            q,
+            k,
+            v,
+            planes,
+            codes,
+            query_mask,
+            key_mask,
+            grad,
+            mode=self.mode,
+            backward=self.backward,
+            causal=self.causal,
+            grads=self.grads,
+            **options,
+        )
+
+
+def plan(call, comm: Collectives, *, itemsize: int, key_mask: bool) -> Plan:
+    """The plan of a prepared call (its ``yoso.backends.Call``) whose sums are ``itemsize``-byte numbers."""
+    sizes = Sizes(
+        batch=call.batch,
+        dim=call.dim,
+        value_dim=call.value_dim,
+        num_hashes=call.num_hashes,
+        hash_bits=call.hash_bits,
+        itemsize=itemsize,
+        causal=call.causal,
+        key_mask=key_mask,
+    )
+    return Plan(
+        mode=call.mode,
+        hashing=call.hashing,
+        num_hashes=call.num_hashes,
+        hash_bits=call.hash_bits,
+        causal=call.causal,
+        backward=call.backward,
+        grads=choose_grads(comm, sizes, mode=call.mode, backward=call.backward),
+    )
 
 
 # ---- the composition --------------------------------------------------------------------------------
@@ -545,8 +616,8 @@ class _ModelCollectives(Collectives):
         self.size = size
         self.lengths = tuple(n // size + (1 if r < n % size else 0) for r in range(size))
 
-    def sent_bytes(self, op, nbytes, rank=None):
-        return torch_sent_bytes(self.size, op, nbytes, rank)
+    def scan_bytes(self, op, nbytes, rank):
+        return chain_bytes(self.size, op, nbytes, rank)
 
     def all_reduce(self, x, *, what):  # pragma: no cover - a model only
         raise NotImplementedError
@@ -560,18 +631,3 @@ class _ModelCollectives(Collectives):
         raise NotImplementedError
 
     concatenate = earlier
-
-
-def torch_sent_bytes(size: int, op: str, nbytes: int, rank: int | None = None) -> float:
-    """The torch adapter's algorithms: a ring all-reduce; prefix and suffix sums as a chain (each rank
-    but the last -- the first for the suffix -- sends one table); a ring shift sends its payload."""
-    if size == 1:
-        return 0.0
-    if op == "all_reduce":
-        return ring_all_reduce_bytes(size, nbytes)
-    if op in ("exclusive_prefix", "exclusive_suffix"):
-        if rank is None:
-            return nbytes * (size - 1) / size
-        end = size - 1 if op == "exclusive_prefix" else 0
-        return 0.0 if rank == end else float(nbytes)
-    return float(nbytes)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from sp_cases import bounds, cases_for, compare, data, options, strategy
 
 import yoso
-from yoso import _sequence_parallel as sp
+import yoso_parallel as sp
 
 
 def _tensor(x, dtype, device="cpu"):

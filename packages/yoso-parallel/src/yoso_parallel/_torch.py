@@ -2,20 +2,21 @@
 
 Each rank passes its contiguous slice of the sequence (ranks in order); the result is its slice of the
 full-sequence result, and autograd gives its slice of the gradients. The composition is
-``yoso._sequence_parallel`` (framework-neutral, on the backend's arrays); this module supplies the
-collectives over a process group and the autograd around them:
+``yoso_parallel._composition`` (framework-neutral, on the backend's arrays); this module is the ``torch``
+engine of the ``yoso.parallel`` entry points (``check`` and ``attention``, see ``yoso._parallel``) and
+supplies the collectives over a process group and the autograd around them:
 
 * :class:`TorchCollectives`: ``all_reduce``; exclusive prefix / suffix sums as a chain of point-to-point
   messages (each rank sends at most one table); a ring shift with ``batch_isend_irecv``. Backend arrays
   (NumPy, or JAX through DLPack) are viewed as CPU tensors and moved to the group's device for the
   message: the CPU for gloo, the current CUDA device for NCCL, so the same code runs over both.
 * One ``torch.autograd.Function`` around the core, with the normalisations and masks outside it in
-  ordinary torch code (as ``yoso._torch_glue`` does for one process). Every rank must run the backward:
-  it communicates too. ``torch.compile`` does not trace this path: it runs eagerly (``torch.compiler.
-  disable``), a graph break, so ``fullgraph=True`` refuses it.
+  ordinary torch code (``yoso._parallel.glue_helpers("torch")``, as the glue does for one process). Every
+  rank must run the backward: it communicates too. ``torch.compile`` does not trace this path: it runs
+  eagerly (``torch.compiler.disable``), a graph break, so ``fullgraph=True`` refuses it.
 * Before the first collective the ranks exchange their layouts (one small all-gather), so a call whose
   ranks disagree -- options, head dims, hash functions, masks given on some ranks only -- raises the same
-  ``ValueError`` on every rank (``yoso._validate.check_ranks_agree``) instead of hanging.
+  ``ValueError`` on every rank (:func:`check_ranks_agree`) instead of hanging.
 """
 
 from __future__ import annotations
@@ -27,10 +28,39 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import _sequence_parallel as sp
-from ._torch_glue import _accumulate_dtype, _from_backend, _keep_rows, _to_backend, _unit
-from ._validate import RANK_FIELDS, check_ranks_agree
-from .backends import BACKWARDS, FLOAT_DTYPES, HASHINGS, MODES
+from yoso._parallel import SAME_HASHES, glue_helpers
+from yoso.backends import BACKWARDS, FLOAT_DTYPES, HASHINGS, MODES
+
+from . import _composition as sp
+
+glue = glue_helpers("torch")
+
+
+@dataclass(frozen=True)
+class Group:
+    """A checked ``group=``: the process group and this process's rank in it."""
+
+    group: object
+    size: int
+    rank: int
+
+
+def check(group, *, planes, key, lengths) -> Group:
+    """The local rules of ``group=``: a ProcessGroup of an initialised torch.distributed that this process
+    is a member of. What the ranks must agree on is checked when the call runs (:func:`exchange_layouts`)."""
+    if not dist.is_available():
+        raise ValueError("group= needs torch.distributed, which this torch build lacks")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"group must be a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD or "
+            f"torch.distributed.new_group(...)), got {type(group).__name__}"
+        )
+    if not dist.is_initialized():
+        raise ValueError("group= needs torch.distributed.init_process_group() to have run in this process")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of group=; call yoso.attention on the group's ranks only")
+    return Group(group=group, size=dist.get_world_size(group), rank=rank)
 
 
 def _device_for(group, like: torch.Tensor) -> torch.device:
@@ -76,9 +106,7 @@ class TorchCollectives(sp.Collectives):
         t = t.cpu()
         if self.framework == "numpy":
             return t.numpy()
-        from ._jax_glue import from_host
-
-        return from_host(t)
+        return glue_helpers("jax").from_host(t)
 
     def _peer(self, rank: int) -> int:
         return rank % self.size
@@ -132,8 +160,8 @@ class TorchCollectives(sp.Collectives):
 
         return jnp.concatenate(arrays, axis=1)
 
-    def sent_bytes(self, op, nbytes, rank=None):
-        return sp.torch_sent_bytes(self.size, op, nbytes, rank)
+    def scan_bytes(self, op, nbytes, rank):
+        return sp.chain_bytes(self.size, op, nbytes, rank)
 
 
 def _is_bool(x) -> bool:
@@ -141,6 +169,57 @@ def _is_bool(x) -> bool:
 
 
 # ---- the ranks' layouts -----------------------------------------------------------------------------
+
+# What every rank of a group= call must agree on (the key and query counts may differ per rank).
+RANK_FIELDS = (
+    "batch",
+    "lead",
+    "dim",
+    "value_dim",
+    "dtype",
+    "mode",
+    "hashing",
+    "backward",
+    "causal",
+    "normalize",
+    "num_hashes",
+    "hash_bits",
+    "key_padding_mask",
+    "query_mask",
+    "requires_grad",
+    "planes",
+)
+
+
+def check_ranks_agree(layouts: list[dict], *, described: dict[str, list]) -> None:
+    """Refuse a ``group=`` call whose ranks disagree. ``layouts``: one dict per rank of :data:`RANK_FIELDS`
+    as numbers (all ranks receive all of them, so every rank raises the same error instead of some
+    waiting forever in a collective); ``described``: per field, each rank's value as the error shows it."""
+    first = layouts[0]
+    for name in RANK_FIELDS:
+        values = [row[name] for row in layouts]
+        if name == "planes":
+            # Sums computed on each rank (float64): equal hash functions agree to rounding.
+            scale = max(1.0, max(abs(x) for v in values for x in v))
+            if any(abs(a - b) > 1e-9 * scale for v in values for a, b in zip(v, first[name])):
+                raise ValueError(f"the ranks' hash functions differ (checksums {described[name]}): {SAME_HASHES}")
+            continue
+        if any(v != first[name] for v in values):
+            shown = ", ".join(f"rank {r}: {d}" for r, d in enumerate(described[name]))
+            what = {
+                "lead": "the leading (batch/head) dims",
+                "batch": "the leading (batch/head) dims",
+                "key_padding_mask": "whether key_padding_mask is given",
+                "query_mask": "whether query_mask is given",
+                "requires_grad": "whether the call is differentiated (every rank must run the backward)",
+            }.get(name, name)
+            raise ValueError(
+                f"yoso.attention(group=...): the ranks disagree on {what} ({shown}); every rank passes its "
+                "slice of one sequence with the same options, leading and head dims"
+            )
+    for r, row in enumerate(layouts):
+        if row["causal"] and row["n_query"] != row["n_key"]:  # pragma: no cover - refused locally first
+            raise ValueError(f"causal=True needs as many queries as keys on every rank; rank {r} differs")
 
 
 def _planes_checksums(planes: torch.Tensor | None) -> tuple[float, float]:
@@ -239,13 +318,7 @@ def exchange_layouts(comm: TorchCollectives, prep) -> list[dict]:
 class _Run:
     backend: object
     comm: TorchCollectives
-    mode: str
-    hashing: str
-    num_hashes: int
-    hash_bits: int
-    causal: bool
-    backward: str
-    grads: str
+    plan: sp.Plan
 
 
 class _Core(torch.autograd.Function):
@@ -253,50 +326,22 @@ class _Core(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, planes, query_mask, key_mask, run: _Run):
-        impl = run.backend
-        args = tuple(_to_backend(impl, t) for t in (q, k, v, planes, query_mask, key_mask))
-        y, codes = sp.forward(
-            impl,
-            run.comm,
-            *args,
-            mode=run.mode,
-            hashing=run.hashing,
-            num_hashes=run.num_hashes,
-            hash_bits=run.hash_bits,
-            causal=run.causal,
-        )
+        args = tuple(glue.to_backend(run.backend, t) for t in (q, k, v, planes, query_mask, key_mask))
+        y, codes = run.plan.run_forward(run.backend, run.comm, *args)
         # The backend's own arrays (and the codes) are kept as they are: no conversion in the backward.
         ctx.run, ctx.args, ctx.codes = run, args, codes
         ctx.like = tuple((t.dtype, t.device) for t in (q, k, v))
-        return _from_backend(y, q, _accumulate_dtype(q.dtype))
+        return glue.from_backend(y, q, glue.accumulate_dtype(q.dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         run = ctx.run
         q, k, v, planes, query_mask, key_mask = ctx.args
-        grad = _to_backend(run.backend, grad.contiguous())
-        grads = sp.backward(
-            run.backend,
-            run.comm,
-            q,
-            k,
-            v,
-            planes,
-            ctx.codes,
-            query_mask,
-            key_mask,
-            grad,
-            mode=run.mode,
-            backward=run.backward,
-            hashing=run.hashing,
-            num_hashes=run.num_hashes,
-            hash_bits=run.hash_bits,
-            causal=run.causal,
-            grads=run.grads,
-        )
+        grad = glue.to_backend(run.backend, grad.contiguous())
+        grads = run.plan.run_backward(run.backend, run.comm, q, k, v, planes, ctx.codes, query_mask, key_mask, grad)
         out = tuple(
-            _from_backend(g, torch.empty(0, device=device), dtype) for g, (dtype, device) in zip(grads, ctx.like)
+            glue.from_backend(g, torch.empty(0, device=device), dtype) for g, (dtype, device) in zip(grads, ctx.like)
         )
         return out + (None,) * 4
 
@@ -310,31 +355,12 @@ def attention(backend, prep):
     )
     rows = exchange_layouts(comm, prep)
     comm.lengths = tuple(int(row["n_key"]) for row in rows)
-    accumulate = _accumulate_dtype(prep.q.dtype)
-    sizes = sp.Sizes(
-        batch=call.batch,
-        dim=call.dim,
-        value_dim=call.value_dim,
-        num_hashes=call.num_hashes,
-        hash_bits=call.hash_bits,
-        itemsize=torch.empty(0, dtype=accumulate).element_size(),
-        causal=call.causal,
-        key_mask=prep.key_mask is not None,
-    )
-    run = _Run(
-        backend=backend,
-        comm=comm,
-        mode=call.mode,
-        hashing=call.hashing,
-        num_hashes=call.num_hashes,
-        hash_bits=call.hash_bits,
-        causal=call.causal,
-        backward=call.backward,
-        grads=sp.choose_grads(comm, sizes, mode=call.mode, backward=call.backward),
-    )
-    q = _keep_rows(prep.q, prep.query_mask)
-    k = _keep_rows(prep.k, prep.key_mask)
-    v = _keep_rows(prep.v, prep.key_mask)
-    y = _Core.apply(_unit(q).to(q.dtype), _unit(k).to(k.dtype), v, prep.planes, prep.query_mask, prep.key_mask, run)
-    out = _unit(y) if prep.normalize else y
+    itemsize = torch.empty(0, dtype=glue.accumulate_dtype(prep.q.dtype)).element_size()
+    run = _Run(backend, comm, sp.plan(call, comm, itemsize=itemsize, key_mask=prep.key_mask is not None))
+    q = glue.keep_rows(prep.q, prep.query_mask)
+    k = glue.keep_rows(prep.k, prep.key_mask)
+    v = glue.keep_rows(prep.v, prep.key_mask)
+    unit = glue.unit
+    y = _Core.apply(unit(q).to(q.dtype), unit(k).to(k.dtype), v, prep.planes, prep.query_mask, prep.key_mask, run)
+    out = unit(y) if prep.normalize else y
     return out.to(prep.q.dtype).reshape(prep.lead + (call.n_query, call.value_dim))

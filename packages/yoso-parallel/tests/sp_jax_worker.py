@@ -51,7 +51,7 @@ def run_case(case, world: int) -> list[str]:
         mesh=mesh,
         in_specs=(ROWS, ROWS, ROWS, ROWS) + (MASK,) * len(names),
         out_specs=(P("sp"), ROWS),
-        check_vma=False,  # the jax backend's loops do not carry shard_map's varying types (see _sp_jax)
+        check_vma=False,  # the jax backend's loops do not carry shard_map's varying types (see yoso_parallel._jax)
     )
 
     def split_loss(q, k, v, cotangent, *mask_values):

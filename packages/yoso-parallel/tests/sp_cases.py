@@ -44,7 +44,7 @@ class Case:
     lengths: tuple[int, ...] | None = None  # uneven slices (torch only), one length per rank
     worlds: tuple[int, ...] = (2, 4)  # torch.distributed worlds it runs in
     jax_worlds: tuple[int, ...] = ()  # shard_map mesh sizes it runs in (each one is a compilation: a few)
-    chunk_bytes: int | None = None  # yoso._sequence_parallel.TABLE_CHUNK_BYTES for the call (chunks of hashes)
+    chunk_bytes: int | None = None  # yoso_parallel._composition.TABLE_CHUNK_BYTES for the call (chunks of hashes)
 
 
 CASES = [
@@ -77,7 +77,7 @@ def cases_for(engine: str, world: int) -> list[Case]:
 @contextlib.contextmanager
 def strategy(case: Case):
     """The case's forced strategy and table chunking, for the split call."""
-    from yoso import _sequence_parallel as sp
+    from yoso_parallel import _composition as sp
 
     saved = sp.TABLE_CHUNK_BYTES
     if case.chunk_bytes is not None:
