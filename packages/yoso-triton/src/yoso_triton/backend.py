@@ -79,6 +79,8 @@ class TritonBackend(Backend):
     module = "yoso_triton.launch"
     # Both forms of the lower-bound gradient; form="auto" chooses per bucket (launch.sampled_grads).
     lower_bound_forms = ("pairs", "tables")
+    # bucket_tables / read_buckets / add_to_tables (kernels/state.py): docs/math.md#bucket-tables
+    has_tables = True
     interpret = INTERPRET
 
     def availability(self) -> str | None:

@@ -341,6 +341,182 @@ def cumulate(read_codes, write_codes, values, *, read_mask, write_mask, order: s
     return out
 
 
+# ---- the bucket tables as arrays (recurrent state, sequence parallelism) ---------------------------
+
+# add_to_tables with up to this many tokens per row adds them straight into a copy of the tables
+# (kernels/state.py: add_tokens_kernel, no sort; a one-token decoding step touches m rows). Longer
+# chunks are sorted, and the copy and their sums are one pass over the tables (table sums with a base).
+ADD_TOKENS = 64
+
+
+def _same_dtype(values, outer):
+    """Both factors of an outer product in one dtype (a tensor-core product takes one): float32 if they differ."""
+    if outer is None or outer.dtype == values.dtype:
+        return values, outer
+    return values.float(), outer.float()
+
+
+def _table_strides(tables, outer: bool):
+    """The 4 (plain) or 5 (outer) strides of ``[B, m, 2**tau, C(, F)]`` tables."""
+    return tuple(tables.stride()) if outer else tuple(tables.stride())[:4]
+
+
+def _table_shape(codes, values, outer, hash_bits):
+    batch, m, _ = codes.shape
+    return (batch, m, 1 << hash_bits, values.shape[2]) + (() if outer is None else (outer.shape[2],))
+
+
+def bucket_tables(codes, values, *, mask, hash_bits: int, outer=None):
+    return _table_sums(codes, values, mask, hash_bits, outer, base=None)
+
+
+def add_to_tables(tables, codes, values, *, mask, hash_bits: int, outer=None):
+    if codes.shape[2] > ADD_TOKENS:
+        return _table_sums(codes, values, mask, hash_bits, outer, base=tables)
+    return _add_tokens(tables, codes, values, mask, outer)
+
+
+def _sum_blocks(n_buckets, c, f, outer: bool):
+    """``(BB, BT, BC, BF)`` of the table sums. The interpreter takes whole rows and many buckets per program,
+    tiles of up to 2**20 elements (Triton's limit; with ``outer``: the flattened products of ``FLAT``)."""
+    if not INTERPRETER_BLOCKS:
+        return (1, 32, min(_pow2(c), 64), min(_pow2(f), 64)) if outer else (16, 64, min(_pow2(c), 128), 1)
+    bc, bf = (_pow2(c, 4), _pow2(f, 4)) if outer else (_pow2(c), 1)  # FLAT's product needs BC * BF >= 16
+    width = bc * bf
+    bt = max(16, min(256, (1 << 20) // width))
+    return min(_pow2(n_buckets), max(16, (1 << 20) // max(width, bt))), bt, bc, bf
+
+
+def _table_sums(codes, values, mask, hash_bits, outer, base):
+    """Tables of the tokens sorted by bucket (``base`` + them where given): every row written once."""
+    values, outer = _same_dtype(values, outer)
+    codes = _unit_stride(codes.to(torch.int32))
+    batch, m, n = codes.shape
+    c, f = values.shape[2], 1 if outer is None else outer.shape[2]
+    dtype = torch.float32 if base is None else base.dtype
+    out = torch.empty(_table_shape(codes, values, outer, hash_bits), dtype=dtype, device=values.device)
+    vmask, smb, smn, has_mask = _mask_arg(mask, values)
+    like = out if base is None else base  # (a dummy when there is no base)
+    strides = _table_strides(like, outer is not None) + _table_strides(out, outer is not None)
+    n_buckets = batch << hash_bits
+    bb, bt, bc, bf = _sum_blocks(n_buckets, c, f, outer is not None)
+    meta = dict(HAS_MASK=has_mask, HAS_BASE=base is not None, BB=bb, BT=bt, BC=bc)
+    group = _hash_group(m, table_bytes(batch, hash_bits, n, 0))
+    for s0 in range(0, m, group):
+        hashes = slice(s0, min(m, s0 + group))
+        srt = Sorted(codes, hashes, hash_bits)
+        grid = (triton.cdiv(n_buckets, bb), hashes.stop - hashes.start)
+        sort = (vmask, srt.perm, srt.bucket, srt.start, like, out, n_buckets, batch * n, n, c)
+        if outer is None:
+            kernels.table_sums_kernel[grid + (triton.cdiv(c, bc),)](
+                values, *sort, s0, hash_bits, *values.stride(), smb, smn, *strides, **meta
+            )
+        else:
+            f_tiles = triton.cdiv(f, bf)
+            kernels.outer_table_sums_kernel[grid + (triton.cdiv(c, bc) * f_tiles,)](
+                values,
+                outer,
+                *sort,
+                f,
+                s0,
+                hash_bits,
+                f_tiles,
+                *values.stride(),
+                *outer.stride(),
+                smb,
+                smn,
+                *strides,
+                FLAT=bb > 1,
+                BF=bf,
+                **meta,
+            )
+    return out
+
+
+def _add_tokens(tables, codes, values, mask, outer):
+    """A copy of ``tables`` with a few tokens added: only the rows of their buckets are touched."""
+    values, outer = _same_dtype(values, outer)
+    codes = codes.to(torch.int32)
+    batch, m, n = codes.shape
+    c, f = values.shape[2], 1 if outer is None else outer.shape[2]
+    out = tables.clone(memory_format=torch.contiguous_format)
+    vmask, smb, smn, has_mask = _mask_arg(mask, values)
+    if INTERPRETER_BLOCKS:
+        bn, bc, bf = 64, _pow2(c), _pow2(f)
+    else:
+        bn, bc, bf = 16, min(_pow2(c), 64 if outer is not None else 128), min(_pow2(f), 64)
+    f_tiles = 1 if outer is None else triton.cdiv(f, bf)
+    other = values if outer is None else outer
+    for s0 in range(0, m, MAX_GRID_YZ):
+        g = min(m, s0 + MAX_GRID_YZ) - s0
+        kernels.add_tokens_kernel[(batch * n, g, triton.cdiv(c, bc) * f_tiles)](
+            codes,
+            values,
+            other,
+            vmask,
+            out,
+            n,
+            c,
+            f,
+            s0,
+            f_tiles,
+            *codes.stride(),
+            *values.stride(),
+            *other.stride(),
+            smb,
+            smn,
+            *_table_strides(out, outer is not None),
+            *((0,) if outer is None else ()),
+            OUTER=outer is not None,
+            HAS_MASK=has_mask,
+            BN=bn,
+            BC=bc,
+            BF=bf,
+        )
+    return out
+
+
+def read_buckets(codes, tables, *, mask, weights=None):
+    batch, m, n = codes.shape
+    c = tables.shape[3]
+    width = c if weights is None else tables.shape[4]
+    out = torch.empty((batch, n, width), dtype=torch.float32, device=tables.device)
+    rmask, rmb, rmn, has_mask = _mask_arg(mask, tables)
+    strides = _table_strides(tables, weights is not None) + ((0,) if weights is None else ())
+    w = tables if weights is None else weights
+    if weights is None:
+        br, bc, bx = (min(_pow2(batch * n), 1024), 16, _pow2(c)) if INTERPRETER_BLOCKS else (64, 16, min(_pow2(c), 128))
+    elif INTERPRETER_BLOCKS:
+        bc, bx = _pow2(c), _pow2(width)
+        br = max(16, min(_pow2(batch * n), (1 << 18) // (bc * bx)))
+    else:
+        br, bc, bx = 16, 16, min(_pow2(width), 32)
+    kernels.table_reads_kernel[(triton.cdiv(batch * n, br), triton.cdiv(width, bx))](
+        codes,
+        tables,
+        w,
+        rmask,
+        out,
+        batch * n,
+        n,
+        m,
+        c,
+        width,
+        1.0 / m,
+        *codes.stride(),
+        *strides,
+        *(w.stride() if weights is not None else (0, 0, 0)),
+        rmb,
+        rmn,
+        WEIGHTS=weights is not None,
+        HAS_MASK=has_mask,
+        BR=br,
+        BC=bc,
+        BX=bx,
+    )
+    return out
+
+
 # ---- sampled gradients ----------------------------------------------------------------------------
 
 

@@ -10,10 +10,12 @@ from .expectation import expectation_dkdv_kernel, expectation_dq_kernel, expecta
 from .hashing import gaussian_codes_kernel, hadamard_codes_kernel
 from .pairs import bucket_pair_grads_kernel
 from .sorting import bucket_histogram_kernel, bucket_reader_index_kernel, bucket_scatter_kernel
+from .state import add_tokens_kernel, outer_table_sums_kernel, table_reads_kernel, table_sums_kernel
 from .tables import bucket_table_grads_kernel
 
 __all__ = [
     "INTERPRET",
+    "add_tokens_kernel",
     "bucket_gather_kernel",
     "bucket_histogram_kernel",
     "bucket_pair_grads_kernel",
@@ -26,4 +28,7 @@ __all__ = [
     "expectation_forward_kernel",
     "gaussian_codes_kernel",
     "hadamard_codes_kernel",
+    "outer_table_sums_kernel",
+    "table_reads_kernel",
+    "table_sums_kernel",
 ]
