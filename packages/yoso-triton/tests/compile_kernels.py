@@ -134,7 +134,8 @@ def main() -> int:
     # (dtype, batch, n, dim, dv, [(tau, m)], per-row planes too): the quick set reaches every branch of
     # every kernel -- split/fp32/per-token hashing, narrow and wide Hadamard, tables and prefix sums,
     # both sorts' block shapes, all estimators and orders, both forms of the lower bound (the table
-    # kernel: full and causal, both walk directions, either mask) -- in about 70 configurations.
+    # kernel: full and causal, both walk directions, either mask), the bucket-table primitives -- in
+    # about 90 configurations.
     cases = [
         (torch.bfloat16, 2, 300, 64, 64, [(8, 32)], False),
         (torch.float32, 3, 7, 33, 17, [(2, 5)], True),
@@ -165,6 +166,21 @@ def main() -> int:
                     launch.cumulate(
                         codes, codes, v, read_mask=masks[0], write_mask=masks[1], order=order, hash_bits=tau
                     )
+            # The bucket tables as arrays, plain and of outer products, both adds: with masks in one case,
+            # without in the other (each dtype's own configurations cost compile time, not coverage).
+            masks = mask if per_row else None
+            for extra, weights in ((None, None), (k, grad)):
+                tables = launch.bucket_tables(codes, v, mask=masks, hash_bits=tau, outer=extra)
+                for cut in (n, 1):  # sorted sums onto a base (long chunks), or straight adds (decoding)
+                    launch.add_to_tables(
+                        tables,
+                        codes[..., :cut],
+                        v[:, :cut],
+                        mask=None if masks is None else masks[:, :cut],
+                        hash_bits=tau,
+                        outer=None if extra is None else extra[:, :cut],
+                    )
+                launch.read_buckets(codes, tables, mask=masks, weights=weights)
             for backward, form in (("lower_bound", "auto"), ("lower_bound", "tables"), ("exact", "auto")):
                 for causal in (False, True):
                     launch.sampled_grads(
