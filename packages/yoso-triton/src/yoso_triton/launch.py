@@ -8,6 +8,8 @@ limits), so nothing here re-checks them. Inputs may be strided views: the kernel
 
 The sampled lower-bound gradient comes in two forms (docs/math.md#lower-bound), chosen per bucket by
 ``sampled_grads``: pair by pair (``kernels/pairs.py``) or through per-bucket tables (``kernels/tables.py``).
+The bucket tables as arrays (``bucket_tables``, ``read_buckets``, ``add_to_tables``: a carried state, a split
+sequence; docs/math.md#bucket-tables) are ``kernels/state.py``.
 
 Bucket sorting (the index work behind the cumulation and the sampled gradients) is a Triton counting
 sort (``kernels/sorting.py``); for very many buckets (large 2**tau) torch's radix sort on int64 keys
