@@ -418,7 +418,8 @@ def core_backward_state(
 
 
 def whole_config(backend: str, call, *, normalize: bool) -> _Config:
-    """The configuration of :func:`whole_forward` for a :class:`yoso.backends.Call`."""
+    """The configuration of a whole call (:func:`_attention`, :func:`whole_forward`) for a
+    :class:`yoso.backends.Call`."""
     return _Config(
         backend=backend,
         mode=call.mode,
@@ -432,6 +433,8 @@ def whole_config(backend: str, call, *, normalize: bool) -> _Config:
 
 
 def core_config(backend: str, mode: str, hashing: str, num_hashes: int, hash_bits: int, causal: bool, backward: str):
+    """The configuration of :func:`core_forward` / :func:`core_backward` (no output normalisation: the
+    caller's glue applies it)."""
     return _Config(
         backend=backend,
         mode=mode,
@@ -656,16 +659,7 @@ class JaxGlue(Glue):
         if prep.state is not None:
             return JaxGlue._attention_state(backend, prep)
         call = prep.call
-        config = _Config(
-            backend=backend.name,
-            mode=call.mode,
-            hashing=call.hashing,
-            num_hashes=call.num_hashes,
-            hash_bits=call.hash_bits,
-            causal=call.causal,
-            backward=call.backward,
-            normalize=prep.normalize,
-        )
+        config = whole_config(backend.name, call, normalize=prep.normalize)
         arrays, layouts = _arrays_and_layouts([prep.q, prep.k, prep.v, prep.planes, prep.query_mask, prep.key_mask])
         out_shape = prep.lead + (call.n_query, call.value_dim)
         return _attention(arrays, config=config, layouts=layouts, out_shape=out_shape, checked=prep.checked)
