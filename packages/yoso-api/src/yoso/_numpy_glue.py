@@ -7,11 +7,12 @@ reduction over broadcast leading dims.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
-from . import _core
+from . import _core, _via_jax
 from ._glue import Glue
 from ._planes import check_seed, draw, rng_from_seed
 
@@ -55,113 +56,13 @@ def _full(like: np.ndarray, shape, value) -> np.ndarray:
     return np.full(shape, value, dtype=bool if isinstance(value, bool) else like.dtype)
 
 
-def _jax_forward(backend, q, k, v, planes, query_mask, key_mask, *, mode, hashing, num_hashes, hash_bits, causal):
-    """:func:`yoso._core.forward` on a backend that computes on JAX arrays: its compiled core on padded,
-    zero-copy views of the NumPy arrays."""
-    from . import _jax_glue as jg
-
-    pad = _core.Padding(q.shape[0], q.shape[1], k.shape[1], full=_full)
-    arrays = (
-        pad.rows(q, pad.QUERIES),
-        pad.rows(k, pad.KEYS),
-        pad.rows(v, pad.KEYS),
-        pad.planes(planes),
-        pad.mask(query_mask, pad.QUERIES, q),
-        pad.mask(key_mask, pad.KEYS, q),
-    )
-    config = jg.core_config(backend.name, mode, hashing, num_hashes, hash_bits, causal, "lower_bound")
-    y, q_codes, k_codes = (np.asarray(a) for a in jg.core_forward(*map(jg.from_host, arrays), config=config))
-    codes = None if mode == "expectation" else (q_codes, k_codes)  # padded: the backward pads the same way
-    return pad.cut(y, pad.QUERIES), codes
-
-
-def _jax_backward(backend, q, k, v, codes, query_mask, key_mask, grad, *, mode, backward, hash_bits, causal):
-    from . import _jax_glue as jg
-
-    pad = _core.Padding(q.shape[0], q.shape[1], k.shape[1], full=_full)
-    empty = np.zeros((0,), np.int32)
-    q_codes, k_codes = (empty, empty) if codes is None else codes
-    arrays = (
-        pad.rows(grad, pad.QUERIES),
-        pad.rows(q, pad.QUERIES),
-        pad.rows(k, pad.KEYS),
-        pad.rows(v, pad.KEYS),
-        q_codes,
-        k_codes,
-        pad.mask(query_mask, pad.QUERIES, q),
-        pad.mask(key_mask, pad.KEYS, q),
-    )
-    config = jg.core_config(backend.name, mode, "gaussian", 0, hash_bits, causal, backward)
-    dq, dk, dv = (np.asarray(a) for a in jg.core_backward(*map(jg.from_host, arrays), config=config))
-    return pad.cut(dq, pad.QUERIES), pad.cut(dk, pad.KEYS), pad.cut(dv, pad.KEYS)
-
-
-_JAX_CORE = (_jax_forward, _jax_backward)
-
-
-def _jax_forward_state(
-    backend, q, k, v, planes, query_mask, key_mask, tables, key_tables, *, with_key_tables, **options
-):
-    """:func:`yoso._core.forward_state` on a backend that computes on JAX arrays (tokens padded, see
-    :func:`yoso._core.pad_tokens`); the codes come back padded, as the backward takes them."""
-    from . import _jax_glue as jg
-
-    n, padded = q.shape[1], _core.bucketed(q.shape[1])
-    arrays = (
-        *(_core.pad_tokens(x, padded, _full) for x in (q, k, v)),
-        planes,
-        _core.pad_token_mask(query_mask, q, padded, _full),
-        _core.pad_token_mask(key_mask, q, padded, _full),
-        tables,
-        key_tables,
-    )
-    config = jg.state_config(
-        backend.name,
-        options["hashing"],
-        options["num_hashes"],
-        options["hash_bits"],
-        "lower_bound",
-        has_tables=tables is not None,
-        has_key_tables=key_tables is not None,
-        key_tables_out=with_key_tables,
-    )
-    y, q_codes, k_codes, new_tables, new_key_tables = jg.core_forward_state(*map(jg.from_host, arrays), config=config)
-    new_key_tables = None if new_key_tables is None else np.asarray(new_key_tables)
-    return np.asarray(y)[:, :n], np.asarray(new_tables), new_key_tables, (np.asarray(q_codes), np.asarray(k_codes))
-
-
-def _jax_backward_state(
-    backend, q, k, v, codes, query_mask, key_mask, grad, grad_tables, grad_key_tables, key_tables, **options
-):
-    from . import _jax_glue as jg
-
-    n, padded = q.shape[1], codes[0].shape[2]
-    arrays = (
-        _core.pad_tokens(grad, padded, _full),
-        grad_tables,
-        grad_key_tables,
-        *(_core.pad_tokens(x, padded, _full) for x in (q, k, v)),
-        *codes,
-        _core.pad_token_mask(query_mask, q, padded, _full),
-        _core.pad_token_mask(key_mask, q, padded, _full),
-        key_tables,
-    )
-    config = jg.state_config(
-        backend.name,
-        "gaussian",
-        0,
-        options["hash_bits"],
-        options["backward"],
-        has_tables=options["has_tables"],
-        has_key_tables=key_tables is not None,
-        key_tables_out=grad_key_tables is not None,
-    )
-    grads = jg.core_backward_state(*map(jg.from_host, arrays), config=config)
-    dq, dk, dv, d_tables, d_key_tables = (None if g is None else np.asarray(g) for g in grads)
-    return dq[:, :n], dk[:, :n], dv[:, :n], d_tables, d_key_tables
-
-
-_JAX_STATE_CORE = (_jax_forward_state, _jax_backward_state)
+# yoso._core's functions for a backend that computes on JAX arrays: the same results, through yoso._via_jax.
+_ON_JAX = dict(full=_full, back=np.asarray)
+_JAX_CORE = (functools.partial(_via_jax.forward, **_ON_JAX), functools.partial(_via_jax.backward, **_ON_JAX))
+_JAX_STATE_CORE = (
+    functools.partial(_via_jax.forward_state, **_ON_JAX),
+    functools.partial(_via_jax.backward_state, **_ON_JAX),
+)
 
 
 def _state_cotangent(cotangent, name: str, shape: tuple[int, ...], tail: int, dtype) -> np.ndarray | None:

@@ -14,12 +14,13 @@ for float64); the result is cast back to the input dtype at the end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
 import torch
 
-from . import _core, backends
+from . import _core, _via_jax, backends
 from ._glue import Glue
 from ._planes import check_seed, draw, rng_from_seed
 
@@ -96,8 +97,8 @@ def _to_backend(backend, x: Tensor | None):
 
 
 def _from_backend(x, like: Tensor, dtype: torch.dtype) -> Tensor:
-    if isinstance(x, Tensor):
-        return x.to(dtype)
+    if isinstance(x, Tensor):  # contiguous, as the ops' fake implementations promise (not a cut's view)
+        return x.to(dtype).contiguous()
     if not isinstance(x, np.ndarray):  # a JAX array: zero-copy through DLPack
         return torch.from_dlpack(x).to(device=like.device, dtype=dtype)
     return torch.from_numpy(np.ascontiguousarray(x)).to(device=like.device, dtype=dtype)
@@ -113,45 +114,22 @@ def _on_jax():
     return _jax_glue
 
 
-def _jax_core_forward(backend, q, k, v, planes, query_mask, key_mask, options):
-    """:func:`core` on a backend that computes on JAX arrays (CPU tensors, zero-copy through DLPack)."""
-    jg = _on_jax()
-    pad = _core.Padding(q.shape[0], q.shape[1], k.shape[1], full=_full)
-    arrays = (
-        pad.rows(q, pad.QUERIES),
-        pad.rows(k, pad.KEYS),
-        pad.rows(v, pad.KEYS),
-        pad.planes(planes),
-        pad.mask(query_mask, pad.QUERIES, q),
-        pad.mask(key_mask, pad.KEYS, q),
-    )
-    config = jg.core_config(backend, **options, backward="lower_bound")  # the forward ignores the estimator
-    y, q_codes, k_codes = (torch.from_dlpack(a) for a in jg.core_forward(*map(jg.from_host, arrays), config=config))
-    # Contiguous, as the ops' fake implementations promise (a cut of a padded result is a strided view).
-    y = pad.cut(y, pad.QUERIES).contiguous()
-    if options["mode"] == "expectation":
-        return y, q_codes, k_codes
-    # The codes as the op returns them, [B, m, N] (the backward pads them again).
-    return y, pad.cut(q_codes, pad.QUERIES, axis=2).contiguous(), pad.cut(k_codes, pad.KEYS, axis=2).contiguous()
+class _OnJax:
+    """yoso._core's functions for a backend that computes on JAX arrays: yoso._via_jax's, which pad the
+    torch tensors and hand them over through DLPack."""
+
+    _host = dict(full=_full, back=torch.from_dlpack)
+    forward = staticmethod(functools.partial(_via_jax.forward, **_host))
+    backward = staticmethod(functools.partial(_via_jax.backward, **_host))
+    forward_state = staticmethod(functools.partial(_via_jax.forward_state, **_host))
+    backward_state = staticmethod(functools.partial(_via_jax.backward_state, **_host))
 
 
-def _jax_core_backward(backend, grad, q, k, v, q_codes, k_codes, query_mask, key_mask, options):
-    jg = _on_jax()
-    pad = _core.Padding(q.shape[0], q.shape[1], k.shape[1], full=_full)
-    sampled = options["mode"] == "sample"
-    arrays = (
-        pad.rows(grad, pad.QUERIES),
-        pad.rows(q, pad.QUERIES),
-        pad.rows(k, pad.KEYS),
-        pad.rows(v, pad.KEYS),
-        pad.codes(q_codes, pad.QUERIES) if sampled else q_codes,
-        pad.codes(k_codes, pad.KEYS) if sampled else k_codes,
-        pad.mask(query_mask, pad.QUERIES, q),
-        pad.mask(key_mask, pad.KEYS, q),
-    )
-    grads = jg.core_backward(*map(jg.from_host, arrays), config=jg.core_config(backend, **options))
-    dq, dk, dv = (torch.from_dlpack(a) for a in grads)
-    return tuple(pad.cut(g, which).contiguous() for g, which in ((dq, pad.QUERIES), (dk, pad.KEYS), (dv, pad.KEYS)))
+def _composition(impl):
+    """``(the functions composing the core, how they take a tensor)`` for the backend ``impl``."""
+    if impl.framework == "jax":
+        return _OnJax, lambda t: t
+    return _core, functools.partial(_to_backend, impl)
 
 
 def _whole_call_on_jax(backend, prep) -> Tensor:
@@ -160,12 +138,12 @@ def _whole_call_on_jax(backend, prep) -> Tensor:
     dozens of small eager torch ops around the ``yoso::core`` op. Under ``torch.compile`` the ops serve.
 
     Shapes are padded to bucketed sizes (padded rows masked) so that changing lengths reuse a few
-    compiled programs (``yoso._core.Padding``); the output, and in the backward the gradients, are cut back.
+    compiled programs (``yoso._via_jax.Padding``); the output, and in the backward the gradients, are cut back.
     """
     jg = _on_jax()
     call = prep.call
     config = jg.whole_config(backend.name, call, normalize=prep.normalize)
-    pad = _core.Padding(prep.q.shape[0], call.n_query, call.n_key, full=_full)
+    pad = _via_jax.Padding(prep.q.shape[0], call.n_query, call.n_key, full=_full)
     others = (
         pad.planes(prep.planes),
         pad.mask(prep.query_mask, pad.QUERIES, prep.q),
@@ -228,12 +206,9 @@ def core(
     ``backward`` is unused here; it rides along so the autograd formula can read it from the inputs.
     """
     impl = backends.get(backend)
-    if impl.framework == "jax":
-        options = dict(mode=mode, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits, causal=causal)
-        y, q_codes, k_codes = _jax_core_forward(backend, q, k, v, planes, query_mask, key_mask, options)
-        return y.to(_accumulate_dtype(q.dtype)), q_codes, k_codes
-    args = [_to_backend(impl, t) for t in (q, k, v, planes, query_mask, key_mask)]
-    y, codes = _core.forward(
+    compose, convert = _composition(impl)
+    args = [convert(t) for t in (q, k, v, planes, query_mask, key_mask)]
+    y, codes = compose.forward(
         impl, *args, mode=mode, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits, causal=causal
     )
     y = _from_backend(y, q, _accumulate_dtype(q.dtype))
@@ -273,15 +248,10 @@ def core_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`core`'s ``Y`` for the output gradient ``grad``."""
     impl = backends.get(backend)
-    if impl.framework == "jax":
-        options = dict(mode=mode, hashing="gaussian", num_hashes=0, hash_bits=hash_bits, causal=causal)
-        dq, dk, dv = _jax_core_backward(
-            backend, grad, q, k, v, q_codes, k_codes, query_mask, key_mask, dict(options, backward=backward)
-        )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-    q_, k_, v_, grad_, qm, km = (_to_backend(impl, t) for t in (q, k, v, grad, query_mask, key_mask))
-    codes = None if mode == "expectation" else (_to_backend(impl, q_codes), _to_backend(impl, k_codes))
-    dq, dk, dv = _core.backward(
+    compose, convert = _composition(impl)
+    q_, k_, v_, grad_, qm, km = (convert(t) for t in (q, k, v, grad, query_mask, key_mask))
+    codes = None if mode == "expectation" else (convert(q_codes), convert(k_codes))
+    dq, dk, dv = compose.backward(
         impl, q_, k_, v_, codes, qm, km, grad_, mode=mode, backward=backward, hash_bits=hash_bits, causal=causal
     )
     return _from_backend(dq, q, q.dtype), _from_backend(dk, k, k.dtype), _from_backend(dv, v, v.dtype)
@@ -322,48 +292,6 @@ def _present(x: Tensor | None) -> Tensor | None:
     return None if x is None or x.numel() == 0 else x
 
 
-def _jax_core_forward_state(backend, q, k, v, planes, query_mask, key_mask, tables, key_tables, config):
-    """:func:`core_state` on a backend that computes on JAX arrays: tokens padded (yoso._core.pad_tokens),
-    tensors handed over through DLPack; the codes come back padded, as the backward takes them."""
-    jg = _on_jax()
-    n, padded = q.shape[1], _core.bucketed(q.shape[1])
-    arrays = (
-        *(_core.pad_tokens(x, padded, _full) for x in (q, k, v)),
-        planes,
-        _core.pad_token_mask(query_mask, q, padded, _full),
-        _core.pad_token_mask(key_mask, q, padded, _full),
-        tables,
-        key_tables,
-    )
-    y, q_codes, k_codes, new_tables, new_key_tables = jg.core_forward_state(*map(jg.from_host, arrays), config=config)
-    y = torch.from_dlpack(y)[:, :n].contiguous()
-    new_key_tables = _empty(y) if new_key_tables is None else torch.from_dlpack(new_key_tables)
-    return y, torch.from_dlpack(q_codes), torch.from_dlpack(k_codes), torch.from_dlpack(new_tables), new_key_tables
-
-
-def _jax_core_backward_state(
-    backend, grad, grad_tables, grad_key_tables, q, k, v, q_codes, k_codes, masks, key_tables, config
-):
-    jg = _on_jax()
-    n, padded = q.shape[1], q_codes.shape[2]
-    query_mask, key_mask = masks
-    arrays = (
-        _core.pad_tokens(grad, padded, _full),
-        grad_tables,
-        grad_key_tables,
-        *(_core.pad_tokens(x, padded, _full) for x in (q, k, v)),
-        q_codes,
-        k_codes,
-        _core.pad_token_mask(query_mask, q, padded, _full),
-        _core.pad_token_mask(key_mask, q, padded, _full),
-        key_tables,
-    )
-    grads = jg.core_backward_state(*map(jg.from_host, arrays), config=config)
-    dq, dk, dv, d_tables, d_key_tables = (None if g is None else torch.from_dlpack(g) for g in grads)
-    # Contiguous, as the fake implementation promises (a cut of a padded result is a strided view).
-    return dq[:, :n].contiguous(), dk[:, :n].contiguous(), dv[:, :n].contiguous(), d_tables, d_key_tables
-
-
 @torch.library.custom_op("yoso::core_state", mutates_args=())
 def core_state(
     q: Tensor,
@@ -386,23 +314,9 @@ def core_state(
     autograd formula. The codes are those the backward takes (padded for a JAX backend)."""
     impl = backends.get(backend)
     acc = _accumulate_dtype(q.dtype)
-    if impl.framework == "jax":
-        config = _on_jax().state_config(
-            backend,
-            hashing,
-            num_hashes,
-            hash_bits,
-            backward,
-            has_tables=tables is not None,
-            has_key_tables=key_tables is not None,
-            key_tables_out=key_tables_out,
-        )
-        y, q_codes, k_codes, new_tables, new_key_tables = _jax_core_forward_state(
-            backend, q, k, v, planes, query_mask, key_mask, tables, key_tables, config
-        )
-        return y.to(acc), q_codes, k_codes, new_tables.to(acc), new_key_tables.to(acc)
-    args = [_to_backend(impl, t) for t in (q, k, v, planes, query_mask, key_mask, tables, key_tables)]
-    y, new_tables, new_key_tables, codes = _core.forward_state(
+    compose, convert = _composition(impl)
+    args = [convert(t) for t in (q, k, v, planes, query_mask, key_mask, tables, key_tables)]
+    y, new_tables, new_key_tables, codes = compose.forward_state(
         impl, *args, hashing=hashing, num_hashes=num_hashes, hash_bits=hash_bits, with_key_tables=key_tables_out
     )
     y = _from_backend(y, q, acc)
@@ -431,7 +345,7 @@ def _core_state_fake(
     acc = _accumulate_dtype(q.dtype)
     batch, n = q.shape[0], q.shape[1]
     if backends.get(backend).framework == "jax":
-        n = _core.bucketed(n)  # the codes as the backward takes them
+        n = _via_jax.bucketed(n)  # the codes as the backward takes them
     table_shape = (batch, num_hashes, 1 << hash_bits, v.shape[2])
     return (
         q.new_empty((batch, q.shape[1], v.shape[2]), dtype=acc),
@@ -463,46 +377,14 @@ def core_state_backward(
     """``(dq, dk, dv, d_tables, d_key_tables)`` of :func:`core_state` (absent ones empty)."""
     impl = backends.get(backend)
     acc = _accumulate_dtype(q.dtype)
-    if impl.framework == "jax":
-        config = _on_jax().state_config(
-            backend,
-            "gaussian",
-            0,
-            hash_bits,
-            backward,
-            has_tables=has_tables,
-            has_key_tables=key_tables is not None,
-            key_tables_out=grad_key_tables is not None,
-        )
-        grads = _jax_core_backward_state(
-            backend,
-            grad,
-            grad_tables,
-            grad_key_tables,
-            q,
-            k,
-            v,
-            q_codes,
-            k_codes,
-            (query_mask, key_mask),
-            key_tables,
-            config,
-        )
-    else:
-        args = [_to_backend(impl, t) for t in (q, k, v)]
-        codes = (_to_backend(impl, q_codes), _to_backend(impl, k_codes))
-        masks = [_to_backend(impl, t) for t in (query_mask, key_mask)]
-        extra = [_to_backend(impl, t) for t in (grad, grad_tables, grad_key_tables, key_tables)]
-        grads = _core.backward_state(
-            impl,
-            *args,
-            codes,
-            *masks,
-            *extra,
-            has_tables=has_tables,
-            backward=backward,
-            hash_bits=hash_bits,
-        )
+    compose, convert = _composition(impl)
+    args = [convert(t) for t in (q, k, v)]
+    codes = (convert(q_codes), convert(k_codes))
+    masks = [convert(t) for t in (query_mask, key_mask)]
+    extra = [convert(t) for t in (grad, grad_tables, grad_key_tables, key_tables)]
+    grads = compose.backward_state(
+        impl, *args, codes, *masks, *extra, has_tables=has_tables, backward=backward, hash_bits=hash_bits
+    )
     dq, dk, dv, d_tables, d_key_tables = grads
     return (
         _from_backend(dq, q, q.dtype),
