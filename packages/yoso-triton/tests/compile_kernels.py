@@ -9,6 +9,7 @@ constants) to ``triton.compile`` for the target -- Triton's bundled ptxas needs 
     python packages/yoso-triton/tests/compile_kernels.py --full     # every dtype, shape and option
     python ... --arch 80                                            # another target (default 90)
     python ... --resources bucket_table_grads_kernel                # ptxas registers/spills, shared memory
+    python ... --part 1/2                                           # every second configuration, from the 2nd
 
 Exit status 1 if any kernel fails to compile. Must run without TRITON_INTERPRET=1.
 """
@@ -32,7 +33,14 @@ def main() -> int:
         default=[],
         help="print the registers, spills (ptxas -v) and shared memory of each configuration of KERNEL",
     )
+    parser.add_argument(
+        "--part",
+        default="0/1",
+        help="I/N: compile only configurations I, I+N, I+2N, ... in the order the launches meet them (so N "
+        "processes share the work)",
+    )
     args = parser.parse_args()
+    part, parts = map(int, args.part.split("/"))
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_kernels.py compiles for a GPU: run it without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
@@ -81,6 +89,9 @@ def main() -> int:
                 tuple(sorted(options.items())),
             )
             if key in seen:
+                return
+            if len(seen) % parts != part:  # another part's configuration
+                seen[key] = None
                 return
             start = time.perf_counter()
             try:
@@ -213,10 +224,11 @@ def main() -> int:
                     backward=backward,
                     max_ratio=max_ratio(8),
                 )
-    kernels = sorted({key[0] for key in seen})
+    compiled = {key: took for key, took in seen.items() if took is not None}
+    kernels = sorted({key[0] for key in compiled})
     print(
-        f"compiled {len(seen)} configurations of {len(kernels)} kernels for sm_{args.arch} "
-        f"in {sum(seen.values()):.0f} s; {len(failures)} failed"
+        f"compiled {len(compiled)} of {len(seen)} configurations ({len(kernels)} kernels) for sm_{args.arch} "
+        f"in {sum(compiled.values()):.0f} s; {len(failures)} failed"
     )
     return 1 if failures else 0
 
