@@ -141,6 +141,7 @@ BACKENDS = {
         "tests": ["packages/yoso-triton/tests"],
         "env": {
             "TRITON_INTERPRET": "1",
+            "TRITON_CACHE_DIR": "{tmp}/triton-cache",  # the GPU-compile check compiles, not reuses, the kernels
             "OPENBLAS_NUM_THREADS": "1",
             "OMP_NUM_THREADS": "1",
             "YOSO_TEST_CATALOGUE": "refusals",  # result properties: the glue's, checked in the reference session
