@@ -41,7 +41,7 @@ import numpy as np
 
 from . import _core, backends
 from ._glue import Glue
-from ._planes import check_seed, draw, rng_from_seed
+from ._planes import check_seed, draw_for_seed
 
 _PLATFORMS = {"gpu": "cuda"}  # JAX's platform names -> the device types of yoso's Call
 
@@ -576,7 +576,7 @@ class JaxGlue(Glue):
                 "for fresh hash functions per call (or seed=/planes= for fixed ones)"
             )
         # An int seed gives the same hash functions for every framework, device and backend.
-        return jnp.asarray(np.asarray(draw(shape, hashing, rng_from_seed(seed)), dtype=np.dtype(dtype)))
+        return jnp.asarray(np.asarray(draw_for_seed(shape, hashing, seed), dtype=np.dtype(dtype)))
 
     @staticmethod
     def value_flags(rows: dict, *, planes, hashing, masks: dict, sums: dict | None = None):

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _core, _via_jax
 from ._glue import Glue
-from ._planes import check_seed, draw, rng_from_seed
+from ._planes import check_seed, draw_for_seed
 
 
 def _accumulate_dtype(dtype) -> np.dtype:
@@ -113,7 +113,7 @@ class NumpyGlue(Glue):
 
     @staticmethod
     def draw_planes(shape, *, hashing, seed, generator, key, like):
-        return draw(shape, hashing, rng_from_seed(seed))
+        return draw_for_seed(shape, hashing, seed)
 
     @staticmethod
     def value_flags(rows: dict, *, planes, hashing, masks: dict, sums: dict | None = None) -> dict:

@@ -13,6 +13,7 @@ rotation ``s // (D' // tau)`` from coordinate ``(s % (D' // tau)) * tau``; ``R =
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import TYPE_CHECKING
 
@@ -102,3 +103,19 @@ def draw(shape: tuple[int, ...], hashing: str, rng: np.random.Generator) -> np.n
     if hashing == "gaussian":
         return rng.standard_normal(shape)
     return rng.integers(0, 2, size=shape).astype(np.float64) * 2 - 1
+
+
+def draw_for_seed(shape: tuple[int, ...], hashing: str, seed) -> np.ndarray:
+    """:func:`draw` from ``seed`` (None, an int or a Generator). An int seed's hash functions -- the same for
+    every framework, device and backend -- are drawn once per (shape, hashing, seed) and kept, read-only:
+    a training loop passing ``seed=0`` would otherwise draw the same ones at every step."""
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        return _drawn_once(tuple(shape), hashing, int(seed))
+    return draw(shape, hashing, rng_from_seed(seed))
+
+
+@functools.lru_cache(maxsize=64)
+def _drawn_once(shape: tuple[int, ...], hashing: str, seed: int) -> np.ndarray:
+    planes = draw(shape, hashing, rng_from_seed(seed))
+    planes.flags.writeable = False
+    return planes

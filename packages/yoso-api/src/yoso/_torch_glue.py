@@ -22,7 +22,7 @@ import torch
 
 from . import _core, _via_jax, backends
 from ._glue import Glue
-from ._planes import check_seed, draw, rng_from_seed
+from ._planes import check_seed, draw_for_seed
 
 Tensor = torch.Tensor
 
@@ -535,7 +535,7 @@ class TorchGlue(Glue):
         dtype = _accumulate_dtype(like.dtype)
         if seed is not None:
             # An int seed gives the same hash functions for every framework, device and backend.
-            return torch.as_tensor(draw(shape, hashing, rng_from_seed(seed)), device=like.device).to(dtype)
+            return torch.tensor(draw_for_seed(shape, hashing, seed), dtype=dtype, device=like.device)
         # torch's own RNG (or the generator): reproducible with torch.manual_seed, and replayed
         # identically by torch.utils.checkpoint, so recomputation sees the same hash functions.
         if hashing == "gaussian":
