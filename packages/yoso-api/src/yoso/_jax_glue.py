@@ -392,22 +392,11 @@ def core_backward_state(
     grad, grad_tables, grad_key_tables, q, k, v, q_codes, k_codes, query_mask, key_mask, key_tables, *, config
 ):
     """``(dq, dk, dv, d_tables, d_key_tables)`` of :func:`core_forward_state`: yoso._core.backward_state, compiled."""
-    return _core.backward_state(
-        backends.get(config.backend),
-        q,
-        k,
-        v,
-        (q_codes, k_codes),
-        query_mask,
-        key_mask,
-        grad,
-        grad_tables,
-        grad_key_tables,
-        key_tables,
-        has_tables=config.has_tables,
-        backward=config.backward,
-        hash_bits=config.hash_bits,
+    residuals = (q, k, v, (q_codes, k_codes), query_mask, key_mask, None, key_tables)
+    dq, dk, dv, _, _, _, d_tables, d_key_tables = _core_state_bwd(
+        config, residuals, (grad, grad_tables, grad_key_tables)
     )
+    return dq, dk, dv, d_tables, d_key_tables
 
 
 # ---- serving NumPy arrays and torch tensors ----------------------------------------------------------
@@ -616,17 +605,9 @@ class JaxGlue(Glue):
     def take(x, index, axis):
         return jnp.take(x, jnp.asarray(index, jnp.int32), axis=axis)
 
-    @staticmethod
-    def moveaxis(x, source, destination):
-        return jnp.moveaxis(x, source, destination)
-
-    @staticmethod
-    def broadcast_to(x, shape):
-        return jnp.broadcast_to(x, shape)
-
-    @staticmethod
-    def logical_and(mask, other):
-        return jnp.logical_and(mask, other)
+    moveaxis = staticmethod(jnp.moveaxis)
+    broadcast_to = staticmethod(jnp.broadcast_to)
+    logical_and = staticmethod(jnp.logical_and)
 
     @staticmethod
     def host_ints(x):

@@ -138,21 +138,10 @@ class NumpyGlue(Glue):
         shape = np.broadcast_shapes(a.shape, b.shape)
         return bool(np.array_equal(np.broadcast_to(a, shape), np.broadcast_to(b, shape)))
 
-    @staticmethod
-    def take(x, index, axis):
-        return np.take(x, index, axis=axis)
-
-    @staticmethod
-    def moveaxis(x, source, destination):
-        return np.moveaxis(x, source, destination)
-
-    @staticmethod
-    def broadcast_to(x, shape):
-        return np.broadcast_to(x, shape)
-
-    @staticmethod
-    def logical_and(mask, other):
-        return np.logical_and(mask, other)
+    take = staticmethod(np.take)
+    moveaxis = staticmethod(np.moveaxis)
+    broadcast_to = staticmethod(np.broadcast_to)
+    logical_and = staticmethod(np.logical_and)
 
     def hash_codes(self, backend, prep):
         call = prep.call

@@ -593,13 +593,8 @@ class TorchGlue(Glue):
     def take(x, index, axis):
         return x.index_select(axis, torch.as_tensor(index, device=x.device))
 
-    @staticmethod
-    def moveaxis(x, source, destination):
-        return x.movedim(source, destination)
-
-    @staticmethod
-    def broadcast_to(x, shape):
-        return x.expand(shape)
+    moveaxis = staticmethod(torch.movedim)
+    broadcast_to = staticmethod(torch.broadcast_to)
 
     @staticmethod
     def logical_and(mask, other):
