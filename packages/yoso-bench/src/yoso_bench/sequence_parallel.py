@@ -76,7 +76,7 @@ def config_from_args(args, argv=None) -> dict:
     if importlib.util.find_spec("yoso_parallel") is None:
         raise ValueError(
             "--sequence-parallel needs the yoso-parallel package (yoso.attention's group=): pip install "
-            "yoso-parallel (in the yoso repository: pip install -e packages/yoso-parallel)"
+            "'yoso-bench[parallel]' (in the yoso repository: pip install -e packages/yoso-parallel)"
         )
     ns = _positive_ints(args.n, QUICK_NS if args.quick else DEFAULT_NS, "--n")
     uneven = [n for n in ns if n % world]
