@@ -12,7 +12,7 @@ Conventions shared by every backend (docs/math.md#hash-functions):
   one rotation gives ``D' // tau`` hashes, hash ``s`` taking the ``tau`` consecutive signs of
   rotation ``s // (D' // tau)`` starting at coordinate ``(s % (D' // tau)) * tau``.
 
-Codes are returned as ``int64`` arrays of shape ``[B, m, N]``.
+Codes are returned as ``int32`` arrays of shape ``[B, m, N]`` (every backend's codes are int32; ``tau <= 16``).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def sylvester_hadamard(n: int) -> np.ndarray:
 def _bits_to_codes(projections: np.ndarray, num_hashes: int, hash_bits: int) -> np.ndarray:
     """``[B, N, m*tau]`` projections -> ``[B, m, N]`` codes (strictly positive -> bit 1)."""
     b, n, _ = projections.shape
-    bits = (projections > 0).reshape(b, n, num_hashes, hash_bits).astype(np.int64)
-    codes = (bits << np.arange(hash_bits, dtype=np.int64)).sum(axis=-1)
+    bits = (projections > 0).reshape(b, n, num_hashes, hash_bits).astype(np.int32)
+    codes = (bits << np.arange(hash_bits, dtype=np.int32)).sum(axis=-1, dtype=np.int32)
     return np.ascontiguousarray(codes.transpose(0, 2, 1))
 
 
