@@ -278,10 +278,7 @@ def sampled_grads_on(table_form, *, choose=None):
     def sampled_grads(
         q_codes, k_codes, q, k, v, grad, *, query_mask, key_mask, causal, hash_bits, backward, max_ratio, form="auto"
     ):
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        if form == "tables" and backward != "lower_bound":
-            raise ValueError(f"form='tables' needs backward='lower_bound' (*YOSO has no table form), got {backward!r}")
+        # form is one of FORMS, and "tables" only with the lower bound: yoso.backends.Backend.sampled_grads checks.
         args = (q_codes, k_codes, q, k, v, grad, query_mask, key_mask)
         if backward == "lower_bound" and form == "auto":
             if choose is None:

@@ -625,13 +625,7 @@ def sampled_grads(
     ``form`` (docs/math.md#lower-bound): ``"auto"`` chooses per bucket by cost (``_table_buckets``; the
     exact estimator always takes pairs), ``"pairs"`` / ``"tables"`` force one form for every bucket.
     """
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
-    if form == "tables" and backward != "lower_bound":
-        raise ValueError(
-            f"form='tables' needs backward='lower_bound', got backward={backward!r}: the exact estimator "
-            "weighs every pair by its own cosine, so it has no table form (docs/math.md#sampled-true-gradient)"
-        )
+    # form is one of FORMS, and "tables" only with the lower bound: yoso.backends.Backend.sampled_grads checks.
     batch, m, n_q = q_codes.shape
     n_k, dim, dv = k.shape[1], q.shape[2], v.shape[2]
     q_codes, k_codes = _unit_stride(q_codes), _unit_stride(k_codes)
