@@ -158,6 +158,26 @@ def test_a_numpy_call_probes_only_backends_serving_numpy():
     assert "torch" not in explicit and "jax" not in explicit, explicit
 
 
+def test_eager_torch_calls_do_not_load_dynamo_and_compiled_selection_is_one_graph():
+    """torch.compile's machinery (torch._dynamo, ~3 s to import) is loaded by torch.compile, not by an eager
+    yoso call; and the backend picked automatically while torch.compile traces is folded in as a constant (the
+    discovery and probing are not traced: no graph break), with dynamo loaded after yoso's torch glue."""
+    pytest.importorskip("torch")
+    code = (
+        "import sys, torch, yoso\n"
+        "planes = torch.as_tensor(yoso.hash_planes(4, 3, 8, seed=0), dtype=torch.float32)\n"
+        "q = torch.randn(2, 16, 8)\n"
+        "layer = lambda q: yoso.attention(q, q, q, planes=planes, num_hashes=4, hash_bits=3)\n"
+        "eager = layer(q)\n"
+        "assert 'torch._dynamo' not in sys.modules, 'an eager call loaded torch._dynamo'\n"
+        "compiled = torch.compile(layer, backend='aot_eager', fullgraph=True)(q)\n"
+        "torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-4000:]
+
+
 def test_selection_never_probes_backends_that_cannot_serve_the_arrays():
     probed = []
 

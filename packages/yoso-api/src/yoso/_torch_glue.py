@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 
 import numpy as np
 import torch
@@ -473,12 +474,20 @@ def _hash_codes_fake(x, planes, backend, hashing, num_hashes, hash_bits):
 # ---- the glue object used by yoso.attention -------------------------------------------------------
 
 
-@torch.compiler.assume_constant_result
 def _selected_name(**call_fields) -> str:
     # Run eagerly even while torch.compile traces: discovering and checking backends imports modules
     # and takes locks, which dynamo cannot trace. The choice is folded into the graph as a constant, so
     # a compiled function keeps the backend chosen when it was traced.
     return backends.select(backends.Call(**call_fields)).name
+
+
+# torch.compiler.assume_constant_result(fn) marks fn with this attribute, but importing it loads torch._dynamo
+# (3 s on a 2-core machine) for every eager torch user: the mark is set as the decorator sets it. A torch that
+# renamed it would fail packages/yoso-api/tests/test_selection.py (torch.compile with fullgraph=True breaks here).
+if "torch._dynamo" in sys.modules:
+    _selected_name = torch.compiler.assume_constant_result(_selected_name)
+else:
+    _selected_name._dynamo_marked_constant = True
 
 
 def _bad_rows(x: Tensor, mask) -> tuple[int, int]:
