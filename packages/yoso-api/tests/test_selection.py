@@ -161,7 +161,8 @@ def test_a_numpy_call_probes_only_backends_serving_numpy():
 def test_eager_torch_calls_do_not_load_dynamo_and_compiled_selection_is_one_graph():
     """torch.compile's machinery (torch._dynamo, ~3 s to import) is loaded by torch.compile, not by an eager
     yoso call; and the backend picked automatically while torch.compile traces is folded in as a constant (the
-    discovery and probing are not traced: no graph break), with dynamo loaded after yoso's torch glue."""
+    discovery and probing are not traced: no graph break), with dynamo loaded after yoso's torch glue; a
+    call with an int seed traces whole too."""
     pytest.importorskip("torch")
     code = (
         "import sys, torch, yoso\n"
@@ -172,6 +173,10 @@ def test_eager_torch_calls_do_not_load_dynamo_and_compiled_selection_is_one_grap
         "assert 'torch._dynamo' not in sys.modules, 'an eager call loaded torch._dynamo'\n"
         "compiled = torch.compile(layer, backend='aot_eager', fullgraph=True)(q)\n"
         "torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)\n"
+        # an int seed: NumPy draws the hash functions, inside an op (yoso::planes_for_seed) under torch.compile
+        "seeded = lambda q: yoso.attention(q, q, q, seed=3, num_hashes=4, hash_bits=3)\n"
+        "compiled = torch.compile(seeded, backend='aot_eager', fullgraph=True)(q)\n"
+        "torch.testing.assert_close(compiled, seeded(q), rtol=1e-5, atol=1e-6)\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

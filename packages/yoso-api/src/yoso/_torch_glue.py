@@ -471,6 +471,18 @@ def _hash_codes_fake(x, planes, backend, hashing, num_hashes, hash_bits):
     return x.new_empty((x.shape[0], num_hashes, x.shape[1]), dtype=torch.int32)
 
 
+@torch.library.custom_op("yoso::planes_for_seed", mutates_args=())
+def planes_for_seed(seed: int, shape: list[int], hashing: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The hash functions of an int seed (yoso._planes.draw_for_seed) as a tensor: an op, so that a call with
+    ``seed=`` traces under ``torch.compile(fullgraph=True)`` (NumPy draws them, which dynamo cannot trace)."""
+    return torch.tensor(draw_for_seed(tuple(shape), hashing, seed), dtype=dtype, device=device)
+
+
+@planes_for_seed.register_fake
+def _planes_for_seed_fake(seed, shape, hashing, dtype, device):
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 # ---- the glue object used by yoso.attention -------------------------------------------------------
 
 
@@ -544,6 +556,8 @@ class TorchGlue(Glue):
         dtype = _accumulate_dtype(like.dtype)
         if seed is not None:
             # An int seed gives the same hash functions for every framework, device and backend.
+            if torch.compiler.is_compiling() and seed < 2**63:  # NumPy draws them: an op dynamo does not trace
+                return planes_for_seed(seed, list(shape), hashing, dtype, like.device)
             return torch.tensor(draw_for_seed(shape, hashing, seed), dtype=dtype, device=like.device)
         # torch's own RNG (or the generator): reproducible with torch.manual_seed, and replayed
         # identically by torch.utils.checkpoint, so recomputation sees the same hash functions.
