@@ -14,6 +14,7 @@ rotation ``s // (D' // tau)`` from coordinate ``(s % (D' // tau)) * tau``; ``R =
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from typing import TYPE_CHECKING
 
@@ -105,11 +106,16 @@ def draw(shape: tuple[int, ...], hashing: str, rng: np.random.Generator) -> np.n
     return rng.integers(0, 2, size=shape).astype(np.float64) * 2 - 1
 
 
+KEPT_PLANES_ELEMENTS = 1 << 20  # hash functions kept per seed up to this size (8 MiB of float64 each)
+
+
 def draw_for_seed(shape: tuple[int, ...], hashing: str, seed) -> np.ndarray:
     """:func:`draw` from ``seed`` (None, an int or a Generator). An int seed's hash functions -- the same for
     every framework, device and backend -- are drawn once per (shape, hashing, seed) and kept, read-only:
-    a training loop passing ``seed=0`` would otherwise draw the same ones at every step."""
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+    a training loop passing ``seed=0`` would otherwise draw the same ones at every step. (Not beyond
+    ``KEPT_PLANES_ELEMENTS``: 64 kept sets of huge hash functions would hold gigabytes.)"""
+    small = math.prod(shape) <= KEPT_PLANES_ELEMENTS
+    if small and isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
         return _drawn_once(tuple(shape), hashing, int(seed))
     return draw(shape, hashing, rng_from_seed(seed))
 
