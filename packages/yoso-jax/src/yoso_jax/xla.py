@@ -80,10 +80,14 @@ def hadamard_rotate(x, diagonals):
 
 
 def codes_from_projections(proj, num_hashes: int, hash_bits: int):
-    """``[B, N, m*tau]`` projections -> int32 codes ``[B, m, N]`` (strictly positive -> bit 1)."""
+    """``[B, N, m*tau]`` projections -> int32 codes ``[B, m, N]`` (strictly positive -> bit 1).
+
+    ``sum_b 2^b bit_b`` as a product with the powers of two: exact in float32 (0/1 times powers of two, sums
+    below 2^16 <= 2^24), and about twice as fast on the CPU as shifting and summing int32 bits."""
     batch, n, _ = proj.shape
-    bits = (proj > 0).reshape(batch, n, num_hashes, hash_bits).astype(jnp.int32)
-    codes = jnp.sum(bits << jnp.arange(hash_bits, dtype=jnp.int32), axis=-1, dtype=jnp.int32)
+    bits = (proj > 0).reshape(batch, n, num_hashes, hash_bits).astype(jnp.float32)
+    powers = jnp.asarray(2.0, jnp.float32) ** jnp.arange(hash_bits, dtype=jnp.float32)
+    codes = jnp.matmul(bits, powers, precision=HIGHEST).astype(jnp.int32)
     return codes.transpose(0, 2, 1)
 
 
