@@ -78,6 +78,33 @@ def _state_cotangent(cotangent, name: str, shape: tuple[int, ...], tail: int, dt
     return cotangent.reshape((-1,) + shape[len(shape) - tail :]).astype(dtype)
 
 
+def _core_cotangent(cotangent, prep, y, query_mask) -> np.ndarray:
+    """The output's cotangent as one of the core's ``Y [B, Nq, Dv]``: the chain rule of ``core_output``."""
+    call = prep.call
+    out_shape = prep.lead + (call.n_query, call.value_dim)
+    cotangent = np.asarray(cotangent)
+    if cotangent.shape != out_shape:
+        raise ValueError(f"the cotangent must have the output's shape {list(out_shape)}, got {list(cotangent.shape)}")
+    grad = cotangent.reshape(call.batch, call.n_query, call.value_dim).astype(y.dtype)
+    return _keep_rows(unit_rows_vjp(y, grad) if prep.normalize else grad, query_mask)
+
+
+def _input_grads(prep, inputs: _core.CoreInputs, dq_unit, dk_unit, dv) -> tuple:
+    """``(dq, dk, dv)`` of the caller's arrays from the core's: through the unit rows, the rescaling of v, the
+    masks and the broadcast leading dims, in the caller's dtype."""
+    dv = dv if inputs.scale is None else _core._divide(OPS, dv, inputs.scale)
+    grads = (
+        _keep_rows(unit_rows_vjp(inputs.q_kept, dq_unit), inputs.query_mask),
+        _keep_rows(unit_rows_vjp(inputs.k_kept, dk_unit), inputs.key_mask),
+        _keep_rows(dv, inputs.key_mask),
+    )
+    dtype = np.dtype(prep.call.dtype)
+    return tuple(
+        _unbroadcast(g.reshape(prep.lead + tuple(shape[-2:])), shape).astype(dtype)
+        for g, shape in zip(grads, prep.shapes)
+    )
+
+
 class NumpyGlue(Glue):
     name = "numpy"
 
@@ -189,14 +216,7 @@ class NumpyGlue(Glue):
             return out
 
         def vjp(cotangent):
-            cotangent = np.asarray(cotangent)
-            if cotangent.shape != out_shape:
-                raise ValueError(
-                    f"the cotangent must have the output's shape {list(out_shape)}, got {list(cotangent.shape)}"
-                )
-            grad = cotangent.reshape(call.batch, call.n_query, call.value_dim).astype(y.dtype)
-            grad = unit_rows_vjp(y, grad) if prep.normalize else grad  # the chain rule of core_output
-            grad = _keep_rows(grad, query_mask)
+            grad = _core_cotangent(cotangent, prep, y, query_mask)
             dq_unit, dk_unit, dv = backward(
                 backend,
                 inputs.q,
@@ -210,15 +230,7 @@ class NumpyGlue(Glue):
                 backward=call.backward,
                 **options,
             )
-            grads = (
-                _keep_rows(unit_rows_vjp(inputs.q_kept, dq_unit), query_mask),
-                _keep_rows(unit_rows_vjp(inputs.k_kept, dk_unit), key_mask),
-                _keep_rows(dv if inputs.scale is None else _core._divide(OPS, dv, inputs.scale), key_mask),
-            )
-            return tuple(
-                _unbroadcast(g.reshape(prep.lead + tuple(shape[-2:])), shape).astype(dtype)
-                for g, shape in zip(grads, prep.shapes)
-            )
+            return _input_grads(prep, inputs, dq_unit, dk_unit, dv)
 
         return out, vjp
 
@@ -238,7 +250,7 @@ class NumpyGlue(Glue):
         inputs = _core.core_inputs(
             OPS, prep.q, prep.k, prep.v, prep.query_mask, prep.key_mask, normalize=False, checked=True
         )
-        q, k, v = inputs.q_kept, inputs.k_kept, inputs.v
+        v = inputs.v
         q_unit, k_unit = inputs.q, inputs.k
         query_mask, key_mask = inputs.query_mask, inputs.key_mask
         forward, backward = (
@@ -291,13 +303,7 @@ class NumpyGlue(Glue):
                         grad_key_tables = _state_cotangent(
                             state_cotangent.key_tables, "key_tables", shapes["key_tables"], 4, tables.dtype
                         )
-            cotangent = np.asarray(cotangent)
-            if cotangent.shape != out_shape:
-                raise ValueError(
-                    f"the cotangent must have the output's shape {list(out_shape)}, got {list(cotangent.shape)}"
-                )
-            grad = cotangent.reshape(call.batch, call.n_query, call.value_dim).astype(y.dtype)
-            grad = _keep_rows(unit_rows_vjp(y, grad) if prep.normalize else grad, query_mask)
+            grad = _core_cotangent(cotangent, prep, y, query_mask)
             dq_unit, dk_unit, dv, d_tables, d_key_tables = backward(
                 backend,
                 q_unit,
@@ -314,15 +320,7 @@ class NumpyGlue(Glue):
                 backward=call.backward,
                 hash_bits=call.hash_bits,
             )
-            grads = (
-                _keep_rows(unit_rows_vjp(q, dq_unit), query_mask),
-                _keep_rows(unit_rows_vjp(k, dk_unit), key_mask),
-                _keep_rows(dv, key_mask),
-            )
-            grads = tuple(
-                _unbroadcast(g.reshape(prep.lead + tuple(shape[-2:])), shape).astype(dtype)
-                for g, shape in zip(grads, prep.shapes)
-            )
+            grads = _input_grads(prep, inputs, dq_unit, dk_unit, dv)
             if spec.tables is None:
                 return grads
             d_state = State(
