@@ -26,8 +26,9 @@ time -- keys and queries are sorted together by bucket (one sort of packed integ
   (within spans of ``PREFIX_SPAN`` blocks, then across spans). The suffix tables of ``dk`` likewise.
 
 Which of ``fast`` and ``pieces`` runs is decided per loop step from the actual codes (``lax.cond``); both
-are exact. The cost is ``O(N m D Dv)`` in every case; skewed buckets only ever cost the ``pieces``
-layout's padding, bounded by ``runs * PIECE`` slots.
+are exact. Gaussian hash codes are uneven enough that ``pieces`` is what nearly always runs (:func:`costs`);
+``fast`` serves Hadamard hashing of spread-out inputs. The cost is ``O(N m D Dv)`` in every case; skewed
+buckets only ever cost the ``pieces`` layout's padding, bounded by ``runs * PIECE`` slots.
 """
 
 from __future__ import annotations
@@ -248,25 +249,32 @@ def _blocks_lane(srt, q, k, v, g):
 
 # ---- cost -------------------------------------------------------------------------------------------
 
-# Effective rates (multiply-adds x 2 per second of one core) measured on a 2-core AVX-512 CPU with
-# B*H = 8, D = Dv = 64, m = 32, tau = 8 at N = 4096 and 16384 (CPU time, i.i.d. codes): the dense pair
-# form runs its matmuls at ~70 GFLOP/s, the table layouts reach ~42 ("fast"), ~29 ("pieces": the
-# segment sums) and ~34 ("blocks") on the small batched products they are made of.
-DENSE_RATE = 70e9
-FAST_RATE, PIECES_RATE, BLOCKS_RATE = 42e9, 29e9, 34e9
+# Effective rates (multiply-adds x 2 per second of wall time) measured on a quiet 2-core AVX-512 VM with
+# B*H = 8, D = Dv = 64, m = 32, tau = 8, forward+backward: the dense pair form ~120 GFLOP/s at N = 8k-12k
+# (large matmuls, both cores busy); the table form's "pieces" layout ~27 GFLOP/s at N = 8k-16k on the slots
+# it computes (small batched products, segment sums and table gathers: ~1.4 cores busy); "blocks" (causal)
+# ~32-35 at N = 8k-16k. So the pairs win below N ~ 14k there (12k: 5.3 s against 6.5 s; 16k: tables
+# 7.3 s), and causal below ~20k (8k: 3.0 s against 6.5 s; 16k: blocks 14.7 s). More cores favour the
+# pairs further.
+DENSE_RATE = 120e9
+PIECES_RATE, BLOCKS_RATE = 27e9, 34e9
 
 
 def costs(batch, n_query, n_key, dim, value_dim, num_hashes, hash_bits, causal) -> dict:
     """Estimated seconds of the dense pair form and of the table form for these static shapes.
 
     Pairs: every (query, key) pair, ``2 Dv + 4 D`` flops for the products plus ~4 per hash for the
-    collision count. Tables: the ``fast`` layout when not causal (the codes are assumed evenly spread:
-    crowded buckets take ``pieces``, at most ~1.5x slower), else ``blocks``; per slot ``4 D Dv`` flops
-    (build one table and read the other), plus the blocks' pairs and segmented prefix.
+    collision count. Tables: the ``pieces`` layout when not causal, else ``blocks``; per slot ``4 D Dv``
+    flops (build one table and read the other), plus the blocks' pairs and segmented prefix.
+
+    ``pieces``, not ``fast``: Gaussian hash planes are not orthogonal, so even for isotropic inputs the
+    buckets are uneven (N = 16k, tau = 8: the largest bucket of a hash holds 129-273 tokens against a
+    mean of 64), and the fast layout's capacity almost never holds them; only Hadamard hashing of
+    spread-out inputs fits it. Modelling ``fast`` (as before) chose the tables from N ~ 6k on, where
+    they took twice the pairs' time (B*H = 8, N = 8k: 4.7 s against 2.3 s).
     """
     pairs = batch * n_query * n_key * (2 * value_dim + 4 * dim + 4 * num_hashes) / DENSE_RATE
     lanes = batch * num_hashes
-    runs = min(1 << hash_bits, n_query + n_key)
     if causal:
         n_blocks = -(-(n_query + n_key) // BLOCK)
         spans = -(-n_blocks // PREFIX_SPAN)
@@ -274,8 +282,10 @@ def costs(batch, n_query, n_key, dim, value_dim, num_hashes, hash_bits, causal) 
         prefix = 2 * 2 * dim * value_dim * (n_blocks * PREFIX_SPAN + spans * spans)
         tables = lanes * (n_blocks * per_block + prefix) / BLOCKS_RATE
     else:
-        slots = runs * (fast_capacity(n_query, hash_bits) + fast_capacity(n_key, hash_bits))
-        tables = lanes * slots * 4 * dim * value_dim / FAST_RATE
+        n_buckets = 1 << hash_bits
+        pieces = min(n_query, -(-n_query // PIECE) + min(n_buckets, n_query))
+        pieces += min(n_key, -(-n_key // PIECE) + min(n_buckets, n_key))
+        tables = lanes * pieces * PIECE * 4 * dim * value_dim / PIECES_RATE
     return {"pairs": pairs, "tables": tables}
 
 

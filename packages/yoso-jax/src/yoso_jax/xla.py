@@ -305,7 +305,7 @@ def lower_bound_form(batch, n_query, n_key, dim, value_dim, num_hashes, hash_bit
 # The lower bound's table form is this backend's own (``tables``: sorted tokens, batched matmuls;
 # cumulating Dv*D-wide outer products through scatter/gather, as ``pallas`` does, is ~10x slower here).
 # ``form="auto"`` picks by static shapes: the dense pair form costs the same whatever the codes, and
-# the table form's layouts differ by at most ~1.5x between even and crowded buckets.
+# the table form is costed as its ``pieces`` layout, which any distribution of codes fits (``tables.costs``).
 sampled_grads = pairwise.sampled_grads_on(tables.lower_bound_tables, choose=lower_bound_form)
 expectation_forward = pairwise.expectation_forward
 expectation_backward = pairwise.expectation_backward
