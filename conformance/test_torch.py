@@ -97,6 +97,32 @@ def test_checkpoint_recomputes_the_same_hashes(torch_target):
         assert_close(to_numpy(b), to_numpy(a), torch_target.dtype, f"d{name} after recompute")
 
 
+def test_inputs_changed_in_place_before_the_backward(torch_target):
+    """An input changed in place between the passes: the backward either raises torch's own error (what
+    it needs was saved with ``save_for_backward`` and changed) or returns the gradients at the values the
+    forward saw -- never gradients of other values (e.g. from a zero-copy view of the changed tensor)."""
+    q0, k0, v0 = _qkv(torch_target, grad=True)
+
+    def grads(changed=None):
+        inputs = {"q": q0 * 1, "k": k0 * 1, "v": v0 * 1}  # non-leaf copies: they may be changed in place
+        loss = _loss(yoso.attention(*inputs.values(), seed=3, num_hashes=8, hash_bits=4))
+        if changed is not None:
+            with torch.no_grad():
+                inputs[changed].add_(1)
+        return torch.autograd.grad(loss, (q0, k0, v0))
+
+    with yoso.set_backend(torch_target.name):
+        expected = grads()
+        for changed in ("q", "k", "v"):
+            try:
+                got = grads(changed)
+            except RuntimeError as error:
+                assert "modified by an inplace operation" in str(error), error
+                continue
+            for name, a, b in zip("qkv", got, expected):
+                assert_close(to_numpy(a), to_numpy(b), torch_target.dtype, f"d{name} after {changed} changed")
+
+
 def test_generator_reproduces(torch_target):
     q, k, v = _qkv(torch_target)
     with yoso.set_backend(torch_target.name):

@@ -214,18 +214,15 @@ def whole_forward(q, k, v, planes, query_mask, key_mask, *, config: _Config, che
 
 
 @functools.partial(jax.jit, static_argnames=("config", "checked"))
-def whole_forward_vjp(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool):
-    """``(output, vjp)``: ``vjp`` is a pytree (``jax.tree_util.Partial``) holding the residuals, for
-    :func:`whole_backward`."""
+def whole_backward(q, k, v, planes, query_mask, key_mask, grad, *, config: _Config, checked: bool):
+    """``(dq, dk, dv)`` of :func:`whole_forward`'s output for the cotangent ``grad``, recomputing the forward.
+
+    The forward is a small part of the work (its cumulation is ``Dv`` wide, the lower-bound gradient's
+    ``D * Dv``), so recomputing it costs a few percent, and the caller keeps only the inputs between the
+    passes instead of the ~40 residual arrays a VJP would hold (unit rows, norms, codes, masks)."""
     return jax.vjp(
         lambda q, k, v: _whole_call(q, k, v, planes, query_mask, key_mask, config=config, checked=checked), q, k, v
-    )
-
-
-@jax.jit
-def whole_backward(vjp, grad):
-    """``(dq, dk, dv)`` of :func:`whole_forward_vjp`'s output for the cotangent ``grad``."""
-    return vjp(grad)
+    )[1](grad)
 
 
 @functools.partial(jax.jit, static_argnames=("layouts", "hashing", "n_rows", "n_masks", "n_sums"))

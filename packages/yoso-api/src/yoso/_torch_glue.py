@@ -159,22 +159,28 @@ def _whole_call_on_jax(backend, prep) -> Tensor:
 
 
 class _WholeCallOnJax(torch.autograd.Function):
-    """:func:`_whole_call_on_jax` with gradients: the forward program returns the VJP's residuals (a JAX
-    pytree, kept on ``ctx``), the backward program applies them."""
+    """:func:`_whole_call_on_jax` with gradients. The forward program returns the output only; the backward
+    program recomputes the forward from the saved inputs (``yoso._jax_glue.whole_backward``). So torch holds
+    the inputs between the passes (``save_for_backward``: in-place changes are caught, saved-tensor hooks
+    apply), not JAX buffers it cannot see."""
 
     @staticmethod
     def forward(ctx, q, k, v, others, pad, config, checked):
         jg = _on_jax()
         padded = (pad.rows(q, pad.QUERIES), pad.rows(k, pad.KEYS), pad.rows(v, pad.KEYS), *others)
-        out, ctx.vjp = jg.whole_forward_vjp(*map(jg.from_host, padded), config=config, checked=checked)
-        ctx.pad = pad
+        out = jg.whole_forward(*map(jg.from_host, padded), config=config, checked=checked)
+        ctx.save_for_backward(q, k, v, *others)
+        ctx.pad, ctx.config, ctx.checked = pad, config, checked
         return pad.cut(torch.from_dlpack(out), pad.QUERIES).contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         jg, pad = _on_jax(), ctx.pad
-        grads = jg.whole_backward(ctx.vjp, jg.from_host(pad.rows(grad.contiguous(), pad.QUERIES)))
+        q, k, v, *others = ctx.saved_tensors
+        padded = (pad.rows(q, pad.QUERIES), pad.rows(k, pad.KEYS), pad.rows(v, pad.KEYS), *others)
+        padded += (pad.rows(grad.contiguous(), pad.QUERIES),)
+        grads = jg.whole_backward(*map(jg.from_host, padded), config=ctx.config, checked=ctx.checked)
         dq, dk, dv = (
             pad.cut(torch.from_dlpack(g), which).contiguous()
             for g, which in zip(grads, (pad.QUERIES, pad.KEYS, pad.KEYS))
