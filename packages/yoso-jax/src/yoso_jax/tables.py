@@ -116,36 +116,43 @@ def _sorted_lane(qc, kc, qk, kk, *, n_buckets, causal):
     return dict(kind=kind, pos=pos, run=run, rank_kind=rank_kind, rank=rank, valid=valid)
 
 
-def _place(sel, slot, n_slots: int, pos, n_tokens: int):
-    """Token index per slot (``n_tokens``: empty) and slot per token (``n_slots``: none), for the
-    sorted items where ``sel`` holds."""
+def _place(sel, slot, n_slots: int, pos, n_tokens: int, *, spare: bool = False):
+    """Token index per slot (``n_tokens``: empty) and slot per token, for the sorted items where ``sel``
+    holds. A token without a slot gets ``n_slots`` (out of bounds), or with ``spare`` the last slot, which
+    the caller's layout never fills (so its result row is zero: :func:`_back`)."""
     slot = jnp.where(sel, slot, n_slots)
     token_at = jnp.full((n_slots + 1,), n_tokens, jnp.int32).at[slot].set(pos, mode="promise_in_bounds")[:-1]
-    slot_of = jnp.full((n_tokens + 1,), n_slots, jnp.int32).at[jnp.where(sel, pos, n_tokens)].set(slot)[:-1]
+    none = n_slots - 1 if spare else n_slots
+    slot_of = jnp.full((n_tokens + 1,), none, jnp.int32).at[jnp.where(sel, pos, n_tokens)].set(slot)[:-1]
     return token_at, slot_of
 
 
 def _rows(x, token_at, *shape):
-    """Rows of ``x [N, C]`` at ``token_at`` (``N``, out of bounds: a zero row), reshaped to ``shape + (C,)``.
+    """Rows of ``x [N + 1, C]`` at ``token_at`` (``N``: the zero row every lane's arrays end with),
+    reshaped to ``shape + (C,)``.
 
-    Gathered one array at a time with out-of-bounds filling: concatenating a zero row, or gathering
-    ``[k | v]`` rows and slicing them apart, costs a copy per hash (~15% of the table form's time).
-    """
-    return x.at[token_at].get(mode="fill", fill_value=0).reshape(shape + (x.shape[1],))
+    The zero row is appended once, before the loop over hashes: a gather that fills out-of-bounds rows
+    with zeros selects per element and ran at ~4 GB/s, and appending the row per hash, or gathering
+    ``[k | v]`` rows and slicing them apart, costs a copy per hash."""
+    return x.at[token_at].get(mode="promise_in_bounds").reshape(shape + (x.shape[1],))
 
 
-def _back(out, slot_of):
-    """Slot results ``[S, D]`` back to tokens (slot ``S``, out of bounds: zero)."""
+def _back(out, slot_of, *, spare: bool = False):
+    """Slot results ``[S, D]`` back to tokens: slot ``S`` (out of bounds) reads zero, or with ``spare``
+    every index is in bounds (tokens without a slot point at an empty one) and no bounds are checked."""
+    if spare:
+        return out.at[slot_of].get(mode="promise_in_bounds")
     return out.at[slot_of].get(mode="fill", fill_value=0)
 
 
 def _fast_lane(srt, q, k, v, g, *, runs: int, cap_q: int, cap_k: int):
     """Not causal, every run within capacity: bucket-major layouts, one table per bucket."""
-    n_query, n_key = q.shape[0], k.shape[0]
+    n_query, n_key = q.shape[0] - 1, k.shape[0] - 1  # rows end with a zero row (_rows)
     is_q = srt["valid"] & (srt["kind"] == 1)
     is_k = srt["valid"] & (srt["kind"] == 0)
-    q_at, q_slot = _place(is_q, srt["run"] * cap_q + srt["rank_kind"], runs * cap_q, srt["pos"], n_query)
-    k_at, k_slot = _place(is_k, srt["run"] * cap_k + srt["rank_kind"], runs * cap_k, srt["pos"], n_key)
+    # `runs` includes one spare run row after the real ones: never filled (_place's `spare`).
+    q_at, q_slot = _place(is_q, srt["run"] * cap_q + srt["rank_kind"], runs * cap_q, srt["pos"], n_query, spare=True)
+    k_at, k_slot = _place(is_k, srt["run"] * cap_k + srt["rank_kind"], runs * cap_k, srt["pos"], n_key, spare=True)
     dim = q.shape[1]
     ks, vs = _rows(k, k_at, runs, cap_k), _rows(v, k_at, runs, cap_k)
     qs, gs = _rows(q, q_at, runs, cap_q), _rows(g, q_at, runs, cap_q)
@@ -153,18 +160,21 @@ def _fast_lane(srt, q, k, v, g, *, runs: int, cap_q: int, cap_k: int):
     b = _dot(qs, gs, ((1,), (1,)))  # B[r] = sum_i q_i G_i^T   [runs, D, Dv]
     dq = _dot(gs, a, ((2,), (1,)))  # G_i^T A[r]               [runs, cap_q, D]
     dk = _dot(vs, b, ((2,), (2,)))  # B[r] v_j                 [runs, cap_k, D]
-    return _back(dq.reshape(-1, dim), q_slot), _back(dk.reshape(-1, dim), k_slot)
+    return _back(dq.reshape(-1, dim), q_slot, spare=True), _back(dk.reshape(-1, dim), k_slot, spare=True)
 
 
 def _pieces_lane(srt, q, k, v, g, *, runs: int, q_pieces: int, k_pieces: int):
     """Not causal, any distribution: runs cut into pieces, piece tables summed per run."""
-    n_query, n_key, dim = q.shape[0], k.shape[0], q.shape[1]
+    n_query, n_key, dim = q.shape[0] - 1, k.shape[0] - 1, q.shape[1]  # rows end with a zero row (_rows)
     starts = srt["rank_kind"] % PIECE == 0
 
     def side(kind, n_pieces, n_tokens):
         sel = srt["valid"] & (srt["kind"] == kind)
         piece = jnp.cumsum(sel & starts, dtype=jnp.int32) - 1
-        at, slot_of = _place(sel, piece * PIECE + srt["rank_kind"] % PIECE, n_pieces * PIECE, srt["pos"], n_tokens)
+        # n_pieces includes one spare piece after all that can be filled (_place's `spare`)
+        at, slot_of = _place(
+            sel, piece * PIECE + srt["rank_kind"] % PIECE, n_pieces * PIECE, srt["pos"], n_tokens, spare=True
+        )
         piece = jnp.where(sel, piece, n_pieces)
         run_of = jnp.full((n_pieces + 1,), runs, jnp.int32).at[piece].set(srt["run"])[:-1]  # runs: empty piece
         return at, slot_of, run_of
@@ -179,7 +189,7 @@ def _pieces_lane(srt, q, k, v, g, *, runs: int, q_pieces: int, k_pieces: int):
     a, b = a.at[runs].set(0), b.at[runs].set(0)
     dq = _dot(gs, a[q_run], ((2,), (1,)))
     dk = _dot(vs, b[k_run], ((2,), (2,)))
-    return _back(dq.reshape(-1, dim), q_slot), _back(dk.reshape(-1, dim), k_slot)
+    return _back(dq.reshape(-1, dim), q_slot, spare=True), _back(dk.reshape(-1, dim), k_slot, spare=True)
 
 
 def _segmented_prefix(x, seg, span: int):
@@ -205,7 +215,7 @@ def _segmented_prefix(x, seg, span: int):
 
 def _blocks_lane(srt, q, k, v, g):
     """Causal (or any order), any distribution: merged blocks, pairs inside, one run's table across."""
-    n_query, n_key, dim = q.shape[0], k.shape[0], q.shape[1]
+    n_query, n_key, dim = q.shape[0] - 1, k.shape[0] - 1, q.shape[1]  # rows end with a zero row (_rows)
     value_dim = v.shape[1]
     n = n_query + n_key
     blocks = -(-n // BLOCK)
@@ -314,6 +324,7 @@ def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *,
     dtype = acc_dtype(q.dtype)
     q, grad = (keep_rows(x.astype(dtype), query_mask) for x in (q, grad))
     k, v = (keep_rows(x.astype(dtype), key_mask) for x in (k, v))
+    q, k, v, grad = (jnp.pad(x, ((0, 0), (0, 1), (0, 0))) for x in (q, k, v, grad))  # the zero row (_rows)
     batch, num_hashes, n_query = q_codes.shape
     n_key = k_codes.shape[2]
     q_keep = jnp.ones((batch, n_query), bool) if query_mask is None else query_mask
@@ -321,11 +332,12 @@ def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *,
     n_buckets = 1 << hash_bits
     runs = min(n_buckets, n_query + n_key)
     cap_q, cap_k = fast_capacity(n_query, hash_bits), fast_capacity(n_key, hash_bits)
-    q_pieces = min(n_query, -(-n_query // PIECE) + min(n_buckets, n_query))
-    k_pieces = min(n_key, -(-n_key // PIECE) + min(n_buckets, n_key))
+    # At most this many pieces hold tokens; one more, a spare that stays empty (_place).
+    q_pieces = min(n_query, -(-n_query // PIECE) + min(n_buckets, n_query)) + 1
+    k_pieces = min(n_key, -(-n_key // PIECE) + min(n_buckets, n_key)) + 1
     use_blocks = causal or path == "blocks"
     sort = jax.vmap(functools.partial(_sorted_lane, n_buckets=n_buckets, causal=causal))
-    fast = jax.vmap(functools.partial(_fast_lane, runs=runs, cap_q=cap_q, cap_k=cap_k))
+    fast = jax.vmap(functools.partial(_fast_lane, runs=runs + 1, cap_q=cap_q, cap_k=cap_k))  # + a spare run
     pieces = jax.vmap(functools.partial(_pieces_lane, runs=runs, q_pieces=q_pieces, k_pieces=k_pieces))
     blocks = jax.vmap(_blocks_lane)
     table_rows = max(runs, q_pieces + k_pieces) if not use_blocks else -(-(n_query + n_key) // BLOCK)
@@ -362,6 +374,7 @@ def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *,
             dk = lax.dynamic_update_slice_in_dim(dk, lax.dynamic_slice_in_dim(dk, start, group) + dk_s, start, 0)
         return dq, dk
 
-    dq, dk = lax.fori_loop(0, steps // streams, step, (jnp.zeros_like(q), jnp.zeros_like(k)))
+    zeros = (jnp.zeros((batch, n_query, q.shape[2]), dtype), jnp.zeros((batch, n_key, k.shape[2]), dtype))
+    dq, dk = lax.fori_loop(0, steps // streams, step, zeros)
     scale = 0.5 * hash_bits / num_hashes
     return scale * dq, scale * dk
