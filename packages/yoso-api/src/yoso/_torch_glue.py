@@ -159,28 +159,35 @@ def _whole_call_on_jax(backend, prep) -> Tensor:
 
 
 class _WholeCallOnJax(torch.autograd.Function):
-    """:func:`_whole_call_on_jax` with gradients. The forward program returns the output only; the backward
-    program recomputes the forward from the saved inputs (``yoso._jax_glue.whole_backward``). So torch holds
-    the inputs between the passes (``save_for_backward``: in-place changes are caught, saved-tensor hooks
-    apply), not JAX buffers it cannot see."""
+    """:func:`_whole_call_on_jax` with gradients. When the inputs cross into JAX without a copy (large
+    tensors: DLPack), the forward program returns the output only and torch saves the inputs
+    (``save_for_backward``: an in-place change is caught, saved-tensor hooks apply); the backward program
+    recomputes the forward (``yoso._jax_glue.whole_backward``), and no JAX buffers torch cannot see stay
+    alive between the passes. Small inputs, copied in, keep the VJP's residuals instead, which is faster."""
 
     @staticmethod
     def forward(ctx, q, k, v, others, pad, config, checked):
         jg = _on_jax()
         padded = (pad.rows(q, pad.QUERIES), pad.rows(k, pad.KEYS), pad.rows(v, pad.KEYS), *others)
-        out = jg.whole_forward(*map(jg.from_host, padded), config=config, checked=checked)
-        ctx.save_for_backward(q, k, v, *others)
-        ctx.pad, ctx.config, ctx.checked = pad, config, checked
+        ctx.pad, ctx.config, ctx.checked, ctx.vjp = pad, config, checked, None
+        if any(jg.shared_with_jax(x) for x in padded[:3]):
+            out = jg.whole_forward(*map(jg.from_host, padded), config=config, checked=checked)
+            ctx.save_for_backward(q, k, v, *others)
+        else:
+            out, ctx.vjp = jg.whole_forward_vjp(*map(jg.from_host, padded), config=config, checked=checked)
         return pad.cut(torch.from_dlpack(out), pad.QUERIES).contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         jg, pad = _on_jax(), ctx.pad
-        q, k, v, *others = ctx.saved_tensors
-        padded = (pad.rows(q, pad.QUERIES), pad.rows(k, pad.KEYS), pad.rows(v, pad.KEYS), *others)
-        padded += (pad.rows(grad.contiguous(), pad.QUERIES),)
-        grads = jg.whole_backward(*map(jg.from_host, padded), config=ctx.config, checked=ctx.checked)
+        grad = jg.from_host(pad.rows(grad.contiguous(), pad.QUERIES))
+        if ctx.vjp is not None:
+            grads = jg.apply_vjp(ctx.vjp, grad)
+        else:
+            q, k, v, *others = ctx.saved_tensors
+            padded = (pad.rows(q, pad.QUERIES), pad.rows(k, pad.KEYS), pad.rows(v, pad.KEYS), *others)
+            grads = jg.whole_backward(*map(jg.from_host, padded), grad, config=ctx.config, checked=ctx.checked)
         dq, dk, dv = (
             pad.cut(torch.from_dlpack(g), which).contiguous()
             for g, which in zip(grads, (pad.QUERIES, pad.KEYS, pad.KEYS))
