@@ -56,6 +56,12 @@ def _bits(n: int) -> int:
     return max(1, (n - 1).bit_length())
 
 
+def max_pieces(n_tokens: int, n_buckets: int) -> int:
+    """How many pieces of the ``pieces`` layout one side's tokens can fill: a piece per ``PIECE`` tokens plus
+    at most one partly filled piece per bucket (and never more pieces than tokens)."""
+    return min(n_tokens, -(-n_tokens // PIECE) + min(n_buckets, n_tokens))
+
+
 def fast_capacity(n_tokens: int, hash_bits: int) -> int:
     """The static bucket capacity of the fast layout: the mean plus 3.5 standard deviations (Poisson)
     plus 4, in multiples of 8. Evenly spread codes overflow it in up to ~3% of the (hash, row) steps at
@@ -292,9 +298,7 @@ def costs(batch, n_query, n_key, dim, value_dim, num_hashes, hash_bits, causal) 
         prefix = 2 * 2 * dim * value_dim * (n_blocks * PREFIX_SPAN + spans * spans)
         tables = lanes * (n_blocks * per_block + prefix) / BLOCKS_RATE
     else:
-        n_buckets = 1 << hash_bits
-        pieces = min(n_query, -(-n_query // PIECE) + min(n_buckets, n_query))
-        pieces += min(n_key, -(-n_key // PIECE) + min(n_buckets, n_key))
+        pieces = max_pieces(n_query, 1 << hash_bits) + max_pieces(n_key, 1 << hash_bits)
         tables = lanes * pieces * PIECE * 4 * dim * value_dim / PIECES_RATE
     return {"pairs": pairs, "tables": tables}
 
@@ -333,8 +337,7 @@ def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *,
     runs = min(n_buckets, n_query + n_key)
     cap_q, cap_k = fast_capacity(n_query, hash_bits), fast_capacity(n_key, hash_bits)
     # At most this many pieces hold tokens; one more, a spare that stays empty (_place).
-    q_pieces = min(n_query, -(-n_query // PIECE) + min(n_buckets, n_query)) + 1
-    k_pieces = min(n_key, -(-n_key // PIECE) + min(n_buckets, n_key)) + 1
+    q_pieces, k_pieces = max_pieces(n_query, n_buckets) + 1, max_pieces(n_key, n_buckets) + 1
     use_blocks = causal or path == "blocks"
     sort = jax.vmap(functools.partial(_sorted_lane, n_buckets=n_buckets, causal=causal))
     fast = jax.vmap(functools.partial(_fast_lane, runs=runs + 1, cap_q=cap_q, cap_k=cap_k))  # + a spare run
