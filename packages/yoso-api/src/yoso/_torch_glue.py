@@ -153,7 +153,7 @@ def _whole_call_on_jax(backend, prep) -> Tensor:
     q, k, v = prep.q, prep.k, prep.v
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _WholeCallOnJax.apply(q, k, v, others, pad, config, prep.checked)
-    padded = (pad.rows(q, pad.QUERIES), pad.rows(k, pad.KEYS), pad.rows(v, pad.KEYS), *others)
+    padded = (*pad.qkv(q, k, v), *others)
     out = jg.whole_forward(*map(jg.from_host, padded), config=config, checked=prep.checked)
     return pad.cut(torch.from_dlpack(out), pad.QUERIES)
 
@@ -168,7 +168,7 @@ class _WholeCallOnJax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, others, pad, config, checked):
         jg = _on_jax()
-        padded = (pad.rows(q, pad.QUERIES), pad.rows(k, pad.KEYS), pad.rows(v, pad.KEYS), *others)
+        padded = (*pad.qkv(q, k, v), *others)
         ctx.pad, ctx.config, ctx.checked, ctx.vjp = pad, config, checked, None
         if any(jg.shared_with_jax(x) for x in padded[:3]):
             out = jg.whole_forward(*map(jg.from_host, padded), config=config, checked=checked)
@@ -186,7 +186,7 @@ class _WholeCallOnJax(torch.autograd.Function):
             grads = jg.apply_vjp(ctx.vjp, grad)
         else:
             q, k, v, *others = ctx.saved_tensors
-            padded = (pad.rows(q, pad.QUERIES), pad.rows(k, pad.KEYS), pad.rows(v, pad.KEYS), *others)
+            padded = (*pad.qkv(q, k, v), *others)
             grads = jg.whole_backward(*map(jg.from_host, padded), grad, config=ctx.config, checked=ctx.checked)
         dq, dk, dv = (
             pad.cut(torch.from_dlpack(g), which).contiguous()

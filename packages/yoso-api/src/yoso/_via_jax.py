@@ -58,6 +58,10 @@ class Padding:
         shape = (self.padded[0], self.padded[which]) + tuple(x.shape[2:])
         return self._grow(x, shape, value, (slice(0, x.shape[0]), slice(0, x.shape[1])))
 
+    def qkv(self, q, k, v):
+        """``(q, k, v)`` padded: the queries' rows as QUERIES, the keys' and values' as KEYS."""
+        return self.rows(q, self.QUERIES), self.rows(k, self.KEYS), self.rows(v, self.KEYS)
+
     def mask(self, mask, which: int, like):
         """A ``[B, N]`` mask (None: all kept) padded with False, or None if nothing is padded or masked."""
         if mask is None and self.padded[0] == self.sizes[0] and self.padded[which] == self.sizes[which]:
@@ -114,9 +118,7 @@ def forward(backend, q, k, v, planes, query_mask, key_mask, *, full, back, mode,
 
     pad = Padding(q.shape[0], q.shape[1], k.shape[1], full=full)
     arrays = (
-        pad.rows(q, pad.QUERIES),
-        pad.rows(k, pad.KEYS),
-        pad.rows(v, pad.KEYS),
+        *pad.qkv(q, k, v),
         pad.planes(planes),
         pad.mask(query_mask, pad.QUERIES, q),
         pad.mask(key_mask, pad.KEYS, q),
@@ -138,9 +140,7 @@ def backward(backend, q, k, v, codes, query_mask, key_mask, grad, *, full, back,
     codes = codes or (None, None)  # none in expectation mode
     arrays = (
         pad.rows(grad, pad.QUERIES),
-        pad.rows(q, pad.QUERIES),
-        pad.rows(k, pad.KEYS),
-        pad.rows(v, pad.KEYS),
+        *pad.qkv(q, k, v),
         *(None if c is None else pad.codes(c, which) for c, which in zip(codes, (pad.QUERIES, pad.KEYS))),
         pad.mask(query_mask, pad.QUERIES, q),
         pad.mask(key_mask, pad.KEYS, q),
