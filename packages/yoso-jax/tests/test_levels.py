@@ -72,6 +72,23 @@ def test_every_xla_cumulation_strategy_matches_the_oracle(strategy, m):
     _close(got, want, strategy)
 
 
+@pytest.mark.parametrize("n", [45, 48])  # chunks of 12 tokens: a shorter last chunk, and none
+@pytest.mark.parametrize("hashing", ["gaussian", "hadamard"])
+def test_hash_codes_in_token_chunks_match_the_oracle(monkeypatch, hashing, n):
+    """Long inputs are hashed a chunk of tokens at a time (``HASH_ELEMENTS`` projections): forced here."""
+    # D = 8, a power of two: Hadamard hashing pads nothing, so no projection is a structural zero whose sign
+    # float32 rounding would decide.
+    m, tau, dim, batch = 3, 4, 8, 2
+    monkeypatch.setattr(xla, "HASH_ELEMENTS", batch * 12 * (m * tau if hashing == "gaussian" else 2 * dim))
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((batch, n, dim)).astype(DTYPE)
+    x[0, 5] = 0.0  # a zero row: no bit set
+    planes = yoso.hash_planes(m, tau, dim, hashing=hashing, seed=n)[None]
+    got = xla.hash_codes(jnp.asarray(x), jnp.asarray(planes, DTYPE), hashing=hashing, num_hashes=m, hash_bits=tau)
+    want = ref.hash_codes(x.astype(np.float64), planes, hashing=hashing, num_hashes=m, hash_bits=tau)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 @pytest.mark.parametrize("order", ["none", "causal", "anticausal"])
 def test_xla_cumulation_in_column_chunks_and_many_chunks(monkeypatch, order):
     """Tiny budgets: values split into column chunks, causal scans over several chunks."""
