@@ -1,7 +1,11 @@
 """Peak resident memory of one forward+backward on the jax backend, above what was resident before
 (the inputs), measured the way `yoso bench` does on CPUs (malloc_trim, then VmHWM reset).
 
-    python peak_memory.py N [causal]          # B*H = 8, D = Dv = 64, m = 32, tau = 8, float32
+    python peak_memory.py N [causal] [torch]  # B*H = 8, D = Dv = 64, m = 32, tau = 8, float32
+
+From JAX arrays (one compiled program; its scratch, ``temp_size_in_bytes``, is printed too: fixed by the
+shapes, where the RSS peak moves by ~0.2 GiB between runs at N = 64k with the allocator's state), or with
+``torch`` from CPU torch tensors (torch autograd around the backend's two programs).
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ def _kib(field: str) -> int:
     raise OSError(field)
 
 
-def main(n: int, causal: bool) -> None:
+def main(n: int, causal: bool, torch_tensors: bool) -> None:
     rng = np.random.default_rng(0)
-    q, k, v, ct = (jnp.asarray(rng.standard_normal((1, HEADS, n, DIM), dtype=np.float32)) for _ in range(4))
-    p = jnp.asarray(yoso.hash_planes(HASHES, BITS, DIM, seed=0).astype(np.float32))
+    host = [rng.standard_normal((1, HEADS, n, DIM), dtype=np.float32) for _ in range(4)]
+    planes = yoso.hash_planes(HASHES, BITS, DIM, seed=0).astype(np.float32)
+    q, k, v, ct = (jnp.asarray(x) for x in host)
+    p = jnp.asarray(planes)
 
     def f(q, k, v, p, ct):
         def forward(q, k, v):
@@ -38,8 +44,21 @@ def main(n: int, causal: bool) -> None:
 
         return jax.vjp(forward, q, k, v)[1](ct)
 
+    scratch = ""
+    if torch_tensors:
+        import torch
+
+        q, k, v = (torch.from_numpy(x).requires_grad_() for x in host[:3])
+        ct, p = torch.from_numpy(host[3]), torch.from_numpy(planes)
+
+        def compiled(q, k, v, p, ct):
+            out = yoso.attention(q, k, v, num_hashes=HASHES, hash_bits=BITS, planes=p, causal=causal)
+            return torch.autograd.grad(out, (q, k, v), ct)
+
     with yoso.set_backend("jax"):
-        compiled = jax.jit(f).lower(q, k, v, p, ct).compile()
+        if not torch_tensors:
+            compiled = jax.jit(f).lower(q, k, v, p, ct).compile()
+            scratch = f", compiled scratch {compiled.memory_analysis().temp_size_in_bytes / 2**20:.0f} MiB"
         jax.block_until_ready(compiled(q, k, v, p, ct))
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f_:
@@ -51,10 +70,11 @@ def main(n: int, causal: bool) -> None:
         peak = (_kib("VmHWM") - before) / 1024
     inputs, outputs = 4 * HEADS * n * DIM * 4 / 2**20, 3 * HEADS * n * DIM * 4 / 2**20
     print(
-        f"N={n} causal={causal}: wall {wall:.1f} s, peak above the inputs {peak:.0f} MiB "
-        f"(inputs {inputs:.0f} MiB, outputs {outputs:.0f} MiB, 2 x inputs + outputs {2 * inputs + outputs:.0f} MiB)"
+        f"N={n} causal={causal} {'torch' if torch_tensors else 'jax'} arrays: wall {wall:.1f} s, peak above the "
+        f"inputs {peak:.0f} MiB (inputs {inputs:.0f} MiB, outputs {outputs:.0f} MiB, 2 x inputs + outputs "
+        f"{2 * inputs + outputs:.0f} MiB){scratch}"
     )
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), len(sys.argv) > 2 and sys.argv[2] == "causal")
+    main(int(sys.argv[1]), "causal" in sys.argv[2:], "torch" in sys.argv[2:])
