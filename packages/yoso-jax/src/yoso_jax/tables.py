@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._common import HIGHEST, acc_dtype, keep_rows
+from ._common import HIGHEST, acc_dtype
 
 PIECE = 32  # tokens per piece of the "pieces" layout
 BLOCK = 32  # items per block of the causal "blocks" layout
@@ -133,16 +133,19 @@ def _place(sel, slot, n_slots: int, pos, n_tokens: int, *, spare: bool = False):
     return token_at, slot_of
 
 
-def _rows(x, offset, token_at, *shape):
-    """Rows ``offset + token_at`` of the flat ``x [B * (N + 1), C]`` (the lane's rows start at ``offset``;
-    ``token_at == N``: the zero row each batch row's tokens end with), reshaped to ``shape + (C,)``.
+def _rows(x, offset, token_at, n_tokens: int, *shape):
+    """Rows ``offset + token_at`` of the flat ``x [B * N, C]`` (the lane's rows start at ``offset``), zero where
+    ``token_at == n_tokens`` (an empty slot), reshaped to ``shape + (C,)``.
 
-    The zero row is appended once, before the loop over hashes: a gather that fills out-of-bounds rows
-    with zeros selects per element and ran at ~4 GB/s, and appending the row per hash, or gathering
-    ``[k | v]`` rows and slicing them apart, costs a copy per hash. The lanes gather from the whole flat
-    array, not from a slice of their batch rows: a slice is a copy of those rows per (hash, row group)
+    Only the tokens that have a slot are read: masked tokens never get one (:func:`_merged_order` sorts them
+    out), so their rows, whatever they hold, are never gathered, and the caller's arrays need neither
+    masking nor a zero row appended -- either would be a copy of q, k, v and the gradient, which XLA may
+    also schedule early, before the forward's hashing is done. The lanes gather from the whole flat
+    arrays, not from a slice of their batch rows: a slice is a copy of those rows per (hash, row group)
     (B*H = 8, N = 16k: ~4% of the backward's CPU time)."""
-    return x.at[offset + token_at].get(mode="promise_in_bounds").reshape(shape + (x.shape[1],))
+    filled = token_at < n_tokens
+    rows = x.at[offset + jnp.where(filled, token_at, 0)].get(mode="promise_in_bounds")
+    return jnp.where(filled[:, None], rows, 0).reshape(shape + (x.shape[1],))
 
 
 def _back(out, slot_of, *, spare: bool = False):
@@ -161,8 +164,8 @@ def _fast_lane(srt, q_off, k_off, q, k, v, g, *, n_query: int, n_key: int, runs:
     q_at, q_slot = _place(is_q, srt["run"] * cap_q + srt["rank_kind"], runs * cap_q, srt["pos"], n_query, spare=True)
     k_at, k_slot = _place(is_k, srt["run"] * cap_k + srt["rank_kind"], runs * cap_k, srt["pos"], n_key, spare=True)
     dim = q.shape[1]
-    ks, vs = _rows(k, k_off, k_at, runs, cap_k), _rows(v, k_off, k_at, runs, cap_k)
-    qs, gs = _rows(q, q_off, q_at, runs, cap_q), _rows(g, q_off, q_at, runs, cap_q)
+    ks, vs = _rows(k, k_off, k_at, n_key, runs, cap_k), _rows(v, k_off, k_at, n_key, runs, cap_k)
+    qs, gs = _rows(q, q_off, q_at, n_query, runs, cap_q), _rows(g, q_off, q_at, n_query, runs, cap_q)
     a = _dot(vs, ks, ((1,), (1,)))  # A[r] = sum_j v_j k_j^T   [runs, Dv, D]
     b = _dot(qs, gs, ((1,), (1,)))  # B[r] = sum_i q_i G_i^T   [runs, D, Dv]
     dq = _dot(gs, a, ((2,), (1,)))  # G_i^T A[r]               [runs, cap_q, D]
@@ -188,10 +191,10 @@ def _pieces_lane(srt, q_off, k_off, q, k, v, g, *, n_query: int, n_key: int, run
 
     q_at, q_slot, q_run = side(1, q_pieces, n_query)
     k_at, k_slot, k_run = side(0, k_pieces, n_key)
-    ks, vs = _rows(k, k_off, k_at, k_pieces, PIECE), _rows(v, k_off, k_at, k_pieces, PIECE)
-    qs, gs = _rows(q, q_off, q_at, q_pieces, PIECE), _rows(g, q_off, q_at, q_pieces, PIECE)
+    ks, vs = _rows(k, k_off, k_at, n_key, k_pieces, PIECE), _rows(v, k_off, k_at, n_key, k_pieces, PIECE)
+    qs, gs = _rows(q, q_off, q_at, n_query, q_pieces, PIECE), _rows(g, q_off, q_at, n_query, q_pieces, PIECE)
     # Piece tables, summed per run (pieces are sorted by run). Row `runs` collects the empty pieces, whose
-    # slots all hold the zero row: it is zero, and the empty pieces read it.
+    # slots are all empty (zero rows): it is zero, and the empty pieces read it.
     a = jax.ops.segment_sum(_dot(vs, ks, ((1,), (1,))), k_run, runs + 1, indices_are_sorted=True)
     b = jax.ops.segment_sum(_dot(qs, gs, ((1,), (1,))), q_run, runs + 1, indices_are_sorted=True)
     # Pieces are sorted by run and every index is in bounds (row `runs`: the empty pieces' zero table).
@@ -233,8 +236,14 @@ def _blocks_lane(srt, q_off, k_off, q, k, v, g, *, n_query: int, n_key: int):
     item = jnp.arange(n, dtype=jnp.int32)
     q_at, q_slot = _place(is_q, item, blocks * BLOCK, srt["pos"], n_query)
     k_at, k_slot = _place(is_k, item, blocks * BLOCK, srt["pos"], n_key)
-    qs, gs = _rows(q, q_off, q_at, blocks, BLOCK), _rows(g, q_off, q_at, blocks, BLOCK)  # zero rows at key items
-    ks, vs = _rows(k, k_off, k_at, blocks, BLOCK), _rows(v, k_off, k_at, blocks, BLOCK)  # zero rows at query items
+    qs, gs = (
+        _rows(q, q_off, q_at, n_query, blocks, BLOCK),
+        _rows(g, q_off, q_at, n_query, blocks, BLOCK),
+    )  # zero rows at key items
+    ks, vs = (
+        _rows(k, k_off, k_at, n_key, blocks, BLOCK),
+        _rows(v, k_off, k_at, n_key, blocks, BLOCK),
+    )  # zero rows at query items
     # Masked tokens (sorted last) and the padding items have zero rows: whatever run they share, they
     # contribute nothing. Padding takes a run after all others, so runs stay non-decreasing.
     run = jnp.pad(srt["run"], (0, blocks * BLOCK - n), constant_values=n).reshape(blocks, BLOCK)
@@ -329,9 +338,7 @@ def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *,
     does not fit, since it cannot hold it).
     """
     dtype = acc_dtype(q.dtype)
-    q, grad = (keep_rows(x.astype(dtype), query_mask) for x in (q, grad))
-    k, v = (keep_rows(x.astype(dtype), key_mask) for x in (k, v))
-    q, k, v, grad = (jnp.pad(x, ((0, 0), (0, 1), (0, 0))) for x in (q, k, v, grad))  # the zero row (_rows)
+    q, k, v, grad = (x.astype(dtype) for x in (q, k, v, grad))  # masked rows are never read (_rows)
     batch, num_hashes, n_query = q_codes.shape
     n_key = k_codes.shape[2]
     q_keep = jnp.ones((batch, n_query), bool) if query_mask is None else query_mask
@@ -353,7 +360,7 @@ def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *,
     group = _group_size(batch, n_query + n_key, table_rows * q.shape[2] * v.shape[2])
     groups = batch // group
     q_codes, k_codes = q_codes.astype(jnp.int32), k_codes.astype(jnp.int32)
-    flat = [x.reshape(-1, x.shape[2]) for x in (q, k, v, grad)]  # [B * (N + 1), C]: free (a bitcast)
+    flat = [x.reshape(-1, x.shape[2]) for x in (q, k, v, grad)]  # [B * N, C]: free (a bitcast)
 
     def one(i):
         """(start row, dq, dk) of the ``i``-th (hash, row group)."""
@@ -361,7 +368,7 @@ def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *,
         rows = lambda x: lax.dynamic_slice_in_dim(x, start, group)  # noqa: E731
         srt = sort(rows(q_codes[:, s]), rows(k_codes[:, s]), rows(q_keep), rows(k_keep))
         lane_rows = start + jnp.arange(group, dtype=jnp.int32)
-        args = (srt, lane_rows * (n_query + 1), lane_rows * (n_key + 1), *flat)
+        args = (srt, lane_rows * n_query, lane_rows * n_key, *flat)
         if use_blocks:
             return start, *blocks(*args)
         if path == "pieces":
