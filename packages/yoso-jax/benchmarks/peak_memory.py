@@ -48,8 +48,10 @@ def main(n: int, causal: bool, torch_tensors: bool) -> None:
     if torch_tensors:
         import torch
 
-        q, k, v = (torch.from_numpy(x).requires_grad_() for x in host[:3])
-        ct, p = torch.from_numpy(host[3]), torch.from_numpy(planes)
+        # torch.tensor copies into memory torch allocates (64-byte aligned, as in a model): JAX takes such
+        # tensors without a copy, where NumPy's own allocations (16-byte aligned) are copied in.
+        q, k, v = (torch.tensor(x, requires_grad=True) for x in host[:3])
+        ct, p = torch.tensor(host[3]), torch.from_numpy(planes)
 
         def compiled(q, k, v, p, ct):
             out = yoso.attention(q, k, v, num_hashes=HASHES, hash_bits=BITS, planes=p, causal=causal)

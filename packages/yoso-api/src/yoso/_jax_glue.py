@@ -486,8 +486,9 @@ def from_host(x):
 
 
 def shared_with_jax(x) -> bool:
-    """Whether :func:`from_host` hands this torch tensor over without a copy (DLPack), so that the JAX array
-    is a view of the tensor's memory."""
+    """Whether :func:`from_host` hands this torch tensor over by DLPack. The JAX array is then a view of the
+    tensor's memory when that is 64-byte aligned, as torch allocates it; JAX copies other tensors (e.g.
+    ``torch.from_numpy`` of NumPy's 16-byte aligned arrays) on every crossing."""
     return x.nbytes >= SMALL_BYTES or x.dtype == torch_bfloat16()
 
 

@@ -33,7 +33,9 @@ def to_framework(x: np.ndarray, framework: str, device: str = "cpu", dtype: str 
     if framework == "torch":
         import torch
 
-        t = torch.as_tensor(x, device=device)
+        # A copy in memory torch allocates (64-byte aligned, like a model's tensors), not a view of NumPy's
+        # 16-byte aligned buffer, which JAX would copy at every crossing (a backend computing on JAX arrays).
+        t = torch.tensor(x, device=device)
         return t if dtype is None else t.to(getattr(torch, dtype))
     if framework == "jax":
         import jax
