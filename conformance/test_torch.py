@@ -63,16 +63,18 @@ def test_compiles(torch_target):
     planes = torch.as_tensor(yoso.hash_planes(8, 4, 8, seed=1), device=q.device)
 
     def layer(q, k, v):
-        return _loss(yoso.attention(q, k, v, num_hashes=8, hash_bits=4, planes=planes))
+        return yoso.attention(q, k, v, num_hashes=8, hash_bits=4, planes=planes)
 
     with yoso.set_backend(torch_target.name):
         eager = layer(q, k, v)
-        grads = torch.autograd.grad(eager, (q, k, v))
+        grads = torch.autograd.grad(_loss(eager), (q, k, v))
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(q, k, v)
-        compiled_grads = torch.autograd.grad(compiled, (q, k, v))
+        compiled_grads = torch.autograd.grad(_loss(compiled), (q, k, v))
     # To rounding, not bitwise: eager calls on a backend that computes on JAX run the normalisations inside
-    # its compiled program; under torch.compile they are torch ops around the yoso::core op.
-    assert_close(to_numpy(compiled), to_numpy(eager), "float32", "compiled loss")  # _qkv: float32
+    # its compiled program; under torch.compile they are torch ops around the yoso::core op. The outputs
+    # are compared, not the scalar loss: its weighted sum cancels, so its relative rounding error is the
+    # outputs' times a condition number that depends on the data (CI once saw 2.15e-5 on the loss).
+    assert_close(to_numpy(compiled), to_numpy(eager), "float32", "compiled output")  # _qkv: float32
     for name, a, b in zip("qkv", grads, compiled_grads):
         assert_close(to_numpy(b), to_numpy(a), "float32", f"compiled d{name}")
 
