@@ -31,8 +31,10 @@ float64, which needs ``jax_enable_x64``); the result is cast back to the input d
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
+import time
 from dataclasses import dataclass
 
 import jax
@@ -482,7 +484,26 @@ def from_host(x):
     x = x.detach().contiguous()
     if not shared_with_jax(x):
         return x.numpy()  # a view: the compiled function copies it in its fast argument path
+    _let_jax_release_torch_memory_before_exit()
     return jax.dlpack.from_dlpack(x)
+
+
+EXIT_GRACE_SECONDS = 0.05
+
+
+@functools.cache
+def _let_jax_release_torch_memory_before_exit() -> None:
+    """Registered once, at the first torch tensor handed to JAX by DLPack: at exit, release the GIL briefly.
+
+    Why: JAX frees a buffer that views torch memory on whichever thread drops it last -- often the worker
+    thread that ran the program, just after the output is ready. Freeing it calls torch's DLPack deleter,
+    which needs the GIL. A script that ends a few milliseconds after its last call holds the GIL into
+    interpreter finalization, and a thread that asks for the GIL then is ended by CPython in a way C++
+    cannot unwind: "terminate called without an active exception", exit status 134 (seen in about one in
+    three such scripts). atexit handlers run before finalization, so sleeping there lets a waiting worker
+    take the GIL and finish. (A user's JAX arrays viewing torch memory are freed on the main thread.)
+    """
+    atexit.register(time.sleep, EXIT_GRACE_SECONDS)
 
 
 def shared_with_jax(x) -> bool:
