@@ -130,22 +130,26 @@ def _pairwise_backward(q, k, v, grad, query_mask, key_mask, *, causal, pair_weig
     n_key = k.shape[1]
     per_query = [q, grad, qmask] + ([q_codes.transpose(0, 2, 1)] if q_codes is not None else [])
 
+    # dk and dv are accumulated transposed, [B, D, Nk]: XLA's CPU products contracting the chunk's query
+    # axis run ~4x faster with the short axis first in the result (B*H = 8, Nk = 4096, chunks of 128
+    # queries: 158 ms against 610 ms per pass for [B, Nk, D]), most of the pair form's time at N = 4096.
     def step(carry, positions, q_chunk, g_chunk, qm_chunk, *codes):
-        dk, dv = carry
+        dk_t, dv_t = carry
         x = jnp.einsum("bid,bjd->bij", q_chunk, k, precision=HIGHEST)
         mask = _pair_mask(positions, qm_chunk, key_mask, n_key, causal)
         g_v = jnp.einsum("bie,bje->bij", g_chunk, v, precision=HIGHEST)
         coupling = jnp.where(mask, pair_weight(x, *codes), 0) * g_v
         dq_chunk = jnp.einsum("bij,bjd->bid", coupling, k, precision=HIGHEST)
-        dk = dk + jnp.einsum("bij,bid->bjd", coupling, q_chunk, precision=HIGHEST)
+        dk_t = dk_t + jnp.einsum("bid,bij->bdj", q_chunk, coupling, precision=HIGHEST)
         if value_weight is not None:
             weights = jnp.where(mask, value_weight(x), 0)
-            dv = dv + jnp.einsum("bij,bie->bje", weights, g_chunk, precision=HIGHEST)
-        return (dk, dv), dq_chunk
+            dv_t = dv_t + jnp.einsum("bie,bij->bej", g_chunk, weights, precision=HIGHEST)
+        return (dk_t, dv_t), dq_chunk
 
     chunk = _query_chunk(batch, n_query, n_key)
-    (dk, dv), dq = _scan_query_chunks(step, (jnp.zeros_like(k), jnp.zeros_like(v)), per_query, n_query, chunk)
-    return dq, dk, dv
+    zeros = (jnp.zeros_like(jnp.swapaxes(k, 1, 2)), jnp.zeros_like(jnp.swapaxes(v, 1, 2)))
+    (dk_t, dv_t), dq = _scan_query_chunks(step, zeros, per_query, n_query, chunk)
+    return dq, jnp.swapaxes(dk_t, 1, 2), jnp.swapaxes(dv_t, 1, 2)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "hash_bits", "backward", "max_ratio"))

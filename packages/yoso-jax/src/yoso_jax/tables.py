@@ -283,7 +283,9 @@ def _blocks_lane(srt, q_off, k_off, q, k, v, g, *, n_query: int, n_key: int):
 # it computes (small batched products, segment sums and table gathers: ~1.4 cores busy); "blocks" (causal)
 # ~32-35 at N = 8k-16k. So the pairs win below N ~ 14k there (12k: 5.3 s against 6.5 s; 16k: tables
 # 7.3 s), and causal below ~20k (8k: 3.0 s against 6.5 s; 16k: blocks 14.7 s). More cores favour the
-# pairs further.
+# pairs further. (Measured before the pair form accumulated dk, dv transposed, which made it ~1.5x faster
+# on a 2-core AVX2-only VM: B*H = 8, N = 4096, its dq, dk 1106 -> 721 ms, ~95 GFLOP/s by this count; there
+# the crossover is still near 12k. Not re-measured on the AVX-512 VM: the pairs may now win further up.)
 DENSE_RATE = 120e9
 PIECES_RATE, BLOCKS_RATE = 27e9, 34e9
 
