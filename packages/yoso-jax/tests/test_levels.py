@@ -122,9 +122,12 @@ def test_pairwise_pieces_over_many_query_chunks(monkeypatch, causal):
     """YOSO-E and the sampled gradients on long inputs run in query chunks (no N x N matrix):
     force several chunks, and value-column blocks for the lower bound."""
     monkeypatch.setattr(pairwise, "PAIRWISE_ELEMENTS", 2 * 41 * 5)
+    monkeypatch.setattr(pairwise, "MIN_QUERY_CHUNK", 1)
     monkeypatch.setattr(pairwise, "ELEMENT_BUDGET", 2 * 41 * 5 * 2)
     jax.clear_caches()
     pb = _pair_problem(np.random.default_rng(2), nk=37 if causal else 41)
+    n_query, n_key = pb["q"].shape[1], pb["k"].shape[1]
+    assert pairwise._query_chunk(pb["q"].shape[0], n_query, n_key) < n_query // 2  # several chunks
     a = {n: jnp.asarray(pb[n], DTYPE) for n in ("q", "k", "v", "g")}
     codes = {n: jnp.asarray(pb[n], jnp.int32) for n in ("qc", "kc")}
     masks = {n: jnp.asarray(pb[n]) for n in ("qm", "km")}
