@@ -53,8 +53,10 @@ def importance_ratio(x, hash_bits: int, max_ratio: float):
 
 
 def _query_chunk(batch: int, n_query: int, n_key: int) -> int:
-    row = max(1, batch * n_key)
-    return max(1, min(n_query, max(PAIRWISE_ELEMENTS // row, min(MIN_QUERY_CHUNK, PAIRWISE_ELEMENTS_MAX // row))))
+    per_query = max(1, batch * n_key)  # pairwise entries of one query row, all batch rows together
+    # The budget's chunk, or MIN_QUERY_CHUNK queries when that thinner chunk fits PAIRWISE_ELEMENTS_MAX.
+    chunk = max(PAIRWISE_ELEMENTS // per_query, min(MIN_QUERY_CHUNK, PAIRWISE_ELEMENTS_MAX // per_query))
+    return max(1, min(n_query, chunk))
 
 
 def _scan_query_chunks(step, carry, per_query, n_query: int, chunk: int):
