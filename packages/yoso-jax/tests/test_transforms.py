@@ -217,3 +217,21 @@ def test_float64_follows_jax_enable_x64():
     assert ("float64" in backend.dtypes) == X64
     if not X64:
         assert "dtype float64 (needs jax_enable_x64)" in backend.missing_features()
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_a_vjp_holds_the_inputs_the_output_and_the_codes_only(options):
+    """Between the passes an eager jax.vjp holds the caller's arrays (not copies), the core's output and the
+    hash codes; the normalisations' intermediates (~14 arrays of q's size) are recomputed by the backward."""
+    shape, hashes = (2, 3, 40, 8), 6
+    q, k, v = _qkv(shape)
+    kw = dict(num_hashes=hashes, hash_bits=3, seed=4, **options)
+    y, vjp = jax.vjp(lambda q, k, v: yoso.attention(q, k, v, **kw), q, k, v)
+    inputs = {x.unsafe_buffer_pointer() for x in (q, k, v)}
+    held = [x for x in jax.tree_util.tree_leaves(vjp) if x.unsafe_buffer_pointer() not in inputs]
+    rows = shape[0] * shape[1] * shape[2]
+    codes = 0 if options["mode"] == "expectation" else 2 * rows * hashes * 4  # int32, queries and keys
+    planes = np.asarray(yoso.hash_planes(hashes, 3, shape[3], hashing=options.get("hashing", "gaussian")))
+    budget = y.nbytes + codes + planes.size * y.dtype.itemsize
+    assert sum(x.nbytes for x in held) <= budget, [(x.shape, x.dtype) for x in held]
+    _close(vjp(y)[0], jax.vjp(lambda q: yoso.attention(q, k, v, **kw), q)[1](y)[0])

@@ -9,10 +9,11 @@ it is handed JAX arrays.
 
 How it composes with JAX:
 
-* The YOSO core (hashing, cumulation, the gradient estimators: ``yoso._core.forward/backward``) is one
-  ``jax.custom_vjp`` function, so ``jax.grad``/``jax.vjp`` use the backend's estimators (the
-  ``backward`` argument), never autodiff through hashing. Everything around it -- unit rows, masks,
-  output normalisation, broadcasting, dtype casts -- is plain ``jax.numpy`` that JAX differentiates.
+* The whole call is one ``jax.custom_vjp`` function, so ``jax.grad``/``jax.vjp`` use the backend's
+  estimators (the ``backward`` argument) for the YOSO core (``yoso._core.forward/backward``), never
+  autodiff through hashing. Everything around the core -- unit rows, masks, output normalisation,
+  broadcasting, dtype casts -- is plain ``jax.numpy``, which the backward differentiates with ``jax.vjp``
+  after recomputing it (the forward keeps only the caller's arrays, the core's output and the codes).
 * The whole call is one ``jax.jit`` function whose static arguments are the hyperparameters; inside a
   user's ``jax.jit`` it is inlined, eagerly it is one compiled program (no op-by-op dispatch).
 * Hyperparameters (``num_hashes``, ``hash_bits``, ``mode``, ``hashing``, ``backward``, ``causal``,
@@ -126,7 +127,7 @@ def _device_type(x) -> str:
     return _PLATFORMS.get(platform, platform)
 
 
-# ---- the core: one custom_vjp around yoso._core ---------------------------------------------------
+# ---- the whole call: one custom_vjp around yoso._core and the normalisations ------------------------
 
 
 @dataclass(frozen=True)
@@ -141,12 +142,6 @@ class _Config:
     causal: bool
     backward: str
     normalize: bool
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _core_vjp(q, k, v, planes, query_mask, key_mask, config):
-    """YOSO before output normalisation on unit rows ``q, k``: ``Y [B, Nq, Dv]`` in the accumulation dtype."""
-    return _core_fwd(q, k, v, planes, query_mask, key_mask, config)[0]
 
 
 def _core_fwd(q, k, v, planes, query_mask, key_mask, config):
@@ -190,19 +185,71 @@ def _core_bwd(config, residuals, grad):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_planes, None, None
 
 
-_core_vjp.defvjp(_core_fwd, _core_bwd)
+def _whole_call(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool, layouts=None):
+    """The whole attention: normalisations, core, output normalisation, on canonical arrays ``[B, N, D]`` or,
+    with ``layouts``, on the caller's arrays and the canonical layouts they take (:func:`_apply_layout`)."""
+    return _lean_call(q, k, v, planes, query_mask, key_mask, config, checked, layouts)
 
 
-def _whole_call(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool):
-    """The whole attention on canonical arrays ``[B, N, D]``: normalisations, core, output normalisation."""
-    inputs = _core.core_inputs(OPS, q, k, v, query_mask, key_mask, planes, normalize=config.normalize, checked=checked)
-    y = _core_vjp(inputs.q, inputs.k, inputs.v, planes, inputs.query_mask, inputs.key_mask, config)
-    return _core.core_output(OPS, y, inputs, normalize=config.normalize).astype(q.dtype)
+# The whole call is one custom_vjp too, for memory: differentiated by JAX, the normalisations around the core
+# would keep ~14 arrays of q's size between the passes (unit rows, rescaled rows, selection masks: B*H = 8,
+# N = 4096, D = 64: 98 MiB for an 8 MiB q, as outputs of the forward program when it is not inlined into one
+# program with the backward, i.e. under an eager jax.grad or jax.vjp). Here the forward keeps the caller's
+# arrays, the core's output Y and the hash codes (~2 MiB), and the backward recomputes the normalisations,
+# O(N * D) against its O(N * m * D * Dv).
+
+
+def _canonical(arrays, layouts):
+    return tuple(arrays) if layouts is None else tuple(_resolve_all(arrays, layouts))
+
+
+def _inputs(q, k, v, planes, query_mask, key_mask, config: _Config, checked: bool):
+    return _core.core_inputs(OPS, q, k, v, query_mask, key_mask, planes, normalize=config.normalize, checked=checked)
+
+
+def _output(y, inputs: _core.CoreInputs, config: _Config, dtype):
+    return _core.core_output(OPS, y, inputs, normalize=config.normalize).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _lean_call(q, k, v, planes, query_mask, key_mask, config, checked, layouts):
+    return _lean_fwd(q, k, v, planes, query_mask, key_mask, config, checked, layouts)[0]
+
+
+def _lean_fwd(q, k, v, planes, query_mask, key_mask, config, checked, layouts):
+    arrays = (q, k, v, planes, query_mask, key_mask)
+    cq, ck, cv, c_planes, c_query_mask, c_key_mask = _canonical(arrays, layouts)
+    inputs = _inputs(cq, ck, cv, c_planes, c_query_mask, c_key_mask, config, checked)
+    y, core_residuals = _core_fwd(inputs.q, inputs.k, inputs.v, c_planes, inputs.query_mask, inputs.key_mask, config)
+    codes = core_residuals[3]
+    return _output(y, inputs, config, q.dtype), (arrays, y, codes)
+
+
+def _lean_bwd(config, checked, layouts, residuals, grad):
+    arrays, y, codes = residuals
+    _, _, _, c_planes, c_query_mask, c_key_mask = _canonical(arrays, layouts)
+
+    def rows(q, k, v):  # the differentiable part of the normalisations; masks and scales ride along
+        cq, ck, cv = _canonical((q, k, v, *arrays[3:]), layouts)[:3]
+        inputs = _inputs(cq, ck, cv, c_planes, c_query_mask, c_key_mask, config, checked)
+        return (inputs.q, inputs.k, inputs.v), inputs
+
+    (uq, uk, uv), pull_rows, inputs = jax.vjp(rows, *arrays[:3], has_aux=True)
+    (dy,) = jax.vjp(lambda y: _output(y, inputs, config, arrays[0].dtype), y)[1](grad)
+    core_residuals = (uq, uk, uv, codes, inputs.query_mask, inputs.key_mask, None)
+    duq, duk, duv, _, _, _ = _core_bwd(config, core_residuals, dy)
+    dq, dk, dv = pull_rows((duq, duk, duv))
+    # The hash codes are piecewise constant in the planes: their gradient is zero almost everywhere.
+    d_planes = None if arrays[3] is None else jnp.zeros_like(arrays[3])
+    return dq, dk, dv, d_planes, None, None
+
+
+_lean_call.defvjp(_lean_fwd, _lean_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "layouts", "out_shape", "checked"))
 def _attention(arrays, *, config: _Config, layouts, out_shape, checked: bool):
-    return _whole_call(*_resolve_all(arrays, layouts), config=config, checked=checked).reshape(out_shape)
+    return _whole_call(*arrays, config=config, checked=checked, layouts=layouts).reshape(out_shape)
 
 
 # Serving other frameworks' arrays (torch tensors) in one compiled program per pass: the glue around the core
@@ -235,10 +282,11 @@ def whole_backward(q, k, v, planes, query_mask, key_mask, grad, *, config: _Conf
     """``(dq, dk, dv)`` of :func:`whole_forward`'s output for the cotangent ``grad``, recomputing the forward.
 
     The forward is a small part of the work (its cumulation is ``Dv`` wide, the lower-bound gradient's
-    ``D * Dv``), so recomputing it costs a few percent on large inputs, and the caller keeps only the inputs
-    between the passes instead of the ~40 residual arrays a VJP holds (unit rows, norms, codes, masks).
-    On small inputs the recomputation is most of the time (``[2, 4, 64, 32]``: 1.6 -> 2.0 ms), so those
-    keep the residuals (:func:`whole_forward_vjp`)."""
+    ``D * Dv``; B*H = 8, N = 4096: 5-10% of the pair form's backward, less at longer lengths), and the caller
+    keeps only its own tensors between the passes, visible to torch (saved-tensor hooks, memory
+    accounting), instead of a VJP's residuals hidden in JAX (the core's output and the codes: twice q's
+    size at D = 64, m = 32). On small inputs the recomputation is most of the time (``[2, 4, 64, 32]``:
+    1.6 -> 2.0 ms), so those keep the residuals (:func:`whole_forward_vjp`)."""
     return jax.vjp(
         lambda q, k, v: _whole_call(q, k, v, planes, query_mask, key_mask, config=config, checked=checked), q, k, v
     )[1](grad)
