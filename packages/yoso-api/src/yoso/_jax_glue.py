@@ -263,33 +263,28 @@ def whole_forward(q, k, v, planes, query_mask, key_mask, *, config: _Config, che
 
 
 @functools.partial(jax.jit, static_argnames=("config", "checked"))
-def whole_forward_vjp(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool):
-    """``(output, vjp)``: ``vjp`` is a pytree (``jax.tree_util.Partial``) holding the residuals, for
-    :func:`apply_vjp` -- for small calls, whose residuals are small and whose inputs were copied in."""
-    return jax.vjp(
-        lambda q, k, v: _whole_call(q, k, v, planes, query_mask, key_mask, config=config, checked=checked), q, k, v
-    )
-
-
-@jax.jit
-def apply_vjp(vjp, grad):
-    """``(dq, dk, dv)`` of :func:`whole_forward_vjp`'s output for the cotangent ``grad``."""
-    return vjp(grad)
+def whole_forward_kept(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool):
+    """``(output, Y, q_codes, k_codes)``: the output of a call with gradients, and what
+    :func:`whole_backward` needs besides the inputs -- the core's output and the int32 codes (empty in
+    expectation mode), for the caller to keep (twice q's size at D = Dv = 64, m = 32)."""
+    out, (_, y, codes) = _lean_fwd(q, k, v, planes, query_mask, key_mask, config, checked, None)
+    return (out, y, *_int32_codes(codes))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "checked"))
-def whole_backward(q, k, v, planes, query_mask, key_mask, grad, *, config: _Config, checked: bool):
-    """``(dq, dk, dv)`` of :func:`whole_forward`'s output for the cotangent ``grad``, recomputing the forward.
+def whole_backward(q, k, v, planes, query_mask, key_mask, y, q_codes, k_codes, grad, *, config: _Config, checked):
+    """``(dq, dk, dv)`` of :func:`whole_forward_kept`'s output for the cotangent ``grad``, from the inputs and
+    what that kept (the normalisations recomputed, not the forward)."""
+    codes = None if config.mode == "expectation" else (q_codes, k_codes)
+    arrays = (q, k, v, planes, query_mask, key_mask)
+    return _lean_bwd(config, checked, None, (arrays, y, codes), grad)[:3]
 
-    The forward is a small part of the work (its cumulation is ``Dv`` wide, the lower-bound gradient's
-    ``D * Dv``; B*H = 8, N = 4096: 5-10% of the pair form's backward, less at longer lengths), and the caller
-    keeps only its own tensors between the passes, visible to torch (saved-tensor hooks, memory
-    accounting), instead of a VJP's residuals hidden in JAX (the core's output and the codes: twice q's
-    size at D = 64, m = 32). On small inputs the recomputation is most of the time (``[2, 4, 64, 32]``:
-    1.6 -> 2.0 ms), so those keep the residuals (:func:`whole_forward_vjp`)."""
-    return jax.vjp(
-        lambda q, k, v: _whole_call(q, k, v, planes, query_mask, key_mask, config=config, checked=checked), q, k, v
-    )[1](grad)
+
+def _int32_codes(codes):
+    if codes is None:
+        empty = jnp.zeros((0,), jnp.int32)
+        return empty, empty
+    return codes[0].astype(jnp.int32), codes[1].astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("layouts", "hashing", "n_rows", "n_masks", "n_sums"))
@@ -504,11 +499,7 @@ def core_config(backend: str, mode: str, hashing: str, num_hashes: int, hash_bit
 def core_forward(q, k, v, planes, query_mask, key_mask, *, config: _Config):
     """``(Y, q_codes, k_codes)`` of unit rows (codes empty in expectation mode): yoso._core.forward, compiled."""
     y, residuals = _core_fwd(q, k, v, planes, query_mask, key_mask, config)
-    codes = residuals[3]
-    if codes is None:
-        empty = jnp.zeros((0,), jnp.int32)
-        return y, empty, empty
-    return y, codes[0].astype(jnp.int32), codes[1].astype(jnp.int32)
+    return (y, *_int32_codes(residuals[3]))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

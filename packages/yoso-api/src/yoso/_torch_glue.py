@@ -159,35 +159,28 @@ def _whole_call_on_jax(backend, prep) -> Tensor:
 
 
 class _WholeCallOnJax(torch.autograd.Function):
-    """:func:`_whole_call_on_jax` with gradients. When the inputs cross into JAX without a copy (large
-    tensors: DLPack), the forward program returns the output only and torch saves the inputs
-    (``save_for_backward``: an in-place change is caught, saved-tensor hooks apply); the backward program
-    recomputes the forward (``yoso._jax_glue.whole_backward``), and no JAX buffers torch cannot see stay
-    alive between the passes. Small inputs, copied in, keep the VJP's residuals instead, which is faster."""
+    """:func:`_whole_call_on_jax` with gradients. The forward program also returns the core's output and the
+    hash codes (``yoso._jax_glue.whole_forward_kept``), which torch saves with the inputs
+    (``save_for_backward``: torch sees what the backward reads -- saved-tensor hooks and checkpointing apply,
+    and an input changed in place between the passes raises torch's error); the backward program
+    (``whole_backward``) recomputes only the normalisations."""
 
     @staticmethod
     def forward(ctx, q, k, v, others, pad, config, checked):
         jg = _on_jax()
         padded = (*pad.qkv(q, k, v), *others)
-        ctx.pad, ctx.config, ctx.checked, ctx.vjp = pad, config, checked, None
-        if any(jg.shared_with_jax(x) for x in padded[:3]):
-            out = jg.whole_forward(*map(jg.from_host, padded), config=config, checked=checked)
-            ctx.save_for_backward(q, k, v, *others)
-        else:
-            out, ctx.vjp = jg.whole_forward_vjp(*map(jg.from_host, padded), config=config, checked=checked)
+        out, *kept = jg.whole_forward_kept(*map(jg.from_host, padded), config=config, checked=checked)
+        ctx.pad, ctx.config, ctx.checked = pad, config, checked
+        ctx.save_for_backward(q, k, v, *others, *map(torch.from_dlpack, kept))
         return pad.cut(torch.from_dlpack(out), pad.QUERIES).contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         jg, pad = _on_jax(), ctx.pad
-        grad = jg.from_host(pad.rows(grad.contiguous(), pad.QUERIES))
-        if ctx.vjp is not None:
-            grads = jg.apply_vjp(ctx.vjp, grad)
-        else:
-            q, k, v, *others = ctx.saved_tensors
-            padded = (*pad.qkv(q, k, v), *others)
-            grads = jg.whole_backward(*map(jg.from_host, padded), grad, config=ctx.config, checked=ctx.checked)
+        q, k, v, *rest = ctx.saved_tensors
+        padded = (*pad.qkv(q, k, v), *rest, pad.rows(grad.contiguous(), pad.QUERIES))
+        grads = jg.whole_backward(*map(jg.from_host, padded), config=ctx.config, checked=ctx.checked)
         dq, dk, dv = (
             pad.cut(torch.from_dlpack(g), which).contiguous()
             for g, which in zip(grads, (pad.QUERIES, pad.KEYS, pad.KEYS))
