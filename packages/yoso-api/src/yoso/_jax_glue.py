@@ -195,7 +195,7 @@ def _whole_call(q, k, v, planes, query_mask, key_mask, *, config: _Config, check
 # would keep ~14 arrays of q's size between the passes (unit rows, rescaled rows, selection masks: B*H = 8,
 # N = 4096, D = 64: 98 MiB for an 8 MiB q, as outputs of the forward program when it is not inlined into one
 # program with the backward, i.e. under an eager jax.grad or jax.vjp). Here the forward keeps the caller's
-# arrays, the core's output Y and the hash codes (~2 MiB), and the backward recomputes the normalisations,
+# arrays, the core's output Y and the hash codes (10 MiB there), and the backward recomputes the normalisations,
 # O(N * D) against its O(N * m * D * Dv).
 
 
