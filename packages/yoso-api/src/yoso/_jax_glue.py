@@ -35,6 +35,7 @@ from __future__ import annotations
 import atexit
 import functools
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -258,26 +259,96 @@ def _attention(arrays, *, config: _Config, layouts, out_shape, checked: bool):
 
 @functools.partial(jax.jit, static_argnames=("config", "checked"))
 def whole_forward(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool):
-    """The output of a call without gradients, on canonical arrays."""
-    return _whole_call(q, k, v, planes, query_mask, key_mask, config=config, checked=checked)
+    """``(output,)`` of a call without gradients, on canonical arrays."""
+    return (_whole_call(q, k, v, planes, query_mask, key_mask, config=config, checked=checked),)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "checked"))
-def whole_forward_kept(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool):
-    """``(output, Y, q_codes, k_codes)``: the output of a call with gradients, and what
-    :func:`whole_backward` needs besides the inputs -- the core's output and the int32 codes (empty in
-    expectation mode), for the caller to keep (twice q's size at D = Dv = 64, m = 32)."""
+def _whole_forward_kept(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool):
     out, (_, y, codes) = _lean_fwd(q, k, v, planes, query_mask, key_mask, config, checked, None)
     return (out, y, *_int32_codes(codes))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "checked"))
-def whole_backward(q, k, v, planes, query_mask, key_mask, y, q_codes, k_codes, grad, *, config: _Config, checked):
-    """``(dq, dk, dv)`` of :func:`whole_forward_kept`'s output for the cotangent ``grad``, from the inputs and
-    what that kept (the normalisations recomputed, not the forward)."""
+def _whole_backward(q, k, v, planes, query_mask, key_mask, y, q_codes, k_codes, grad, *, config: _Config, checked):
     codes = None if config.mode == "expectation" else (q_codes, k_codes)
     arrays = (q, k, v, planes, query_mask, key_mask)
     return _lean_bwd(config, checked, None, (arrays, y, codes), grad)[:3]
+
+
+def whole_forward_kept(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool):
+    """``(output, Y, q_codes, k_codes)``: the output of a call with gradients, and what
+    :func:`whole_backward` needs besides the inputs -- the core's output and the int32 codes (empty in
+    expectation mode), for the caller to keep (twice q's size at D = Dv = 64, m = 32)."""
+    return _whole_forward_kept(q, k, v, planes, query_mask, key_mask, config=config, checked=checked)
+
+
+def whole_backward(q, k, v, planes, query_mask, key_mask, y, q_codes, k_codes, grad, *, config: _Config, checked):
+    """``(dq, dk, dv)`` of :func:`whole_forward_kept`'s output for the cotangent ``grad``, from the inputs and
+    what that kept (the normalisations recomputed, not the forward)."""
+    return _whole_backward(
+        q, k, v, planes, query_mask, key_mask, y, q_codes, k_codes, grad, config=config, checked=checked
+    )
+
+
+# ---- eager programs on several cores: batch rows in parts, one thread each ---------------------------------
+#
+# XLA:CPU runs a batched matmul of small matrices -- the lower bound's table form is made of them -- on one
+# core, and one program's independent operations one after another. Two programs run concurrently from two
+# threads, though (the call releases the GIL). Every row of a call is independent of the others, so an eager
+# call on many rows runs as equal parts of the batch, one thread each: on 2 cores, B*H = 8, N = 16k, the table
+# form's dq, dk took 11.1 s as one program and 7.5 s as two halves (docs/architecture.md#using-every-core).
+# Inside a caller's jax.jit there is one program, and this does not apply.
+
+PART_TOKENS = 1 << 14  # rows are split only into parts of at least this many query tokens (threads cost ~0.1 ms)
+_parts_pool = None
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def row_parts(batch: int, tokens_per_row: int) -> int:
+    """How many equal parts of the batch rows an eager call runs as: the largest divisor of ``batch`` within
+    the cores, with parts of at least :data:`PART_TOKENS` tokens (1: one program)."""
+    most = min(_cores(), batch * tokens_per_row // PART_TOKENS)
+    return max([p for p in range(1, max(1, most) + 1) if batch % p == 0])
+
+
+def in_row_parts(program, host_arrays, **static):
+    """``program(*host_arrays, **static)`` (a function of JAX arrays returning a tuple of them, each with the batch
+    first), run as equal parts of the batch rows concurrently (:func:`row_parts`) and the parts' results
+    concatenated. The host arrays (NumPy arrays, CPU torch tensors) are cut into parts before they are handed
+    over, so each part is a view, not a copy; those whose first axis is not the batch (planes shared by every row,
+    empty codes) and None go to every part whole."""
+    global _parts_pool
+    batch, n_query = host_arrays[0].shape[:2]
+    parts = row_parts(batch, n_query)
+    if parts == 1:
+        return program(*map(from_host, host_arrays), **static)
+    size = batch // parts
+
+    def rows_of(x, i):
+        return x[i * size : (i + 1) * size] if x is not None and x.ndim and x.shape[0] == batch else x
+
+    def part(i):
+        return jax.block_until_ready(program(*(from_host(rows_of(x, i)) for x in host_arrays), **static))
+
+    if _parts_pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _parts_pool = ThreadPoolExecutor(max_workers=max(1, _cores() - 1), thread_name_prefix="yoso-parts")
+    others = [_parts_pool.submit(part, i) for i in range(1, parts)]
+    results = [list(part(0))] + [list(f.result()) for f in others]
+    joined = []
+    for _ in range(len(results[0])):  # one result at a time, its parts released as it is joined
+        outs = [r.pop(0) for r in results]
+        joined.append(jnp.concatenate(outs) if outs[0].ndim and outs[0].shape[0] else outs[0])
+        del outs
+    return tuple(joined)
 
 
 def _int32_codes(codes):

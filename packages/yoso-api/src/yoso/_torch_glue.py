@@ -154,7 +154,7 @@ def _whole_call_on_jax(backend, prep) -> Tensor:
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _WholeCallOnJax.apply(q, k, v, others, pad, config, prep.checked)
     padded = (*pad.qkv(q, k, v), *others)
-    out = jg.whole_forward(*map(jg.from_host, padded), config=config, checked=prep.checked)
+    (out,) = jg.in_row_parts(jg.whole_forward, padded, config=config, checked=prep.checked)
     return pad.cut(torch.from_dlpack(out), pad.QUERIES)
 
 
@@ -169,7 +169,7 @@ class _WholeCallOnJax(torch.autograd.Function):
     def forward(ctx, q, k, v, others, pad, config, checked):
         jg = _on_jax()
         padded = (*pad.qkv(q, k, v), *others)
-        out, *kept = jg.whole_forward_kept(*map(jg.from_host, padded), config=config, checked=checked)
+        out, *kept = jg.in_row_parts(jg.whole_forward_kept, padded, config=config, checked=checked)
         ctx.pad, ctx.config, ctx.checked = pad, config, checked
         ctx.save_for_backward(q, k, v, *others, *map(torch.from_dlpack, kept))
         return pad.cut(torch.from_dlpack(out), pad.QUERIES).contiguous()
@@ -180,7 +180,7 @@ class _WholeCallOnJax(torch.autograd.Function):
         jg, pad = _on_jax(), ctx.pad
         q, k, v, *rest = ctx.saved_tensors
         padded = (*pad.qkv(q, k, v), *rest, pad.rows(grad.contiguous(), pad.QUERIES))
-        grads = jg.whole_backward(*map(jg.from_host, padded), config=ctx.config, checked=ctx.checked)
+        grads = jg.in_row_parts(jg.whole_backward, padded, config=ctx.config, checked=ctx.checked)
         dq, dk, dv = (
             pad.cut(torch.from_dlpack(g), which).contiguous()
             for g, which in zip(grads, (pad.QUERIES, pad.KEYS, pad.KEYS))

@@ -125,7 +125,7 @@ def forward(backend, q, k, v, planes, query_mask, key_mask, *, full, back, mode,
     )
     # The forward ignores the estimator: one program serves both.
     config = jg.core_config(backend.name, mode=mode, backward="lower_bound", **options)
-    y, q_codes, k_codes = (back(a) for a in jg.core_forward(*map(jg.from_host, arrays), config=config))
+    y, q_codes, k_codes = (back(a) for a in jg.in_row_parts(jg.core_forward, arrays, config=config))
     if mode == "expectation":
         return pad.cut(y, pad.QUERIES), None
     # Cut, as the caller's codes are (the backward pads them again).
@@ -146,7 +146,7 @@ def backward(backend, q, k, v, codes, query_mask, key_mask, grad, *, full, back,
         pad.mask(key_mask, pad.KEYS, q),
     )
     config = jg.core_config(backend.name, mode, "gaussian", 0, hash_bits, causal, backward)
-    dq, dk, dv = (back(a) for a in jg.core_backward(*map(jg.from_host, arrays), config=config))
+    dq, dk, dv = (back(a) for a in jg.in_row_parts(jg.core_backward, arrays, config=config))
     return pad.cut(dq, pad.QUERIES), pad.cut(dk, pad.KEYS), pad.cut(dv, pad.KEYS)
 
 
