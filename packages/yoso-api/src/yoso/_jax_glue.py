@@ -264,31 +264,21 @@ def whole_forward(q, k, v, planes, query_mask, key_mask, *, config: _Config, che
 
 
 @functools.partial(jax.jit, static_argnames=("config", "checked"))
-def _whole_forward_kept(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool):
+def whole_forward_kept(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool):
+    """``(output, Y, q_codes, k_codes)``: the output of a call with gradients, and what
+    :func:`whole_backward` needs besides the inputs -- the core's output and the int32 codes (empty in
+    expectation mode), for the caller to keep (twice q's size at D = Dv = 64, m = 32)."""
     out, (_, y, codes) = _lean_fwd(q, k, v, planes, query_mask, key_mask, config, checked, None)
     return (out, y, *_int32_codes(codes))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "checked"))
-def _whole_backward(q, k, v, planes, query_mask, key_mask, y, q_codes, k_codes, grad, *, config: _Config, checked):
-    codes = None if config.mode == "expectation" else (q_codes, k_codes)
-    arrays = (q, k, v, planes, query_mask, key_mask)
-    return _lean_bwd(config, checked, None, (arrays, y, codes), grad)[:3]
-
-
-def whole_forward_kept(q, k, v, planes, query_mask, key_mask, *, config: _Config, checked: bool):
-    """``(output, Y, q_codes, k_codes)``: the output of a call with gradients, and what
-    :func:`whole_backward` needs besides the inputs -- the core's output and the int32 codes (empty in
-    expectation mode), for the caller to keep (twice q's size at D = Dv = 64, m = 32)."""
-    return _whole_forward_kept(q, k, v, planes, query_mask, key_mask, config=config, checked=checked)
-
-
 def whole_backward(q, k, v, planes, query_mask, key_mask, y, q_codes, k_codes, grad, *, config: _Config, checked):
     """``(dq, dk, dv)`` of :func:`whole_forward_kept`'s output for the cotangent ``grad``, from the inputs and
     what that kept (the normalisations recomputed, not the forward)."""
-    return _whole_backward(
-        q, k, v, planes, query_mask, key_mask, y, q_codes, k_codes, grad, config=config, checked=checked
-    )
+    codes = None if config.mode == "expectation" else (q_codes, k_codes)
+    arrays = (q, k, v, planes, query_mask, key_mask)
+    return _lean_bwd(config, checked, None, (arrays, y, codes), grad)[:3]
 
 
 # ---- eager programs on several cores: batch rows in parts, one thread each ---------------------------------
@@ -344,10 +334,9 @@ def in_row_parts(program, host_arrays, **static):
     others = [_parts_pool.submit(part, i) for i in range(1, parts)]
     results = [list(part(0))] + [list(f.result()) for f in others]
     joined = []
-    for _ in range(len(results[0])):  # one result at a time, its parts released as it is joined
+    for _ in range(len(results[0])):  # one result at a time, its parts released as the next is joined
         outs = [r.pop(0) for r in results]
         joined.append(jnp.concatenate(outs) if outs[0].ndim and outs[0].shape[0] else outs[0])
-        del outs
     return tuple(joined)
 
 
