@@ -121,6 +121,38 @@ def test_fast_layout_falls_back_when_a_bucket_overflows(monkeypatch):
         jax.clear_caches()
 
 
+def _pieces_filled(codes, mask, n_buckets, piece):
+    """Pieces each (row, hash) fills: sum over buckets of ceil(valid tokens / piece)."""
+    counts = np.stack([((codes == b) & mask[:, None, :]).sum(-1) for b in range(n_buckets)], -1)
+    return (-(-counts // piece)).sum(-1)
+
+
+def test_pieces_fall_back_to_the_full_bound(small_layouts, monkeypatch):
+    """With no share of partly filled pieces, the usual size is one piece per PIECE tokens: random codes
+    need more (the full bound of max_pieces must be taken, and be exact); codes whose bucket counts are
+    multiples of PIECE fit it exactly (the usual branch, also exact)."""
+    monkeypatch.setattr(tables, "PARTIAL_SHARE", 0.0)
+    jax.clear_caches()
+    rng = np.random.default_rng(4)
+    n, tau = 48, 3
+    usual = tables.usual_pieces(n, 2**tau)
+    assert usual == n // tables.PIECE < tables.max_pieces(n, 2**tau)
+    crowded = np.repeat(np.arange(4), [24, 12, 8, 4])  # bucket counts that are multiples of 4
+    for fits in (False, True):
+        pb = _problem(rng, nq=n, nk=n, tau=tau)
+        pb["qm"][:], pb["km"][:] = True, True
+        if fits:
+            for name in ("qc", "kc"):
+                pb[name] = np.stack([np.stack([rng.permutation(crowded) for _ in range(3)]) for _ in range(3)])
+        filled = [_pieces_filled(pb[c], pb[m], 2**tau, tables.PIECE) for c, m in (("qc", "qm"), ("kc", "km"))]
+        if fits:  # the premise: every step fits the usual size ...
+            assert all((f <= usual).all() for f in filled)
+        else:  # ... or some step does not
+            assert any((f > usual).any() for f in filled)
+        for name, g, w in zip(("dq", "dk"), _tables(pb, False, "pieces"), _oracle(pb, False)):
+            _close(g, w, f"fits={fits} {name}")
+
+
 def test_sort_without_packed_keys(monkeypatch):
     """Large tau with long inputs does not fit (bucket, kind, position) in one int32: a two-key sort."""
     monkeypatch.setattr(tables, "PACKED_BITS", 4)

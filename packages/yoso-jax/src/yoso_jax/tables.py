@@ -25,10 +25,12 @@ time -- keys and queries are sorted together by bucket (one sort of packed integ
   an exclusive prefix over blocks, segmented by run, computed exactly in two levels of masked matmuls
   (within spans of ``PREFIX_SPAN`` blocks, then across spans). The suffix tables of ``dk`` likewise.
 
-Which of ``fast`` and ``pieces`` runs is decided per loop step from the actual codes (``lax.cond``); both
-are exact. Gaussian hash codes are uneven enough that ``pieces`` is what nearly always runs (:func:`costs`);
-``fast`` serves Hadamard hashing of spread-out inputs. The cost is ``O(N m D Dv)`` in every case; skewed
-buckets only ever cost the ``pieces`` layout's padding, bounded by ``runs * PIECE`` slots.
+Which of ``fast`` and ``pieces`` runs, and for how many pieces ``pieces`` is sized (the usual count of
+:func:`usual_pieces`, or the bound of :func:`max_pieces`), is decided per loop step from the actual codes
+(``lax.switch``); every choice is exact. Gaussian hash codes are uneven enough that ``pieces`` is what
+nearly always runs (:func:`costs`); ``fast`` serves Hadamard hashing of spread-out inputs. The cost is
+``O(N m D Dv)`` in every case; skewed buckets only ever cost the ``pieces`` layout's padding, bounded by
+``runs * PIECE`` slots.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from jax import lax
 from ._common import HIGHEST, acc_dtype
 
 PIECE = 32  # tokens per piece of the "pieces" layout
+# The usual number of partly filled pieces per side, as a share of the buckets: what the "pieces" layout
+# is sized for first (usual_pieces). Gaussian codes, tau = 8, PIECE = 32: 135-155 of 256 at N = 4k-64k.
+PARTIAL_SHARE = 0.625
 BLOCK = 32  # items per block of the causal "blocks" layout
 PREFIX_SPAN = 16  # blocks per level-1 span of the blocks' segmented prefix
 GROUP_TOKENS = 8192  # batch rows are grouped per loop step up to about this many tokens (cache-sized steps)
@@ -60,6 +65,18 @@ def max_pieces(n_tokens: int, n_buckets: int) -> int:
     """How many pieces of the ``pieces`` layout one side's tokens can fill: a piece per ``PIECE`` tokens plus
     at most one partly filled piece per bucket (and never more pieces than tokens)."""
     return min(n_tokens, -(-n_tokens // PIECE) + min(n_buckets, n_tokens))
+
+
+def usual_pieces(n_tokens: int, n_buckets: int) -> int:
+    """How many pieces the ``pieces`` layout is sized for first: a piece per ``PIECE`` tokens plus
+    ``PARTIAL_SHARE`` of the buckets partly filled. Every piece left over from the bound of
+    :func:`max_pieces` is a ``PIECE``-slot table built and read for nothing (16% of the slots at
+    N = 16k, 25% at 4k); a step whose codes need more pieces takes the layout sized by ``max_pieces``
+    (``lax.switch``: only the branch taken runs). Gaussian codes of isotropic inputs stay below it
+    (N = 16k, tau = 8: at most 650 pieces against 672); codes crowded into few buckets need fewer pieces;
+    many buckets with a handful of tokens each (short inputs) need more."""
+    bound = max_pieces(n_tokens, n_buckets)
+    return min(bound, -(-n_tokens // PIECE) + math.ceil(PARTIAL_SHARE * min(n_buckets, n_tokens)))
 
 
 def fast_capacity(n_tokens: int, hash_bits: int) -> int:
@@ -280,25 +297,24 @@ def _blocks_lane(srt, q_off, k_off, q, k, v, g, *, n_query: int, n_key: int):
 
 # ---- cost -------------------------------------------------------------------------------------------
 
-# Effective rates (multiply-adds x 2 per second of wall time) measured on a quiet 2-core AVX-512 VM with
-# B*H = 8, D = Dv = 64, m = 32, tau = 8, forward+backward: the dense pair form ~120 GFLOP/s at N = 8k-12k
-# (large matmuls, both cores busy); the table form's "pieces" layout ~27 GFLOP/s at N = 8k-16k on the slots
-# it computes (small batched products, segment sums and table gathers: ~1.4 cores busy); "blocks" (causal)
-# ~32-35 at N = 8k-16k. So the pairs win below N ~ 14k there (12k: 5.3 s against 6.5 s; 16k: tables
-# 7.3 s), and causal below ~20k (8k: 3.0 s against 6.5 s; 16k: blocks 14.7 s). More cores favour the
-# pairs further. (Measured before the pair form accumulated dk, dv transposed, which made it ~1.5x faster
-# on a 2-core AVX2-only VM: B*H = 8, N = 4096, its dq, dk 1106 -> 721 ms, ~95 GFLOP/s by this count; there
-# the crossover is still near 12k. Not re-measured on the AVX-512 VM: the pairs may now win further up.)
-DENSE_RATE = 120e9
-PIECES_RATE, BLOCKS_RATE = 27e9, 34e9
+# Effective rates (multiply-adds x 2 per second of wall time), B*H = 8, D = Dv = 64, m = 32, tau = 8,
+# forward+backward, fitted to whole-call times on a quiet 2-core AVX2-only AMD EPYC VM (2026-12-03, after
+# the pair form accumulated dk, dv transposed and the pieces layout was sized by usual_pieces): the dense
+# pair form ~110 GFLOP/s at N = 8k-12k (large matmuls, both cores busy); the table form's "pieces" layout
+# ~36 GFLOP/s on the slots it computes (small batched products, segment sums and table gathers). There the
+# pairs win below N ~ 10k (8k: 2.50 s against 3.05 s; 10k: 3.54 against 3.47; 12k: 5.27 against 4.02;
+# 16k: tables 5.16 s). "blocks" (causal) ~32-35 at N = 8k-16k, measured earlier on a 2-core AVX-512 VM,
+# where the pairs won causal calls below ~20k. More cores favour the pairs further.
+DENSE_RATE = 110e9
+PIECES_RATE, BLOCKS_RATE = 36e9, 34e9
 
 
 def costs(batch, n_query, n_key, dim, value_dim, num_hashes, hash_bits, causal) -> dict:
     """Estimated seconds of the dense pair form and of the table form for these static shapes.
 
     Pairs: every (query, key) pair, ``2 Dv + 4 D`` flops for the products plus ~4 per hash for the
-    collision count. Tables: the ``pieces`` layout when not causal, else ``blocks``; per slot ``4 D Dv``
-    flops (build one table and read the other), plus the blocks' pairs and segmented prefix.
+    collision count. Tables: the ``pieces`` layout when not causal (at its usual size), else ``blocks``;
+    per slot ``4 D Dv`` flops (build one table and read the other), plus the blocks' pairs and segmented prefix.
 
     ``pieces``, not ``fast``: Gaussian hash planes are not orthogonal, so even for isotropic inputs the
     buckets are uneven (N = 16k, tau = 8: the largest bucket of a hash holds 129-273 tokens against a
@@ -315,7 +331,7 @@ def costs(batch, n_query, n_key, dim, value_dim, num_hashes, hash_bits, causal) 
         prefix = 2 * 2 * dim * value_dim * (n_blocks * PREFIX_SPAN + spans * spans)
         tables = lanes * (n_blocks * per_block + prefix) / BLOCKS_RATE
     else:
-        pieces = max_pieces(n_query, 1 << hash_bits) + max_pieces(n_key, 1 << hash_bits)
+        pieces = usual_pieces(n_query, 1 << hash_bits) + usual_pieces(n_key, 1 << hash_bits)
         tables = lanes * pieces * PIECE * 4 * dim * value_dim / PIECES_RATE
     return {"pairs": pairs, "tables": tables}
 
@@ -339,8 +355,9 @@ def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *,
     """The sampled lower bound ``(dq, dk)`` in table form (module docstring).
 
     ``path`` (tests): ``"auto"`` -- ``blocks`` when causal, else ``fast`` where every bucket fits its
-    capacity and ``pieces`` elsewhere; or force one (``fast`` falls back to ``pieces`` where a bucket
-    does not fit, since it cannot hold it).
+    capacity and ``pieces`` elsewhere (sized by :func:`usual_pieces` where the codes fit it, else by
+    :func:`max_pieces`); or force one (``fast`` falls back to ``pieces`` where a bucket does not fit,
+    since it cannot hold it).
     """
     dtype = acc_dtype(q.dtype)
     q, k, v, grad = (x.astype(dtype) for x in (q, k, v, grad))  # masked rows are never read (_rows)
@@ -351,8 +368,10 @@ def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *,
     n_buckets = 1 << hash_bits
     runs = min(n_buckets, n_query + n_key)
     cap_q, cap_k = fast_capacity(n_query, hash_bits), fast_capacity(n_key, hash_bits)
-    # At most this many pieces hold tokens; one more, a spare that stays empty (_place).
+    # At most this many pieces hold tokens (usually no more than the first pair); one more, a spare that
+    # stays empty (_place).
     q_pieces, k_pieces = max_pieces(n_query, n_buckets) + 1, max_pieces(n_key, n_buckets) + 1
+    q_usual, k_usual = usual_pieces(n_query, n_buckets) + 1, usual_pieces(n_key, n_buckets) + 1
     use_blocks = causal or path == "blocks"
     sort = jax.vmap(functools.partial(_sorted_lane, n_buckets=n_buckets, causal=causal))
     # A lane: (sorted items, its first row in the flat q/g and in the flat k/v), then the flat arrays.
@@ -360,6 +379,8 @@ def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *,
     sizes = dict(n_query=n_query, n_key=n_key)
     fast = lanes(functools.partial(_fast_lane, **sizes, runs=runs + 1, cap_q=cap_q, cap_k=cap_k))  # + a spare run
     pieces = lanes(functools.partial(_pieces_lane, **sizes, runs=runs, q_pieces=q_pieces, k_pieces=k_pieces))
+    usual = lanes(functools.partial(_pieces_lane, **sizes, runs=runs, q_pieces=q_usual, k_pieces=k_usual))
+    layouts = (fast, usual, pieces) if (q_usual, k_usual) != (q_pieces, k_pieces) else (fast, pieces)
     blocks = lanes(functools.partial(_blocks_lane, **sizes))
     table_rows = max(runs, q_pieces + k_pieces) if not use_blocks else -(-(n_query + n_key) // BLOCK)
     group = _group_size(batch, n_query + n_key, table_rows * q.shape[2] * v.shape[2])
@@ -376,12 +397,15 @@ def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *,
         args = (srt, lane_rows * n_query, lane_rows * n_key, *flat)
         if use_blocks:
             return start, *blocks(*args)
-        if path == "pieces":
-            return start, *pieces(*args)
-        rank_q = jnp.where(srt["valid"] & (srt["kind"] == 1), srt["rank_kind"], -1)
-        rank_k = jnp.where(srt["valid"] & (srt["kind"] == 0), srt["rank_kind"], -1)
-        fits = (jnp.max(rank_q) < cap_q) & (jnp.max(rank_k) < cap_k)
-        return start, *lax.cond(fits, fast, pieces, *args)
+        is_q, is_k = srt["valid"] & (srt["kind"] == 1), srt["valid"] & (srt["kind"] == 0)
+        # pieces one side fills: its tokens that start a piece (the most of any lane of the group)
+        starts = srt["rank_kind"] % PIECE == 0
+        fill_q, fill_k = (jnp.max(jnp.sum(side & starts, axis=-1, dtype=jnp.int32)) for side in (is_q, is_k))
+        layout = jnp.where((fill_q < q_usual) & (fill_k < k_usual), 1, len(layouts) - 1)  # usual, or full
+        if path != "pieces":
+            rank_q, rank_k = jnp.where(is_q, srt["rank_kind"], -1), jnp.where(is_k, srt["rank_kind"], -1)
+            layout = jnp.where((jnp.max(rank_q) < cap_q) & (jnp.max(rank_k) < cap_k), 0, layout)
+        return start, *lax.switch(layout, layouts, *args)
 
     # Each loop step takes `streams` (hash, row group) pairs: independent work, which XLA:CPU may run
     # on several cores at once (the small batched matmuls of one pair run on one).
