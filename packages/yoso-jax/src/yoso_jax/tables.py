@@ -368,7 +368,7 @@ def lower_bound_tables(q_codes, k_codes, q, k, v, grad, query_mask, key_mask, *,
     n_buckets = 1 << hash_bits
     runs = min(n_buckets, n_query + n_key)
     cap_q, cap_k = fast_capacity(n_query, hash_bits), fast_capacity(n_key, hash_bits)
-    # At most this many pieces hold tokens (usually no more than the first pair); one more, a spare that
+    # At most this many pieces hold tokens (usually no more than usual_pieces); one more, a spare that
     # stays empty (_place).
     q_pieces, k_pieces = max_pieces(n_query, n_buckets) + 1, max_pieces(n_key, n_buckets) + 1
     q_usual, k_usual = usual_pieces(n_query, n_buckets) + 1, usual_pieces(n_key, n_buckets) + 1
