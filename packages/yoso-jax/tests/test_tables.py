@@ -143,7 +143,8 @@ def test_pieces_fall_back_to_the_full_bound(small_layouts, monkeypatch):
         pb["qm"][:], pb["km"][:] = True, True
         if fits:
             for name in ("qc", "kc"):
-                pb[name] = np.stack([np.stack([rng.permutation(crowded) for _ in range(3)]) for _ in range(3)])
+                rows = [rng.permutation(crowded) for _ in np.ndindex(pb[name].shape[:2])]  # each (row, hash)
+                pb[name] = np.reshape(rows, pb[name].shape)
         filled = [_pieces_filled(pb[c], pb[m], 2**tau, tables.PIECE) for c, m in (("qc", "qm"), ("kc", "km"))]
         if fits:  # the premise: every step fits the usual size ...
             assert all((f <= usual).all() for f in filled)
