@@ -579,21 +579,26 @@ class TorchGlue(Glue):
         # The common case in one pass per array: a sum is finite only if every term is (NaN and inf
         # propagate), so a finite sum clears the whole array; the others are then looked at row by row (a
         # second synchronisation, only for inputs holding non-finite values or sums beyond the range).
+        # Every number goes into one stacked tensor and one .tolist() (each small torch op costs microseconds,
+        # and a call's checks were ~20 of them): the sums of the rows and of the planes (finite sum -> all
+        # finite), 1/0 per mask for "some True", and for Hadamard planes 1/0 for "all +-1".
         wide = torch.float64 if any(x.dtype == torch.float64 for x, _ in rows.values()) else torch.float32
-        flags = [torch.isfinite(x.sum(dtype=wide)) for x, _ in rows.values()]
+        numbers = [x.sum(dtype=wide) for x, _ in rows.values()]
         if planes is not None:
-            flags.append(~torch.isfinite(planes).all())
-            flags.append(hashing == "hadamard" and ~((planes == 1) | (planes == -1)).all())
-        for mask in masks.values():
-            flags.append(~mask.any())
-        if not flags:
+            numbers.append(planes.sum(dtype=wide))
+            if hashing == "hadamard":
+                numbers.append(((planes == 1) | (planes == -1)).all().to(wide))
+        numbers += [mask.any().to(wide) for mask in masks.values()]
+        if not numbers:
             return {}
-        device = next((f.device for f in flags if isinstance(f, Tensor)), "cpu")
-        found = iter(torch.stack([torch.as_tensor(f, device=device).to(torch.int64) for f in flags]).tolist())
-        out = {name: (0, 0) if next(found) else _bad_rows(x, mask) for name, (x, mask) in rows.items()}
+        found = iter(torch.stack([n.reshape(()) for n in numbers]).tolist())
+        out = {name: (0, 0) if math.isfinite(next(found)) else _bad_rows(x, mask) for name, (x, mask) in rows.items()}
         if planes is not None:
-            out["planes"], out["planes_pm1"] = bool(next(found)), bool(next(found))
-        out.update({name: bool(next(found)) for name in masks})
+            # a sum beyond the range of finite planes: look at every entry
+            finite = math.isfinite(next(found)) or bool(torch.isfinite(planes).all())
+            out["planes"] = not finite
+            out["planes_pm1"] = hashing == "hadamard" and not next(found)
+        out.update({name: not next(found) for name in masks})
         if sums:  # normalize=False only: a second synchronisation
             found = [OPS.accumulate(_keep_rows(x, mask)).abs().sum(dim=-2).amax() for x, mask in sums.values()]
             out.update(zip(("sum:" + name for name in sums), torch.stack(found).tolist()))
