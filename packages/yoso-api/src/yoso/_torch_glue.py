@@ -578,10 +578,10 @@ class TorchGlue(Glue):
             return None  # data-dependent checks would break the graph; the glue poisons instead
         # The common case in one pass per array: a sum is finite only if every term is (NaN and inf
         # propagate), so a finite sum clears the whole array; the others are then looked at row by row (a
-        # second synchronisation, only for inputs holding non-finite values or sums beyond the range).
-        # Every number goes into one stacked tensor and one .tolist() (each small torch op costs microseconds,
-        # and a call's checks were ~20 of them): the sums of the rows and of the planes (finite sum -> all
-        # finite), 1/0 per mask for "some True", and for Hadamard planes 1/0 for "all +-1".
+        # second synchronisation, only for inputs holding non-finite values or sums beyond the range). All the
+        # numbers go into one stacked tensor and one .tolist() (each small torch op costs microseconds, and
+        # a call's checks were ~20 of them): the sums of the rows and of the planes, 1/0 per mask for "some
+        # True", and for Hadamard planes 1/0 for "all +-1".
         wide = torch.float64 if any(x.dtype == torch.float64 for x, _ in rows.values()) else torch.float32
         numbers = [x.sum(dtype=wide) for x, _ in rows.values()]
         if planes is not None:
@@ -591,7 +591,7 @@ class TorchGlue(Glue):
         numbers += [mask.any().to(wide) for mask in masks.values()]
         if not numbers:
             return {}
-        found = iter(torch.stack([n.reshape(()) for n in numbers]).tolist())
+        found = iter(torch.stack(numbers).tolist())
         out = {name: (0, 0) if math.isfinite(next(found)) else _bad_rows(x, mask) for name, (x, mask) in rows.items()}
         if planes is not None:
             # a sum beyond the range of finite planes: look at every entry
